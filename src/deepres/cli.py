@@ -1,0 +1,97 @@
+"""The ``deepres`` command: parses arguments, builds a Config, calls the library. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from .config import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+
+_COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+
+def _format_count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import describe_model, list_models, model_entry
+
+    # Grouped by family (ImageNet ResNets, CIFAR ResNets, then the zoo), natural order within each.
+    names = sorted(list_models(args.filter), key=lambda n: model_entry(n).family)
+    if not names:
+        print(f"no model matches '{args.filter}'", file=sys.stderr)
+        return 1
+    rows = [describe_model(name) for name in names]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = f"{'name':<20} {'params':>13} {'params(M)':>10} {'MACs(G)':>9} {'shortcut':>9} {'input':>12}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        size = "x".join(str(s) for s in r["input_size"])
+        print(
+            f"{r['name']:<20} {r['params']:>13,} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e9:>9.3f} "
+            f"{r['shortcut']:>9} {size:>12}"
+        )
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def add_config_arguments(p: argparse.ArgumentParser, recipe_required: bool = False) -> None:
+    p.add_argument("--recipe", required=recipe_required, help="recipe name (e.g. demo, paper/cifar10_resnet56) or path")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set optim.lr=0.05 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepres",
+        description="Deep residual learning: the ResNet paper's models, recipes and experiments, and a fast trainer.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"deepres {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("models", help="list registered models with parameters and multiply-adds")
+    p.add_argument("filter", nargs="?", default="*", help="shell-style name pattern, e.g. 'resnet*' (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("config", help="print the resolved config of a recipe with overrides, as YAML")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"deepres: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

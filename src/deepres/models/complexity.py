@@ -1,0 +1,66 @@
+"""Parameters and multiply-adds, the two columns of the paper's tables ("FLOPs" there are multiply-adds)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["count_macs", "count_parameters", "describe_model"]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _conv_macs(module: nn.Conv2d, output: torch.Tensor) -> int:
+    kh, kw = module.kernel_size
+    per_output = (module.in_channels // module.groups) * kh * kw
+    return output.numel() * per_output
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1) -> int:
+    """Multiply-adds of one forward pass per image at ``input_size`` (C, H, W), counting convolutions and linear layers.
+
+    Runs one forward pass on a zero input on the model's device. Modules may define ``macs(output)`` to count themselves (e.g. deformable convolutions).
+    """
+    total = 0
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        counter = getattr(module, "macs", None)
+        if callable(counter):
+            total += counter(output)
+        elif isinstance(module, nn.Conv2d):
+            total += _conv_macs(module, output)
+        elif isinstance(module, nn.Linear):
+            total += output.numel() // output.shape[-1] * module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children()) or hasattr(m, "macs")]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(batch_size, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total // batch_size
+
+
+def describe_model(name: str, **options) -> dict:
+    """Parameters, multiply-adds at the native input size, shortcut option and input size of a registered model."""
+    from .registry import create_model
+
+    model = create_model(name, **options)
+    in_channels = options.get("in_channels", 3)
+    input_size = (in_channels, *model.input_size)
+    return {
+        "name": name,
+        "params": count_parameters(model),
+        "macs": count_macs(model, input_size),
+        "shortcut": getattr(model, "shortcut", "-") or "none",
+        "input_size": list(input_size),
+    }
