@@ -1,0 +1,190 @@
+"""Loaders. The device-resident loader keeps a whole split on the training device as uint8 and builds every batch
+with batched tensor ops there; its batches are a pure function of (seed, step), so a checkpoint's step is its position.
+
+Protocol shared by every training loader: ``iterate(start_step)`` yields (images, targets) forever from that step;
+``steps_per_epoch``; images are float, normalised, on the device; targets are int64 labels (N,) or, when batches are
+mixed (CutMix / Mixup), float class weights (N, num_classes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .datasets import Split
+
+__all__ = ["DeviceLoader", "EvalLoader", "Normalizer", "random_crop_flip", "step_generator"]
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator determined by (seed, keys): the same numbers on any device and after any resume."""
+    value = seed & 0xFFFFFFFF
+    for k in keys:
+        value = (value * 1_000_003 + int(k) + 0x9E3779B9) & 0xFFFFFFFFFFFF
+    return torch.Generator().manual_seed(value)
+
+
+@dataclass
+class Normalizer:
+    """x (uint8) -> (x / 255 - mean) / std. ``mean`` is (C, H, W) for the paper's per-pixel mean, (C, 1, 1) per channel."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, mode: str = "pixel_mean") -> Normalizer:
+        """Statistics of a uint8 (N, C, H, W) training split. pixel_mean: subtract the mean image (PAPER.md s. 4.2)."""
+        x = images.double() / 255.0
+        if mode == "pixel_mean":
+            mean = x.mean(dim=0)
+            std = torch.ones(images.shape[1], 1, 1, dtype=torch.float64)
+        elif mode == "channel":
+            mean = x.mean(dim=(0, 2, 3)).view(-1, 1, 1)
+            std = x.std(dim=(0, 2, 3)).view(-1, 1, 1)
+        else:
+            raise ValueError(f"normalize must be 'pixel_mean' or 'channel'; got {mode!r}")
+        return cls(mean.float(), std.float())
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        mean = self.mean.to(images.device)
+        std = self.std.to(images.device)
+        x = images.float().div_(255.0)
+        if mean.shape[-2:] != x.shape[-2:] and mean.shape[-1] != 1:  # a per-pixel mean at another size
+            mean = F.interpolate(mean[None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
+        return x.sub_(mean).div_(std)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "std": self.std.cpu()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Normalizer:
+        return cls(state["mean"].float(), state["std"].float())
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True):
+    """The paper's CIFAR augmentation on a uint8 batch: zero-pad ``padding``, random crop back, random h-flip."""
+    n, _, h, w = images.shape
+    device = images.device
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+    do_flip = (torch.rand(n, generator=generator) < 0.5).to(device) if flip else None
+    padded = F.pad(images, (padding, padding, padding, padding))
+    rows = oy[:, None] + torch.arange(h, device=device)
+    cols = ox[:, None] + torch.arange(w, device=device)
+    if do_flip is not None:
+        # Flipping the crop == reading its columns right to left.
+        cols = torch.where(do_flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Mix = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+class DeviceLoader:
+    """Training batches from a split held on ``device``.
+
+    Each epoch is a permutation drawn from (seed, epoch); step s takes the s-th global batch of its epoch (a partial
+    last batch is dropped). Under DDP every rank holds the split and takes its contiguous slice of the global batch,
+    so ranks are disjoint and together complete, and N ranks see exactly what one process with the same global batch
+    sees. Augmentation draws from (seed, step) for the whole global batch, then slices: again rank independent.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        normalizer: Normalizer,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        augment: Augment | None = random_crop_flip,
+        mix: Mix | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size % world_size:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world_size} processes")
+        if batch_size > len(split):
+            raise ValueError(f"train.batch_size={batch_size} is larger than the training split ({len(split)} images)")
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.batch_size = batch_size
+        self.local_batch = batch_size // world_size
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.normalizer = normalizer
+        self.augment = augment
+        self.mix = mix
+        self.steps_per_epoch = len(split) // batch_size
+        self._epoch, self._order = -1, None
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._order = torch.randperm(len(self.labels), generator=step_generator(self.seed, 0, epoch))
+            self._epoch = epoch
+        return self._order[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch of ``step``, this rank's slice: (float images, targets) on the device."""
+        idx = self._indices(step).to(self.device)
+        images, labels = self.images[idx], self.labels[idx]
+        generator = step_generator(self.seed, 1, step)
+        if self.augment is not None:
+            images = self.augment(images, generator)
+        x = self.normalizer(images)
+        y = labels
+        if self.mix is not None:
+            x, y = self.mix(x, y, generator)
+        lo = self.rank * self.local_batch
+        return x[lo : lo + self.local_batch], y[lo : lo + self.local_batch]
+
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class EvalLoader:
+    """A split in order, in batches, for evaluation. Under DDP each rank takes a contiguous, disjoint shard; the shards
+    together are the whole split, with no padding duplicates, so summed metrics are exact."""
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        normalizer: Normalizer,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        n = len(split)
+        per_rank = math.ceil(n / world_size)
+        lo, hi = min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
+        self.device = torch.device(device)
+        self.images = split.images[lo:hi]
+        self.labels = split.labels[lo:hi]
+        self.batch_size = batch_size
+        self.normalizer = normalizer
+        self.total = n
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for lo in range(0, len(self.labels), self.batch_size):
+            images = self.images[lo : lo + self.batch_size].to(self.device, non_blocking=True)
+            yield self.normalizer(images), self.labels[lo : lo + self.batch_size].to(self.device)
