@@ -61,6 +61,31 @@ def add_config_arguments(p: argparse.ArgumentParser, recipe_required: bool = Fal
     )
 
 
+BENCHMARK_ALIASES = {"data": "data_pipeline"}
+
+
+def benchmarks_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    """Run benchmarks/<name>.py's ``main(argv)``; benchmarks live beside the package, not inside it."""
+    import importlib.util
+
+    name = BENCHMARK_ALIASES.get(args.name, args.name).replace("-", "_")
+    path = benchmarks_dir() / f"{name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in benchmarks_dir().glob("*.py") if not p.stem.startswith("_"))
+        print(f"deepres: error: unknown benchmark '{args.name}'; known: {', '.join(known)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    spec = importlib.util.spec_from_file_location(f"deepres_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(args.args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepres",
@@ -80,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config of a recipe with overrides, as YAML")
     add_config_arguments(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("benchmark", help="run a benchmark of benchmarks/ (ours against a reference, same run)")
+    p.add_argument("name", help="benchmark name, e.g. data")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    p.set_defaults(func=cmd_benchmark)
+
+    from .data.commands import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 
