@@ -61,6 +61,28 @@ def add_config_arguments(p: argparse.ArgumentParser, recipe_required: bool = Fal
     )
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import NonFiniteLossError, TrainingInterrupted, train
+
+    config = load_config(args.recipe, args.overrides)
+    try:
+        summary = train(config, run_dir=args.run_dir, resume=args.resume)
+    except NonFiniteLossError as exc:
+        print(f"deepres: error: {exc}", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as exc:
+        print(f"deepres: {exc}; continue with --resume auto", file=sys.stderr)
+        return 128 + int(exc.signum)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"deepres: error: {exc}", file=sys.stderr)
+        return 1
+    if summary:
+        print(f"test accuracy {summary['test_accuracy']:.2f}% (top-1 error {summary['test_top1_error']:.2f}%), "
+              f"run folder {summary['run_dir']}")
+    return 0
+
+
 BENCHMARK_ALIASES = {"data": "data_pipeline"}
 
 
@@ -101,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("filter", nargs="?", default="*", help="shell-style name pattern, e.g. 'resnet*' (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train a model from a recipe")
+    add_config_arguments(p, recipe_required=True)
+    p.add_argument("--run-dir", help="run folder (default: runs/<name>)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue from the run folder's last.pt (auto) or a checkpoint")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="print the resolved config of a recipe with overrides, as YAML")
     add_config_arguments(p)

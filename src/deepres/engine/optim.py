@@ -1,0 +1,99 @@
+"""Parameter groups, the optimizer and iteration-based learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Schedule", "build_optimizer", "param_groups"]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = True) -> list[dict]:
+    """Split parameters into decayed and non-decayed groups by module type (never by name).
+
+    The paper decays every weight (``decay_norm_and_bias=True``). Otherwise normalisation layers' parameters and every
+    bias are exempt: they set scales and offsets, which decay only pushes toward zero.
+    """
+    if decay_norm_and_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            exempt = isinstance(module, _NORM_TYPES) or name == "bias" or p.ndim <= 1
+            (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    if cfg.name != "sgd":
+        raise ValueError(f"optim.name={cfg.name!r} is not supported; allowed: sgd")
+    # fused: one kernel for the whole update on CUDA; foreach: vectorised on CPU. Same arithmetic.
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kind)
+
+
+class Schedule:
+    """Learning rate as a function of the iteration (the paper's schedules are in iterations, not epochs).
+
+    multistep: lr x gamma^(milestones passed); cosine: from lr to min_lr; onecycle: up to lr over the warmup, then
+    linearly down to min_lr; constant. ``warmup_iterations`` ramps linearly from warmup_lr. The paper's ResNet-110 rule
+    (``warmup_until_train_error``) holds warmup_lr until the training error falls below the threshold; that switch is
+    state, saved with the checkpoint.
+    """
+
+    WINDOW = 20  # training batches averaged for the warmup-until-error test
+
+    def __init__(self, cfg, base_lr: float, total_iterations: int):
+        self.cfg = cfg
+        self.base_lr = base_lr
+        self.total = max(1, total_iterations)
+        self.error_warmup_done = cfg.warmup_until_train_error is None
+        self.recent_errors: deque[float] = deque(maxlen=self.WINDOW)
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        if not self.error_warmup_done:
+            return cfg.warmup_lr
+        if cfg.name == "onecycle":
+            up = max(1, cfg.warmup_iterations)
+            if step < up:
+                return cfg.warmup_lr + (self.base_lr - cfg.warmup_lr) * step / up
+            frac = (step - up) / max(1, self.total - up)
+            return self.base_lr + (cfg.min_lr - self.base_lr) * min(1.0, frac)
+        if cfg.warmup_iterations and step < cfg.warmup_iterations:
+            return cfg.warmup_lr + (self.base_lr - cfg.warmup_lr) * step / cfg.warmup_iterations
+        if cfg.name == "multistep":
+            return self.base_lr * cfg.gamma ** sum(step >= m for m in cfg.milestones)
+        if cfg.name == "cosine":
+            start = cfg.warmup_iterations
+            frac = min(1.0, (step - start) / max(1, self.total - start))
+            return cfg.min_lr + 0.5 * (self.base_lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+        if cfg.name == "constant":
+            return self.base_lr
+        raise ValueError(f"schedule.name={cfg.name!r} is unknown")
+
+    def observe_train_error(self, error_percent: float) -> bool:
+        """Feed one batch's training error; returns True when this call ends the error-driven warmup."""
+        if self.error_warmup_done:
+            return False
+        self.recent_errors.append(error_percent)
+        if len(self.recent_errors) == self.WINDOW and sum(self.recent_errors) / self.WINDOW < self.cfg.warmup_until_train_error:
+            self.error_warmup_done = True
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"error_warmup_done": self.error_warmup_done, "recent_errors": list(self.recent_errors)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.error_warmup_done = bool(state["error_warmup_done"])
+        self.recent_errors = deque((float(e) for e in state["recent_errors"]), maxlen=self.WINDOW)
