@@ -74,12 +74,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"deepres: {exc}; continue with --resume auto", file=sys.stderr)
         return 128 + int(exc.signum)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"deepres: error: {exc}", file=sys.stderr)
-        return 1
     if summary:
         print(f"test accuracy {summary['test_accuracy']:.2f}% (top-1 error {summary['test_top1_error']:.2f}%), "
               f"run folder {summary['run_dir']}")
+    return 0
+
+
+def _parse_scales(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError("--scales", f"{text!r} is not a comma-separated list of integers, e.g. 224,256,384") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine.inference import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split, ten_crop=args.ten_crop,
+                                 scales=_parse_scales(args.scales), batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['split']} ({result['mode']}, {result['count']} images): top-1 error {result['top1_error']:.2f}%, "
+              f"top-5 error {result['top5_error']:.2f}%, loss {result['loss']:.4f}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .engine.inference import predict_images
+
+    results = predict_images(args.checkpoint, args.images, top_k=args.top_k, device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(r["image"])
+        for t in r["top"]:
+            print(f"  {t['probability']:7.2%}  {t['class']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .engine.inference import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.format, args.out)
+    print(f"wrote {result['path']} ({result['format']}; input float [0,1] of shape {result['input']}); "
+          f"max |exported - PyTorch| = {result['max_abs_diff']:.2e}")
     return 0
 
 
@@ -130,6 +172,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the run folder's last.pt (auto) or a checkpoint")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("eval", help="top-1/top-5 error of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data-dir", help="where the data is (default: the one the run used)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--ten-crop", action="store_true", help="the standard 10-crop test (corners, centre, flips)")
+    p.add_argument("--scales", help="fully-convolutional multi-scale test, shorter sides e.g. 224,256,384,480,640")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of image files")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (outputs checked against PyTorch)")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", help="output file (default: beside the checkpoint)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("config", help="print the resolved config of a recipe with overrides, as YAML")
     add_config_arguments(p)
     p.set_defaults(func=cmd_config)
@@ -153,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"deepres: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError, ImportError) as exc:
+        print(f"deepres: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""Using a trained checkpoint: evaluate it (single view, 10-crop, multi-scale), predict images, export it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..data import load_dataset
+from ..evaluation import RawLoader, evaluate, multiscale_predict, single_predict, ten_crop_predict
+from ..evaluation.crops import resize_shorter
+from .checkpoint import load_checkpoint
+from .loop import load_for_inference
+
+__all__ = ["NormalizedModel", "evaluate_checkpoint", "export_checkpoint", "load_image", "predict_images"]
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    data_dir: str | None = None,
+    split: str = "test",
+    ten_crop: bool = False,
+    scales: Sequence[int] | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> dict:
+    """Top-1/top-5 error of a checkpoint on a split of the data it was trained on (or the same source elsewhere)."""
+    ckpt = load_checkpoint(path)
+    model, normalizer, config = load_for_inference(ckpt, device)
+    data_cfg = config.data if data_dir is None else dataclasses.replace(config.data, data_dir=data_dir)
+    data_cfg = dataclasses.replace(data_cfg, train_subset=None)
+    dataset = load_dataset(data_cfg)
+    if dataset.classes != ckpt["classes"]:
+        raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the checkpoint's {ckpt['classes'][:5]}...")
+    splits = dataset.splits()
+    if split not in splits:
+        raise ValueError(f"split must be one of {', '.join(splits)}; got {split!r}")
+    crop = int(ckpt["image_size"][0])
+    if ten_crop:
+        h = dataset.image_size[0]
+        predict = ten_crop_predict(normalizer, crop, pad=4 if h == crop else 0)
+    elif scales:
+        predict = multiscale_predict(normalizer, scales)
+    else:
+        predict = single_predict(normalizer)
+    result = evaluate(model, RawLoader(splits[split], batch_size), device=torch.device(device), predict=predict)
+    mode = "10-crop" if ten_crop else (f"multi-scale {list(scales)}" if scales else "single view")
+    return {"checkpoint": str(path), "split": split, "mode": mode, **result}
+
+
+def load_image(path: str | Path, channels: int, size: Sequence[int]) -> torch.Tensor:
+    """An image file as uint8 (C, H, W): converted to ``channels``, shorter side resized to the crop, centre crop."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("L" if channels == 1 else "RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    array = np.asarray(img, dtype=np.uint8)
+    x = torch.from_numpy(array.copy())
+    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+    h, w = int(size[0]), int(size[1])
+    if tuple(x.shape[-2:]) != (h, w):
+        x = resize_shorter(x[None], min(h, w))[0]
+        top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+        x = x[:, top : top + h, left : left + w]
+    return x.contiguous()
+
+
+@torch.no_grad()
+def predict_images(path: str | Path, images: Sequence[str | Path], top_k: int = 5, device: str = "cpu") -> list[dict]:
+    """Top-k classes (by name, with probabilities) for each image file."""
+    ckpt = load_checkpoint(path)
+    model, normalizer, _ = load_for_inference(ckpt, device)
+    classes = ckpt["classes"]
+    batch = torch.stack([load_image(p, int(ckpt["in_channels"]), ckpt["image_size"]) for p in images]).to(device)
+    probs = torch.softmax(single_predict(normalizer)(model, batch).float(), dim=1)
+    k = min(top_k, len(classes))
+    values, indices = probs.topk(k, dim=1)
+    return [
+        {"image": str(p), "top": [{"class": classes[i], "index": int(i), "probability": float(v)}
+                                  for v, i in zip(vs.tolist(), ix.tolist())]}
+        for p, vs, ix in zip(images, values, indices)
+    ]
+
+
+class NormalizedModel(nn.Module):
+    """The exported form: float images in [0, 1] (N, C, H, W) in, logits out; normalisation built in."""
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("std", std.float().clone())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model((images - self.mean) / self.std)
+        return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@torch.no_grad()
+def export_checkpoint(path: str | Path, fmt: str, out: str | Path | None = None, atol: float = 1e-4) -> dict:
+    """Export to ONNX or TorchScript and check the exported model's outputs against PyTorch's on random images."""
+    if fmt not in ("onnx", "torchscript"):
+        raise ValueError(f"format must be onnx or torchscript; got {fmt!r}")
+    ckpt = load_checkpoint(path)
+    model, normalizer, _ = load_for_inference(ckpt)
+    wrapped = NormalizedModel(model, normalizer.mean, normalizer.std).eval()
+    c, (h, w) = int(ckpt["in_channels"]), ckpt["image_size"]
+    example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
+    expected = wrapped(example)
+    out = Path(out) if out else Path(path).with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt")
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError("ONNX export needs onnx and onnxruntime: pip install 'deepres[export]'") from None
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, (example,), str(out), dynamo=False, input_names=["images"],
+                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": example.numpy()})[0])
+    else:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the portable C++ format
+            scripted = torch.jit.trace(wrapped, example)
+        scripted.save(str(out))
+        got = torch.jit.load(str(out))(example)
+    diff = (got - expected).abs().max().item()
+    if diff > atol:
+        raise RuntimeError(f"exported model disagrees with PyTorch: max abs difference {diff:.3g} > {atol}")
+    return {"path": str(out), "format": fmt, "max_abs_diff": diff, "input": [None, c, h, w]}

@@ -1,0 +1,88 @@
+"""Test-time evaluation of the paper (section 3.4): the standard 10-crop test and the fully-convolutional
+multi-scale test. Both take uint8 batches, so crops and resizes happen on raw pixels, before normalisation, exactly as
+training saw them; scores are softmax probabilities averaged over views, returned as log-probabilities."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..tasks.classification import main_logits
+
+__all__ = ["RawLoader", "multiscale_predict", "single_predict", "ten_crop_predict", "ten_crops"]
+
+
+class RawLoader:
+    """A split's uint8 images and labels in batches (for predictors that crop or resize before normalising)."""
+
+    def __init__(self, split, batch_size: int):
+        self.split, self.batch_size = split, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.split) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for lo in range(0, len(self.split), self.batch_size):
+            yield self.split.images[lo : lo + self.batch_size], self.split.labels[lo : lo + self.batch_size]
+
+
+def ten_crops(images: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The four corner crops and the centre crop of ``size``, then the same five of the mirrored images."""
+    h, w = images.shape[-2:]
+    if size > h or size > w:
+        raise ValueError(f"crop size {size} is larger than the images ({h}x{w})")
+    top, left = (h - size) // 2, (w - size) // 2
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (top, left)]
+    crops = [images[..., y : y + size, x : x + size] for y, x in corners]
+    return crops + [c.flip(-1) for c in crops]
+
+
+def _average(model, views: Sequence[torch.Tensor], normalizer) -> torch.Tensor:
+    probs = None
+    for view in views:
+        p = F.softmax(main_logits(model(normalizer(view))).float(), dim=1)
+        probs = p if probs is None else probs + p
+    return torch.log(probs / len(views))
+
+
+def single_predict(normalizer) -> Callable:
+    return lambda model, images: main_logits(model(normalizer(images)))
+
+
+def ten_crop_predict(normalizer, crop_size: int, pad: int = 0) -> Callable:
+    """10-crop test. ``pad``: zero-padding first, so images of the crop's own size (CIFAR) still give ten views,
+    the same padded canvas training crops come from."""
+
+    def predict(model, images):
+        if pad:
+            images = F.pad(images, (pad, pad, pad, pad))
+        return _average(model, ten_crops(images, crop_size), normalizer)
+
+    return predict
+
+
+def resize_shorter(images: torch.Tensor, side: int) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    scale = side / min(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def multiscale_predict(normalizer, scales: Sequence[int], flip: bool = True) -> Callable:
+    """Fully-convolutional test: the whole image with its shorter side at each scale (and mirrored), scores
+    averaged. Our nets end in global average pooling, which is the convolutional form's averaged score map."""
+
+    def predict(model, images):
+        views = []
+        for s in scales:
+            resized = resize_shorter(images, s)
+            views.append(resized)
+            if flip:
+                views.append(resized.flip(-1))
+        return _average(model, views, normalizer)
+
+    return predict

@@ -1,0 +1,114 @@
+"""eval / predict / export round trips on a trained checkpoint, and the 10-crop and multi-scale tests."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from deepres.config import load_config
+from deepres.engine import load_checkpoint, load_for_inference, train
+from deepres.engine.inference import evaluate_checkpoint, export_checkpoint, predict_images
+from deepres.evaluation import multiscale_predict, ten_crop_predict, ten_crops
+
+from .helpers import make_idx_dataset
+from .test_engine import small_overrides
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    data = make_idx_dataset(root / "data")
+    config = load_config(None, small_overrides(data, **{"train.iterations": 40, "train.log_every": 20}))
+    summary = train(config, root / "run", quiet=True)
+    return root / "run" / "checkpoints" / "last.pt", summary, data
+
+
+def test_eval_matches_the_training_run(trained):
+    path, summary, _ = trained
+    result = evaluate_checkpoint(path)
+    assert result["count"] == 128
+    assert result["top1_error"] == pytest.approx(summary["test_top1_error"], abs=1e-9)
+
+
+def test_ten_crop_equals_the_hand_computed_mean(trained):
+    path, _, _ = trained
+    model, normalizer, _ = load_for_inference(load_checkpoint(path))
+    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    padded = F.pad(images, (4, 4, 4, 4))
+    views = []
+    for y, x in [(0, 0), (0, 8), (8, 0), (8, 8), (4, 4)]:  # 24x24 canvas, 16x16 crops
+        views.append(padded[..., y : y + 16, x : x + 16])
+    views += [v.flip(-1) for v in views]
+    with torch.no_grad():
+        by_hand = torch.stack([F.softmax(model(normalizer(v)), dim=1) for v in views]).mean(0)
+        ours = ten_crop_predict(normalizer, 16, pad=4)(model, images).exp()
+    torch.testing.assert_close(ours, by_hand, rtol=1e-5, atol=1e-6)
+    assert [tuple(c.shape[-2:]) for c in ten_crops(torch.zeros(1, 1, 256, 300), 224)] == [(224, 224)] * 10
+
+
+def test_multiscale_and_ten_crop_from_the_cli(trained):
+    path, _, _ = trained
+    out = subprocess.run([sys.executable, "-m", "deepres", "eval", str(path), "--ten-crop", "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["mode"] == "10-crop" and result["count"] == 128 and result["top1_error"] < 50
+    multi = evaluate_checkpoint(path, scales=[16, 24])
+    assert multi["mode"] == "multi-scale [16, 24]" and 0 <= multi["top1_error"] <= 100
+    model, normalizer, _ = load_for_inference(load_checkpoint(path))
+    x = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        single = F.softmax(model(normalizer(x)), 1)
+        both = (single + F.softmax(model(normalizer(x.flip(-1))), 1)) / 2
+        torch.testing.assert_close(multiscale_predict(normalizer, [16])(model, x).exp(), both)
+
+
+def test_predict_names_classes(trained, tmp_path):
+    path, _, data = trained
+    from deepres.data.sources import read_idx
+
+    images = read_idx(data / "t10k-images-idx3-ubyte.gz")[:4]
+    labels = read_idx(data / "t10k-labels-idx1-ubyte.gz")[:4]
+    files = []
+    for i, img in enumerate(images):
+        f = tmp_path / f"img{i}.png"
+        Image.fromarray(img).convert("RGB").save(f)  # colour file into a grayscale model: converted
+        files.append(f)
+    results = predict_images(path, files, top_k=3)
+    classes = load_checkpoint(path)["classes"]
+    assert [len(r["top"]) for r in results] == [3] * 4
+    assert all(abs(sum(t["probability"] for t in r["top"])) <= 1.0 + 1e-6 for r in results)
+    hits = sum(r["top"][0]["class"] == classes[int(y)] for r, y in zip(results, labels))
+    assert hits >= 3
+    out = subprocess.run([sys.executable, "-m", "deepres", "predict", str(path), str(files[0]), "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and json.loads(out.stdout)[0]["top"][0]["class"] in classes
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = subprocess.run([sys.executable, "-m", "deepres", "predict", str(path), str(bad)], capture_output=True,
+                         text=True)
+    assert out.returncode == 1 and "broken.png" in out.stderr
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_round_trip(trained, tmp_path, fmt):
+    path, _, _ = trained
+    result = export_checkpoint(path, fmt, tmp_path / f"model.{fmt}")
+    assert result["max_abs_diff"] < 1e-4
+    model, normalizer, _ = load_for_inference(load_checkpoint(path))
+    x = torch.rand(5, 1, 16, 16)  # another batch size than the export example
+    with torch.no_grad():
+        expected = model((x - normalizer.mean) / normalizer.std).numpy()
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        got = ort.InferenceSession(result["path"]).run(None, {"images": x.numpy()})[0]
+    else:
+        with torch.no_grad():
+            got = torch.jit.load(result["path"])(x).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
