@@ -81,7 +81,13 @@ class DataConfig:
     normalize: Literal["pixel_mean", "channel"] = "pixel_mean"
     # Side length images are prepared at (image folders); None: the source's native size.
     image_size: int | None = None
+    # error: a bad image file is an error naming it; skip: log it (logger "deepres.data") and leave it out.
     on_bad_image: Literal["error", "skip"] = "error"
+    # Image folders: channels images are converted to; None: 1 when every image is grayscale, else 3 (RGB).
+    channels: Literal[1, 3] | None = None
+    # Where extracted archives and decoded image folders are cached; None: $DEEPRES_DATA/cache, else
+    # $XDG_CACHE_HOME/deepres (~/.cache/deepres).
+    cache_dir: str | None = None
     # device: the whole split on the training device; workers: DataLoader worker processes; auto: by size.
     loader: Literal["auto", "device", "workers"] = "auto"
     num_workers: int = 4
@@ -314,7 +320,7 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 def to_yaml(config: Config) -> str:
     """The resolved config as YAML; ``load_config`` reads it back to an equal Config."""
-    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
