@@ -229,3 +229,16 @@ def test_schedules():
     again = Schedule(load_config(None, ["schedule.warmup_until_train_error=80"]).schedule, 0.1, 64000)
     again.load_state_dict(json.loads(json.dumps(warm.state_dict())))
     assert again.lr_at(6) == 0.1
+
+
+def test_out_of_memory_names_a_batch_size(idx_data, tmp_path, monkeypatch):
+    import deepres.engine.loop as loop
+
+    class OOMTask:
+        def loss(self, outputs, targets):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "build_task", lambda cfg: OOMTask())
+    config = load_config(None, small_overrides(idx_data))
+    with pytest.raises(RuntimeError, match="try --set train.batch_size=16"):
+        train(config, tmp_path / "run", quiet=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable
 
@@ -75,8 +76,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"deepres: {exc}; continue with --resume auto", file=sys.stderr)
         return 128 + int(exc.signum)
     if summary:
+        from .report import plot_run
+
+        curves = plot_run(summary["run_dir"]) if os.environ.get("RANK", "0") == "0" else None
+        if curves:
+            summary["curves"] = str(curves)
         print(f"test accuracy {summary['test_accuracy']:.2f}% (top-1 error {summary['test_top1_error']:.2f}%), "
-              f"run folder {summary['run_dir']}")
+              f"run folder {summary['run_dir']}" + (f", curves {summary['curves']}" if summary.get("curves") else ""))
     return 0
 
 

@@ -352,6 +352,12 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
         }
         if main:
             (paths.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except torch.cuda.OutOfMemoryError as exc:
+        smaller = max(dist.world_size, tc.batch_size // 2 // dist.world_size * dist.world_size)
+        raise RuntimeError(
+            f"CUDA out of memory at train.batch_size={tc.batch_size} on {device}: try --set train.batch_size={smaller} "
+            f"(and scale optim.lr by the same factor), or --set train.amp=bf16 --set train.channels_last=true"
+        ) from exc
     finally:
         progress.close()
         writer.close()
