@@ -242,3 +242,25 @@ def test_out_of_memory_names_a_batch_size(idx_data, tmp_path, monkeypatch):
     config = load_config(None, small_overrides(idx_data))
     with pytest.raises(RuntimeError, match="try --set train.batch_size=16"):
         train(config, tmp_path / "run", quiet=True)
+
+
+def test_ema_weights_are_kept_and_used_for_inference(idx_data, tmp_path):
+    from deepres.engine import load_for_inference
+
+    config = load_config(None, small_overrides(idx_data, **{"train.iterations": 12, "train.ema_decay": 0.9,
+                                                             "optim.grad_clip": 1.0}))
+    train(config, tmp_path / "run", quiet=True)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["ema"] is not None
+    model, _, _ = load_for_inference(ckpt)
+    ema_fc = ckpt["ema"]["module.fc.weight"]
+    assert torch.equal(model.fc.weight, ema_fc) and not torch.equal(ema_fc, ckpt["model"]["fc.weight"])
+
+
+def test_channels_last_trains_the_same(idx_data, tmp_path):
+    runs = {}
+    for flag in (False, True):
+        config = load_config(None, small_overrides(idx_data, **{"train.iterations": 5, "train.channels_last": flag}))
+        train(config, tmp_path / str(flag), quiet=True)
+        runs[flag] = [loss for _, loss in losses(tmp_path / str(flag))]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
