@@ -232,3 +232,19 @@ def test_every_name_of_the_paper_is_registered():
     paper = {f"resnet{d}" for d in [18, 34, 50, 101, 152, 20, 32, 44, 56, 110, 1202]}
     paper |= {f"plain{d}" for d in [18, 34, 20, 32, 44, 56, 110]}
     assert paper <= names
+
+
+def test_layer_responses_follow_every_3x3_layer():
+    from deepres.evaluation import layer_responses
+
+    torch.manual_seed(0)
+    model = cifar_resnet(20)
+    images = torch.randn(8, 3, 32, 32)
+    rows = layer_responses(model, images, batch_size=4)
+    assert len(rows) == 19  # the first conv and the 18 convs of the 9 blocks: 20 layers less the classifier
+    assert [r["index"] for r in rows] == list(range(1, 20))
+    # Fresh BN in eval mode is the identity: the response std is the std of the conv output itself.
+    with torch.no_grad():
+        expected = model.eval().conv1(images).std(unbiased=False).item()
+    assert rows[0]["std"] == pytest.approx(expected, rel=1e-5)
+    assert len(layer_responses(imagenet_resnet(50), torch.randn(2, 3, 64, 64))) == 1 + 16
