@@ -131,6 +131,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .experiments import Options, run_experiment
+
+    options = Options(scale=args.scale, seeds=args.seeds, data_dir=args.data_dir, out=Path(args.out),
+                      include_1202=args.include_1202)
+    report = run_experiment(args.experiment, options)
+    print(f"report: {report}")
+    return 0
+
+
 BENCHMARK_ALIASES = {"data": "data_pipeline"}
 
 
@@ -202,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", help="output file (default: beside the checkpoint)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("reproduce", help="reproduce a table or figure of the paper (runs + report)")
+    p.add_argument("experiment", help="cifar-table6, cifar-degradation, shortcuts, layer-responses")
+    p.add_argument("--scale", default="smoke", choices=["smoke", "full"],
+                   help="smoke: minutes on a CPU, tiny schedules; full: the paper's schedule (GPU)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per configuration (mean +/- std in the report)")
+    p.add_argument("--data-dir", help="CIFAR-10 data (default: the CIFAR-10 JPEG set if found, else official CIFAR-10)")
+    p.add_argument("--out", default="runs/reproduce", help="folder for runs and reports (shared between experiments)")
+    p.add_argument("--include-1202", action="store_true", help="cifar-table6: also ResNet-1202")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("config", help="print the resolved config of a recipe with overrides, as YAML")
     add_config_arguments(p)

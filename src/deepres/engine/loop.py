@@ -233,6 +233,11 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
 
     eval_model = lambda: ema.module if ema is not None else model  # noqa: E731
 
+    def test_row(at_step: int) -> dict:
+        result = evaluate(eval_model(), data.test, device=device, autocast=autocast)
+        return {"step": at_step, "test_loss": result["loss"], "test_top1_error": result["top1_error"],
+                "test_top5_error": result["top5_error"], "elapsed_s": time.time() - t_start}
+
     # Window accumulators stay on the device: no host sync per step.
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_wrong = torch.zeros((), dtype=torch.float64, device=device)
@@ -324,6 +329,9 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
                         best_val = result["top1_error"]
                         save(step, paths.best)
 
+                if tc.test_every and step % tc.test_every == 0 and step < tc.iterations:
+                    writer.write(test_row(step))
+
                 if step % tc.checkpoint_every == 0 or step == tc.iterations:
                     check_finite(step, weights=True)
                     save(step, paths.last)
@@ -333,18 +341,16 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
                     save(step, paths.last)
                     raise TrainingInterrupted(signals.signum or signal.SIGTERM, step)
 
-        result = evaluate(eval_model(), data.test, device=device, autocast=autocast)
-        row = {"step": step, "test_loss": result["loss"], "test_top1_error": result["top1_error"],
-               "test_top5_error": result["top5_error"], "elapsed_s": time.time() - t_start}
+        row = test_row(step)
         writer.write(row)
         summary = {
             "run_dir": str(paths.root),
             "model": config.model.name,
             "data": dataset.name,
             "iterations": step,
-            "test_top1_error": result["top1_error"],
-            "test_top5_error": result["top5_error"],
-            "test_accuracy": 100.0 - result["top1_error"],
+            "test_top1_error": row["test_top1_error"],
+            "test_top5_error": row["test_top5_error"],
+            "test_accuracy": 100.0 - row["test_top1_error"],
             "best_val_top1_error": None if math.isinf(best_val) else best_val,
             "elapsed_s": time.time() - t_start,
             "device": str(device),

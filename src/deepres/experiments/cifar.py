@@ -1,0 +1,245 @@
+"""The paper's CIFAR-10 experiments (section 4.2): Table 6, Fig. 6, Table 3's shortcut options, Fig. 7."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from ..data import load_dataset
+from ..engine import load_checkpoint, load_for_inference
+from ..evaluation import layer_responses
+from ..models import count_parameters, create_model
+from .base import Experiment, Options, RunResult, RunSpec, cifar_data_overrides, register_experiment, scale_overrides
+
+# Table 6: depth -> (parameters in millions, test error %). ResNet-110: best of 5 runs (mean 6.61 +/- 0.16).
+PAPER_TABLE6 = {20: (0.27, 8.75), 32: (0.46, 7.51), 44: (0.66, 7.17), 56: (0.85, 6.97), 110: (1.7, 6.43),
+                1202: (19.4, 7.93)}
+DEPTHS = [20, 32, 44, 56, 110]
+
+
+def _runs(options: Options, families: list[str], depths: list[int], extra: list[str] = (), tag: str = "") -> list[RunSpec]:
+    data, _ = cifar_data_overrides(options.data_dir)
+    specs = []
+    for family in families:
+        for depth in depths:
+            for seed in range(options.seeds):
+                name = f"cifar10-{family}{depth}{tag}-s{seed}"
+                overrides = data + scale_overrides(options) + [f"train.seed={seed}", *extra]
+                specs.append(RunSpec(name, f"paper/cifar10_{family}{depth}", overrides,
+                                     {"family": family, "depth": depth, "seed": seed}))
+    return specs
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +/- {statistics.stdev(values):.2f}"
+
+
+def _final(result: RunResult, key: str) -> float:
+    _, values = result.series(key)
+    return values[-1]
+
+
+def _by(results: list[RunResult], family: str) -> dict[int, list[RunResult]]:
+    out: dict[int, list[RunResult]] = {}
+    for r in results:
+        if r.spec.meta["family"] == family:
+            out.setdefault(r.spec.meta["depth"], []).append(r)
+    return dict(sorted(out.items()))
+
+
+def _data_line(options: Options) -> str:
+    return f"Data: {cifar_data_overrides(options.data_dir)[1]}.\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table 6
+
+
+def plan_table6(options: Options) -> list[RunSpec]:
+    depths = DEPTHS + ([1202] if options.include_1202 else [])
+    return _runs(options, ["resnet"], depths)
+
+
+def analyze_table6(options: Options, results: list[RunResult], out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [_data_line(options), "| net | params (ours) | params (paper) | test error % (ours, over seeds) | "
+             "test error % (paper) |", "|---|---|---|---|---|"]
+    ours_x, ours_y = [], []
+    for depth, runs in _by(results, "resnet").items():
+        errors = [_final(r, "test_top1_error") for r in runs]
+        params = count_parameters(create_model(f"resnet{depth}")) / 1e6
+        p_params, p_error = PAPER_TABLE6[depth]
+        lines.append(f"| ResNet-{depth} | {params:.2f}M | {p_params}M | {_mean_std(errors)} (n={len(errors)}) | "
+                     f"{p_error} |")
+        ours_x.append(depth)
+        ours_y.append(statistics.mean(errors))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ours_x, ours_y, "o-", label="ours")
+    ax.plot(ours_x, [PAPER_TABLE6[d][1] for d in ours_x], "s--", label="paper (Table 6)")
+    ax.set(xscale="log", xlabel="depth", ylabel="test error (%)", title="CIFAR-10 ResNets")
+    ax.set_xticks(ours_x, [str(d) for d in ours_x])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "table6.png", dpi=110)
+    plt.close(fig)
+    lines += ["", "![test error against depth](plots/table6.png)"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fig. 6: degradation
+
+
+def plan_degradation(options: Options) -> list[RunSpec]:
+    return _runs(options, ["plain", "resnet"], DEPTHS)
+
+
+def _curves(ax, runs_by_depth: dict[int, list[RunResult]], title: str) -> None:
+    colors = ["tab:orange", "tab:blue", "tab:red", "tab:green", "black"]
+    for color, (depth, runs) in zip(colors, runs_by_depth.items()):
+        r = runs[0]
+        ax.plot(*r.series("train_top1_error"), "--", color=color, lw=0.8)
+        ax.plot(*r.series("test_top1_error"), "-", color=color, lw=2, label=f"{title.split()[0]}-{depth}")
+    ax.set(xlabel="iteration", ylabel="error (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def analyze_degradation(options: Options, results: list[RunResult], out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plain, resnet = _by(results, "plain"), _by(results, "resnet")
+    top = 100 if options.scale == "smoke" else 20
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, runs, title in ((axes[0], plain, "plain nets"), (axes[1], resnet, "ResNets")):
+        _curves(ax, runs, title)
+        ax.set_ylim(0, top)
+    fig.suptitle("CIFAR-10: training error (dashed), test error (bold)")
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "degradation.png", dpi=110)
+    plt.close(fig)
+
+    lines = [_data_line(options), "| net | final training error % | final test error % | paper test error % |",
+             "|---|---|---|---|"]
+    final = {}
+    for family, runs_by_depth in (("plain", plain), ("resnet", resnet)):
+        for depth, runs in runs_by_depth.items():
+            tr = [_final(r, "train_top1_error") for r in runs]
+            te = [_final(r, "test_top1_error") for r in runs]
+            final[(family, depth)] = (statistics.mean(tr), statistics.mean(te))
+            paper = PAPER_TABLE6[depth][1] if family == "resnet" else "(curves only)"
+            lines.append(f"| {'Plain' if family == 'plain' else 'ResNet'}-{depth} | {_mean_std(tr)} | {_mean_std(te)} | "
+                         f"{paper} |")
+    lines += ["", "Training error is over the last logged window of augmented training batches.", "",
+              "![plain and residual panels](plots/degradation.png)", "", "## The paper's findings on our runs", ""]
+
+    def verdict(claim: str, holds: bool | None) -> str:
+        return f"- {claim}: " + ("holds" if holds else "does not hold" if holds is not None else "not measured")
+
+    def worse(a, b, idx):
+        return final[a][idx] > final[b][idx] if a in final and b in final else None
+
+    lines.append(verdict("plain-56 has higher training error than plain-20 (degradation)",
+                         worse(("plain", 56), ("plain", 20), 0)))
+    lines.append(verdict("ResNet-56 has lower test error than ResNet-20", worse(("resnet", 20), ("resnet", 56), 1)))
+    lines.append(verdict("ResNet-110 has lower test error than ResNet-56", worse(("resnet", 56), ("resnet", 110), 1)))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table 3 at CIFAR scale: plain vs shortcut options A, B, C on the same 32-layer net
+
+
+def plan_shortcuts(options: Options) -> list[RunSpec]:
+    specs = _runs(options, ["plain"], [32])
+    for option in "ABC":
+        for s in _runs(options, ["resnet"], [32], [f"model.shortcut={option}"], tag=f"-{option}"):
+            s.meta["shortcut"] = option
+            specs.append(s)
+    return specs
+
+
+def analyze_shortcuts(options: Options, results: list[RunResult], out: Path) -> str:
+    lines = [_data_line(options),
+             "Table 3 compares the options on ImageNet ResNet-34 (top-1 10-crop error: plain 28.54, A 25.03, "
+             "B 24.52, C 24.19); here the same comparison on CIFAR-10 with 32-layer nets.", "",
+             "| net | shortcut | params | test error % |", "|---|---|---|---|"]
+    groups: dict[str, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault(r.spec.meta.get("shortcut", "plain"), []).append(r)
+    for key in ["plain", "A", "B", "C"]:
+        runs = groups.get(key, [])
+        if not runs:
+            continue
+        model = create_model("plain32") if key == "plain" else create_model("resnet32", shortcut=key)
+        errors = [_final(r, "test_top1_error") for r in runs]
+        lines.append(f"| {'plain-32' if key == 'plain' else 'ResNet-32'} | {key} | "
+                     f"{count_parameters(model):,} | {_mean_std(errors)} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fig. 7: layer responses of trained nets
+
+
+RESPONSE_NETS = [("plain", 20), ("plain", 56), ("resnet", 20), ("resnet", 56), ("resnet", 110)]
+
+
+def plan_responses(options: Options) -> list[RunSpec]:
+    return [s for s in _runs(options, ["plain", "resnet"], [20, 56, 110])
+            if (s.meta["family"], s.meta["depth"]) in RESPONSE_NETS and s.meta["seed"] == 0]
+
+
+def analyze_responses(options: Options, results: list[RunResult], out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    test_images = None
+    for r in results:
+        ckpt = load_checkpoint(r.run_dir / "checkpoints" / "last.pt")
+        model, normalizer, config = load_for_inference(ckpt)
+        if test_images is None:
+            dataset = load_dataset(config.data)
+            test_images = normalizer(dataset.test.images[:1000])
+        stds = [row["std"] for row in layer_responses(model, test_images)]
+        curves[f"{r.spec.meta['family']}-{r.spec.meta['depth']}"] = stds
+    fig, (ax_layer, ax_sorted) = plt.subplots(2, 1, figsize=(8, 7))
+    for label, stds in curves.items():
+        style = "--" if label.startswith("plain") else "-"
+        ax_layer.plot(range(1, len(stds) + 1), stds, style, label=label)
+        ax_sorted.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, label=label)
+    ax_layer.set(xlabel="layer index (original)", ylabel="std")
+    ax_sorted.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
+    for ax in (ax_layer, ax_sorted):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "layer_responses.png", dpi=110)
+    plt.close(fig)
+    lines = [_data_line(options), "Standard deviation of each 3x3 layer's response (after BN, before the addition "
+             "and ReLU) on 1,000 test images; the paper finds residual responses smaller than plain ones, and smaller "
+             "still in deeper ResNets.", "", "| net | layers | mean std |", "|---|---|---|"]
+    for label, stds in curves.items():
+        lines.append(f"| {label} | {len(stds)} | {statistics.mean(stds):.3f} |")
+    lines += ["", "![layer responses](plots/layer_responses.png)"]
+    return "\n".join(lines)
+
+
+register_experiment(Experiment("cifar-table6", "CIFAR-10 ResNets against Table 6", plan_table6, analyze_table6))
+register_experiment(Experiment("cifar-degradation", "Degradation on CIFAR-10 (Fig. 6)", plan_degradation,
+                               analyze_degradation))
+register_experiment(Experiment("shortcuts", "Shortcut options A, B, C (Table 3, at CIFAR scale)", plan_shortcuts,
+                               analyze_shortcuts))
+register_experiment(Experiment("layer-responses", "Layer responses (Fig. 7)", plan_responses, analyze_responses))

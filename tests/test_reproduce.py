@@ -1,0 +1,47 @@
+"""deepres reproduce at smoke scale: runs, resume-or-skip, and the report with its figures."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepres.experiments import Options, run_experiment
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    """An image folder shaped like the CIFAR-10 JPEG set: 10 classes, 32x32 RGB, 120 train / 50 test each."""
+    root = tmp_path_factory.mktemp("tinycifar") / "cifar10-jpeg"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 120), ("test", 50)):
+        for k in range(10):
+            folder = root / split / f"class{k}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 80, size=(32, 32, 3), dtype=np.uint8)
+                img[:, :, k % 3] += np.uint8(40 + 15 * k)
+                Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return root
+
+
+def test_degradation_smoke_writes_both_panels(tiny_cifar, tmp_path):
+    options = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path)
+    report = run_experiment("cifar-degradation", options)
+    text = report.read_text()
+    assert (report.parent / "plots" / "degradation.png").stat().st_size > 10_000
+    for net in ["Plain-20", "Plain-56", "Plain-110", "ResNet-20", "ResNet-56", "ResNet-110"]:
+        assert f"| {net} |" in text
+    assert "plain-56 has higher training error than plain-20" in text
+    assert "not bit-identical" in text  # the data is named as the JPEG set
+    assert "Hardware:" in text and "torch" in text
+
+    # Complete runs are skipped: a second invocation trains nothing and gives the same table.
+    stamp = (tmp_path / "runs" / "cifar10-resnet20-s0" / "summary.json").stat().st_mtime_ns
+    again = run_experiment("cifar-degradation", options).read_text()
+    assert (tmp_path / "runs" / "cifar10-resnet20-s0" / "summary.json").stat().st_mtime_ns == stamp
+    assert again.split("Wall time")[1].split("\n", 1)[1] == text.split("Wall time")[1].split("\n", 1)[1]
+
+    # Table 6 reuses the residual runs of the same --out; Fig. 7 reads their checkpoints.
+    table = run_experiment("cifar-table6", options).read_text()
+    assert "| ResNet-110 | 1.73M | 1.7M |" in table
+    responses = run_experiment("layer-responses", options).read_text()
+    assert "| plain-56 | 55 |" in responses and "| resnet-110 | 109 |" in responses
