@@ -132,6 +132,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     seed: int = 0
     eval_every: int = 2000
+    # Also log test error every this many iterations, for curves like the paper's figures (0: only at the end).
+    # It never influences training or the choice of best.pt.
+    test_every: int = 0
     checkpoint_every: int = 2000
     log_every: int = 100
     device: str = "auto"
