@@ -1,0 +1,55 @@
+"""What every benchmark shares: naming the device, timing a step function, writing the result file."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    """A file-name-safe device label: the GPU's name, or cpu-<cores>core."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-").replace("/", "-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per step after ``warmup`` untimed steps."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def write_result(name: str, device: torch.device, metric: str, ours: float, reference: float, target: float | None,
+                 higher_is_better: bool = True, out: Path | None = None, **extra) -> Path:
+    """benchmarks/results/<name>-<device>.json with the keys every benchmark reports."""
+    ratio = ours / reference if higher_is_better else reference / ours
+    result = {"benchmark": name, "device": device_name(device), "torch": torch.__version__, "metric": metric,
+              "ours": ours, "reference": reference, "ratio": ratio, "target": target, **extra}
+    out_dir = Path(out) if out else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{device_name(device)}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return path

@@ -1,0 +1,88 @@
+"""ResNet training throughput with data already on the device: ours (bf16 autocast, channels_last, torch.compile,
+fused SGD) against torchvision's resnet trained eager with fp16 autocast in NCHW, same device, same run.
+
+GPU (the issue's setting): ``deepres benchmark imagenet-throughput`` (ResNet-50, batch 256, 224x224).
+CPU smoke (CI): ``deepres benchmark imagenet-throughput --smoke`` (ResNet-18, 64x64, a few steps, fp32, no compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_memory_mib, time_steps, write_result  # noqa: E402
+
+from deepres.models import create_model  # noqa: E402
+
+
+def train_step_fn(model, optimizer, x, y, autocast_dtype):
+    def step():
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure(args, device: torch.device, ours: bool) -> tuple[float, float | None]:
+    torch.manual_seed(0)
+    gpu = device.type == "cuda"
+    x = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    if ours:
+        model = create_model(args.model, stride_on="3x3").to(device)  # v1.5: the same arithmetic as the reference
+        if gpu:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                    **({"fused": True} if gpu else {"foreach": True}))
+        step_model = torch.compile(model) if args.compile and gpu else model
+        step = train_step_fn(step_model, optimizer, x, y, torch.bfloat16 if gpu else None)
+    else:
+        model = getattr(torchvision.models, args.model)().to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        step = train_step_fn(model, optimizer, x, y, torch.float16 if gpu else None)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_steps(step, device, args.warmup, args.steps)
+    return args.batch_size / seconds, peak_memory_mib(device)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="deepres benchmark imagenet-throughput", description=__doc__)
+    parser.add_argument("--model", default=None, help="resnet50 (GPU default) or resnet18")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU-sized run (CI)")
+    parser.add_argument("--out", help="folder for the result file (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    small = args.smoke or device.type == "cpu"
+    defaults = {"model": "resnet18" if small else "resnet50", "batch_size": 8 if small else 256,
+                "size": 64 if small else 224, "steps": 3 if small else 50, "warmup": 1 if small else 15}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    ours, ours_mem = measure(args, device, ours=True)
+    reference, ref_mem = measure(args, device, ours=False)
+    write_result(f"imagenet-throughput-{args.model}", device, "training images/s", ours, reference,
+                 target=1.5 if args.model == "resnet50" else None, out=args.out, batch_size=args.batch_size,
+                 image_size=args.size, compiled=bool(args.compile and device.type == "cuda"),
+                 peak_memory_mib_ours=ours_mem, peak_memory_mib_reference=ref_mem,
+                 reference_setup="torchvision eager, fp16 autocast, NCHW" if device.type == "cuda" else "torchvision eager fp32")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""ResNet-50 inference images/s at batch 256: ours (bf16, channels_last, compiled) against torchvision eager fp32,
+same device, same run; peak GPU memory of each. ``--smoke``: ResNet-18, 64x64, batch 8 on the CPU (CI)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_memory_mib, time_steps, write_result  # noqa: E402
+
+from deepres.models import create_model  # noqa: E402
+
+
+@torch.no_grad()
+def measure(args, device: torch.device, ours: bool) -> tuple[float, float | None]:
+    torch.manual_seed(0)
+    gpu = device.type == "cuda"
+    x = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
+    if ours:
+        model = create_model(args.model, stride_on="3x3").to(device).eval()
+        if gpu:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+            model = torch.compile(model) if args.compile else model
+        dtype = torch.bfloat16 if gpu else None
+    else:
+        model = getattr(torchvision.models, args.model)().to(device).eval()
+        dtype = None
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model(x)
+
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_steps(step, device, args.warmup, args.steps)
+    return args.batch_size / seconds, peak_memory_mib(device)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="deepres benchmark inference", description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    small = args.smoke or device.type == "cpu"
+    defaults = {"model": "resnet18" if small else "resnet50", "batch_size": 8 if small else 256,
+                "size": 64 if small else 224, "steps": 3 if small else 50, "warmup": 1 if small else 15}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    ours, ours_mem = measure(args, device, ours=True)
+    reference, ref_mem = measure(args, device, ours=False)
+    write_result(f"inference-{args.model}", device, "inference images/s", ours, reference, target=None, out=args.out,
+                 batch_size=args.batch_size, image_size=args.size, peak_memory_mib_ours=ours_mem,
+                 peak_memory_mib_reference=ref_mem)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
