@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Dataset", "Split", "carve_validation"]
+__all__ = ["Dataset", "Split", "carve_validation", "data_root", "validation_indices"]
 
 # The validation split is a function of the dataset alone, never of the run's seed.
 VALIDATION_SEED = 20151210
@@ -77,14 +77,25 @@ class Dataset:
         }
 
 
+def validation_indices(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices) of a training split of ``n`` items, each sorted; a fixed permutation.
+
+    Shared by the in-memory split (:func:`carve_validation`) and file lists (the worker loader), so both hold out
+    the same images.
+    """
+    if val_size >= n:
+        raise ValueError(f"data.val_size={val_size} leaves no training images (train has {n})")
+    if val_size <= 0:
+        return torch.arange(n), torch.zeros(0, dtype=torch.int64)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
 def carve_validation(train: Split, val_size: int) -> tuple[Split, Split | None]:
     """Split ``val_size`` images off ``train`` with a fixed permutation; returns (train, val)."""
     if val_size <= 0:
         return train, None
-    if val_size >= len(train):
-        raise ValueError(f"data.val_size={val_size} leaves no training images (train has {len(train)})")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(VALIDATION_SEED))
-    val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+    train_idx, val_idx = validation_indices(len(train), val_size)
     return Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])
 
 

@@ -49,10 +49,36 @@ class Normalizer:
             raise ValueError(f"normalize must be 'pixel_mean' or 'channel'; got {mode!r}")
         return cls(mean.float(), std.float())
 
+    @classmethod
+    def fit_batches(cls, batches, mode: str = "pixel_mean") -> Normalizer:
+        """:meth:`fit` over an iterable of uint8 batches of one size (a split not held in memory, or a sample)."""
+        count, total, total_sq = 0, None, None
+        for batch in batches:
+            x = batch.double() / 255.0
+            s, sq = x.sum(dim=0), (x * x).sum(dim=0)
+            total = s if total is None else total + s
+            total_sq = sq if total_sq is None else total_sq + sq
+            count += batch.shape[0]
+        if not count:
+            raise ValueError("cannot fit normalisation statistics on no images")
+        channels = total.shape[0]
+        if mode == "pixel_mean":
+            return cls((total / count).float(), torch.ones(channels, 1, 1))
+        if mode == "channel":
+            n = count * total.shape[1] * total.shape[2]
+            mean = total.sum(dim=(1, 2)) / n
+            var = (total_sq.sum(dim=(1, 2)) - n * mean * mean) / max(n - 1, 1)  # unbiased, as Tensor.std
+            return cls(mean.view(-1, 1, 1).float(), var.clamp_min(0).sqrt().view(-1, 1, 1).float())
+        raise ValueError(f"normalize must be 'pixel_mean' or 'channel'; got {mode!r}")
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        mean = self.mean.to(images.device)
-        std = self.std.to(images.device)
-        x = images.float().div_(255.0)
+        """uint8 images -> normalised float32."""
+        return self.normalize01(images.float().div_(255.0))
+
+    def normalize01(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images already in [0, 1] (e.g. after PCA lighting) -> normalised, in place."""
+        mean = self.mean.to(x.device)
+        std = self.std.to(x.device)
         if mean.shape[-2:] != x.shape[-2:] and mean.shape[-1] != 1:  # a per-pixel mean at another size
             mean = F.interpolate(mean[None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
         return x.sub_(mean).div_(std)

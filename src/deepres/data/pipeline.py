@@ -1,16 +1,34 @@
-"""From a DataConfig to loaders: the one place that chooses source, preset and loader."""
+"""From a DataConfig to loaders: the one place that chooses source, preset and loader.
+
+``data.loader``:
+
+- ``device``: the whole split on the training device as uint8, batches built with batched tensor ops there
+  (:class:`~deepres.data.loaders.DeviceLoader`); presets ``paper_cifar`` and ``none``, plus RandAugment/CutMix/Mixup.
+- ``workers``: DataLoader worker processes decode and augment per image
+  (:class:`~deepres.data.workers.WorkerLoader`); any preset, required by ``paper_imagenet`` (scale augmentation
+  needs the full-resolution images).
+- ``auto``: ``workers`` for ``paper_imagenet``; otherwise ``device`` for in-memory sources and prepared files, and
+  for image folders whose decoded train+test size is under ``DEVICE_LIMIT_BYTES`` (4 GiB); ``workers`` beyond.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .datasets import Dataset
+from .datasets import Dataset, validation_indices
 from .loaders import DeviceLoader, EvalLoader, Normalizer, random_crop_flip
 from .sources import load_dataset
 
-__all__ = ["DataBundle", "build_data", "train_augmentation"]
+__all__ = ["DEVICE_LIMIT_BYTES", "DataBundle", "build_data", "choose_loader", "train_augmentation", "train_mix"]
+
+DEVICE_LIMIT_BYTES = 4 * 2**30
+# Training images decoded to fit the worker loader's normalisation statistics (evenly spaced, deterministic).
+NORMALIZER_SAMPLE = 1000
+# The paper's PCA lighting strength (AlexNet; fb.resnet.torch).
+LIGHTING_STD = 0.1
 
 
 @dataclass
@@ -20,15 +38,65 @@ class DataBundle:
     train: DeviceLoader
     val: EvalLoader | None
     test: EvalLoader
+    # Which loader family was built: "device" or "workers".
+    loader: str = "device"
 
 
 def train_augmentation(cfg):
-    """The batched, on-device augmentation of a preset (PAPER.md section 5)."""
+    """The batched, on-device augmentation of a preset (PAPER.md section 5), with RandAugment first when enabled."""
+    from .presets import Compose, RandAugmentBatch
+
+    randaugment = RandAugmentBatch(cfg.randaugment_n, cfg.randaugment_m) if cfg.randaugment_n > 0 else None
     if cfg.preset == "paper_cifar":
-        return random_crop_flip
+        return Compose(randaugment, random_crop_flip) if randaugment else random_crop_flip
     if cfg.preset == "none":
-        return None
+        return randaugment
     raise ValueError(f"data.preset={cfg.preset!r} has no device-resident implementation; use data.loader=workers")
+
+
+def train_mix(cfg, num_classes: int):
+    """The batch mix hook from data.cutmix_alpha / data.mixup_alpha (both > 0: one of them per batch, 50/50)."""
+    from .presets import CutMix, MixChoice, Mixup
+
+    if cfg.cutmix_alpha < 0 or cfg.mixup_alpha < 0:
+        raise ValueError(f"data.cutmix_alpha and data.mixup_alpha must be >= 0; got {cfg.cutmix_alpha}, {cfg.mixup_alpha}")
+    mixes = []
+    if cfg.cutmix_alpha > 0:
+        mixes.append(CutMix(cfg.cutmix_alpha, num_classes))
+    if cfg.mixup_alpha > 0:
+        mixes.append(Mixup(cfg.mixup_alpha, num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else MixChoice(mixes)
+
+
+def choose_loader(cfg, dataset: Dataset | None = None) -> str:
+    """``device`` or ``workers`` for this config (see module doc)."""
+    return _choose(cfg, dataset)[0]
+
+
+def _choose(cfg, dataset):
+    if cfg.loader not in ("auto", "device", "workers"):
+        raise ValueError(f"data.loader must be auto, device or workers; got {cfg.loader!r}")
+    if cfg.loader != "auto":
+        return cfg.loader, None
+    if cfg.preset == "paper_imagenet":
+        return "workers", None
+    if dataset is not None or cfg.source != "imagefolder":
+        return "device", None
+    from .folders import _prepared_cache, _require_data_dir, decoded_bytes_estimate, is_prepared_file, scan_image_folder
+    from .folders import resolve_image_source
+
+    path = _require_data_dir(cfg)
+    if is_prepared_file(path):
+        return "device", None
+    cached, root = _prepared_cache(cfg)
+    if cached.is_file():
+        return "device", None
+    index = scan_image_folder(root or resolve_image_source(path, cfg.cache_dir), cfg.on_bad_image)
+    if decoded_bytes_estimate(cfg, index) <= DEVICE_LIMIT_BYTES:
+        return "device", None
+    return "workers", index
 
 
 def build_data(
@@ -43,10 +111,128 @@ def build_data(
     dataset: Dataset | None = None,
 ) -> DataBundle:
     """Read the dataset (unless given), fit normalisation on its training split and build the three loaders."""
+    kind, index = _choose(cfg, dataset)
+    if kind == "workers":
+        return _build_worker_data(cfg, batch_size, eval_batch_size, seed, device, rank, world_size, dataset, index)
     dataset = dataset if dataset is not None else load_dataset(cfg)
     normalizer = Normalizer.fit(dataset.train.images, cfg.normalize)
     common = dict(normalizer=normalizer, device=device, rank=rank, world_size=world_size)
-    train = DeviceLoader(dataset.train, batch_size, seed=seed, augment=train_augmentation(cfg), **common)
+    train = DeviceLoader(
+        dataset.train,
+        batch_size,
+        seed=seed,
+        augment=train_augmentation(cfg),
+        mix=train_mix(cfg, dataset.num_classes),
+        **common,
+    )
     val = EvalLoader(dataset.val, eval_batch_size, **common) if dataset.val is not None else None
     test = EvalLoader(dataset.test, eval_batch_size, **common)
-    return DataBundle(dataset, normalizer, train, val, test)
+    return DataBundle(dataset, normalizer, train, val, test, loader="device")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker loaders
+
+
+def _folder_dataset(cfg, index):
+    """The scanned folder with the validation split carved and subsets applied, as the sources do in memory."""
+    from .folders import FolderDataset, _require_data_dir, resolve_image_source, scan_image_folder
+
+    if index is None:
+        index = scan_image_folder(resolve_image_source(_require_data_dir(cfg), cfg.cache_dir), cfg.on_bad_image)
+    full_train = index.splits["train"]
+    train_idx, val_idx = validation_indices(len(full_train), cfg.val_size)
+    val = full_train.select(val_idx) if cfg.val_size > 0 else None
+    return FolderDataset(
+        "imagefolder",
+        list(index.classes),
+        full_train.select(train_idx).subset(cfg.train_subset),
+        index.splits["test"].subset(cfg.test_subset),
+        val,
+        channels=cfg.channels or 3,
+        image_size=(cfg.image_size, cfg.image_size) if cfg.image_size else (0, 0),
+        origin=str(index.root),
+        extra={"skipped": list(index.skipped)},
+    )
+
+
+def _worker_transforms(cfg, first_image: torch.Tensor):
+    """(per-image train transform, eval transform, lighting std or None, output size) of the preset."""
+    from torchvision.transforms import v2
+
+    from .presets import paper_imagenet_eval, paper_imagenet_train
+    from .workers import ResizeSquare
+
+    randaugment = (cfg.randaugment_n, cfg.randaugment_m) if cfg.randaugment_n > 0 else None
+    if cfg.preset == "paper_imagenet":
+        crop = cfg.image_size or 224
+        lighting = LIGHTING_STD if first_image.shape[0] == 3 else None
+        return paper_imagenet_train(crop, randaugment), paper_imagenet_eval(crop), lighting, crop
+    size = cfg.image_size
+    resize = ResizeSquare(size) if size else None
+    ops = [resize] if resize else []
+    if randaugment:
+        ops.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
+    if cfg.preset == "paper_cifar":
+        # The paper's CIFAR augmentation per image: zero-pad 4, random crop back to the size, flip.
+        side = size or tuple(first_image.shape[-2:])
+        ops += [v2.RandomCrop(side, padding=4), v2.RandomHorizontalFlip()]
+    elif cfg.preset != "none":
+        raise ValueError(f"unknown data.preset {cfg.preset!r}")
+    train = v2.Compose(ops) if ops else None
+    return train, resize, None, size
+
+
+def _build_worker_data(cfg, batch_size, eval_batch_size, seed, device, rank, world_size, dataset, index):
+    from .workers import FileSamples, TensorSamples, WorkerEvalLoader, WorkerLoader, _collate, _TransformDataset
+
+    in_memory = dataset is not None or cfg.source != "imagefolder"
+    if not in_memory:
+        from .folders import _require_data_dir, is_prepared_file
+
+        in_memory = is_prepared_file(_require_data_dir(cfg))
+    if in_memory:
+        dataset = dataset if dataset is not None else load_dataset(cfg)
+    else:
+        dataset = _folder_dataset(cfg, index)
+    samples = {
+        name: TensorSamples(split) if in_memory else FileSamples(split, dataset.channels)
+        for name, split in dataset.splits().items()
+    }
+    train_tf, eval_tf, lighting, _ = _worker_transforms(cfg, samples["train"].load(0))
+    if in_memory and eval_tf is None:
+        normalizer = Normalizer.fit(dataset.train.images, cfg.normalize)
+    else:
+        normalizer = _fit_sampled(samples["train"], eval_tf, cfg, _TransformDataset, _collate)
+    workers = max(0, cfg.num_workers)
+    common = dict(normalizer=normalizer, device=device, rank=rank, world_size=world_size, num_workers=workers)
+    train = WorkerLoader(
+        samples["train"],
+        batch_size,
+        transform=train_tf,
+        seed=seed,
+        lighting=lighting,
+        mix=train_mix(cfg, dataset.num_classes),
+        on_bad_image=cfg.on_bad_image,
+        **common,
+    )
+    evals = {
+        name: WorkerEvalLoader(samples[name], eval_batch_size, transform=eval_tf, on_bad_image=cfg.on_bad_image, **common)
+        for name in ("val", "test")
+        if name in samples
+    }
+    return DataBundle(dataset, normalizer, train, evals.get("val"), evals["test"], loader="workers")
+
+
+def _fit_sampled(samples, transform, cfg, dataset_cls, collate) -> Normalizer:
+    """Normalisation statistics from up to NORMALIZER_SAMPLE evenly spaced training images (eval geometry)."""
+    from torch.utils.data import DataLoader
+
+    n = len(samples)
+    count = min(n, NORMALIZER_SAMPLE)
+    picks = torch.linspace(0, n - 1, count).round().long().unique().tolist()
+    keys = [[(i, None) for i in picks[j : j + 64]] for j in range(0, len(picks), 64)]
+    data = dataset_cls(samples, transform, cfg.on_bad_image)
+    workers = min(max(0, cfg.num_workers), len(keys)) if len(picks) > 64 else 0
+    loader = DataLoader(data, batch_sampler=keys, num_workers=workers, collate_fn=collate)
+    return Normalizer.fit_batches((images for images, _, _ in loader if images is not None), cfg.normalize)

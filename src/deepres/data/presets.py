@@ -1,0 +1,215 @@
+"""Augmentation presets (PAPER.md section 5) and the augmentations beyond the paper.
+
+Two kinds of callables:
+
+- batched device ops for :class:`~deepres.data.loaders.DeviceLoader`: ``augment(uint8 (N, C, H, W), generator)`` and
+  ``mix(float images, int64 labels, generator) -> (images, float (N, K) targets)``; every random number comes from
+  the step's CPU generator, so a batch is a function of (seed, step) on any device;
+- per-image torchvision ``transforms.v2`` pipelines for the worker loader (paper ImageNet), fed from the worker's
+  per-sample seed.
+
+The paper's CIFAR augmentation (pad 4, random 32 crop, flip) is :func:`deepres.data.loaders.random_crop_flip`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IMAGENET_EIGVAL",
+    "IMAGENET_EIGVEC",
+    "Compose",
+    "CutMix",
+    "MixChoice",
+    "Mixup",
+    "RandAugmentBatch",
+    "pca_lighting",
+    "paper_imagenet_eval",
+    "paper_imagenet_train",
+    "imagenet_scales",
+]
+
+# AlexNet-style PCA colour augmentation (Krizhevsky et al. 2012): eigenvalues and eigenvectors (columns) of the
+# covariance of ImageNet RGB pixels in [0, 1], as used by fb.resnet.torch for the paper's ImageNet models.
+IMAGENET_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+IMAGENET_EIGVEC = torch.tensor(
+    [
+        [-0.5675, 0.7192, 0.4009],
+        [-0.5808, -0.0045, -0.8140],
+        [-0.5836, -0.6948, 0.4203],
+    ]
+)
+
+
+def _seed_from(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _beta(alpha: float, generator: torch.Generator) -> float:
+    """A Beta(alpha, alpha) draw determined by ``generator`` (torch's Beta takes no generator)."""
+    return float(np.random.default_rng(_seed_from(generator)).beta(alpha, alpha))
+
+
+class Compose:
+    """Batched augmentations applied in order, all drawing from the same step generator."""
+
+    def __init__(self, *ops: Callable):
+        self.ops = [op for op in ops if op is not None]
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        for op in self.ops:
+            images = op(images, generator)
+        return images
+
+    def __repr__(self) -> str:
+        return f"Compose({', '.join(getattr(o, '__name__', repr(o)) for o in self.ops)})"
+
+
+class RandAugmentBatch:
+    """RandAugment(N, M) (Cubuk et al. 2020) per image of a uint8 batch, via torchvision's ``v2.RandAugment``.
+
+    torchvision draws from the global torch RNG; each image runs under ``torch.random.fork_rng`` seeded from the
+    step generator, so batches stay a function of (seed, step) and the caller's RNG is untouched.
+    """
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 9):
+        from torchvision.transforms import v2
+
+        if num_ops < 0 or not 0 <= magnitude <= 30:
+            raise ValueError(f"RandAugment needs num_ops >= 0 and 0 <= magnitude <= 30; got N={num_ops}, M={magnitude}")
+        self.num_ops, self.magnitude = num_ops, magnitude
+        self.transform = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        seeds = torch.randint(0, 2**62, (images.shape[0],), generator=generator).tolist()
+        out = torch.empty_like(images)
+        # One intra-op thread: per-image ops on small images only lose time synchronising a pool (7x on 2 busy
+        # cores). Seeding the CPU generator directly: torch.manual_seed also queues CUDA/XPU seeds, 1.5 ms a call.
+        threads = torch.get_num_threads()
+        if images.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for i, seed in enumerate(seeds):
+                    torch.default_generator.manual_seed(seed)
+                    out[i] = self.transform(images[i])
+        finally:
+            torch.set_num_threads(threads)
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandAugmentBatch(N={self.num_ops}, M={self.magnitude})"
+
+
+def _as_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if labels.dtype.is_floating_point:
+        return labels
+    return F.one_hot(labels, num_classes).float()
+
+
+class CutMix:
+    """CutMix (Yun et al. 2019) on a batch: a box of area ~(1 - lam), lam ~ Beta(alpha, alpha), is pasted from a
+    permutation of the batch into every image (one box per batch). The box is clipped at the borders and the label
+    weight is the exact pasted fraction: targets = (1 - area) * y + area * y[perm]."""
+
+    def __init__(self, alpha: float, num_classes: int):
+        if alpha <= 0:
+            raise ValueError(f"data.cutmix_alpha must be > 0; got {alpha}")
+        self.alpha, self.num_classes = alpha, num_classes
+        self.last_box: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1), for tests and debugging
+
+    def box(self, h: int, w: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+        lam = _beta(self.alpha, generator)
+        ratio = math.sqrt(1.0 - lam)
+        ch, cw = int(h * ratio), int(w * ratio)
+        cy = int(torch.randint(0, h, (1,), generator=generator))
+        cx = int(torch.randint(0, w, (1,), generator=generator))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch - ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw - cw // 2, w)
+        return y0, y1, x0, x1
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        n, _, h, w = images.shape
+        perm = torch.randperm(n, generator=generator).to(images.device)
+        y0, y1, x0, x1 = self.box(h, w, generator)
+        self.last_box = (y0, y1, x0, x1)
+        images = images.clone()
+        images[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
+        area = (y1 - y0) * (x1 - x0) / (h * w)
+        weights = _as_weights(labels, self.num_classes)
+        return images, (1.0 - area) * weights + area * weights[perm]
+
+
+class Mixup:
+    """Mixup (Zhang et al. 2018): x = lam * x + (1 - lam) * x[perm], targets likewise, lam ~ Beta(alpha, alpha)."""
+
+    def __init__(self, alpha: float, num_classes: int):
+        if alpha <= 0:
+            raise ValueError(f"data.mixup_alpha must be > 0; got {alpha}")
+        self.alpha, self.num_classes = alpha, num_classes
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+        lam = _beta(self.alpha, generator)
+        weights = _as_weights(labels, self.num_classes)
+        return lam * images + (1.0 - lam) * images[perm], lam * weights + (1.0 - lam) * weights[perm]
+
+
+class MixChoice:
+    """One of several mixes per batch, chosen uniformly (timm's CutMix/Mixup switch with probability 0.5)."""
+
+    def __init__(self, mixes: Sequence[Callable]):
+        self.mixes = list(mixes)
+
+    def __call__(self, images, labels, generator):
+        i = int(torch.randint(0, len(self.mixes), (1,), generator=generator))
+        return self.mixes[i](images, labels, generator)
+
+
+def pca_lighting(
+    images: torch.Tensor,
+    generator: torch.Generator | None = None,
+    alphastd: float = 0.1,
+    eigval: torch.Tensor = IMAGENET_EIGVAL,
+    eigvec: torch.Tensor = IMAGENET_EIGVEC,
+    alpha: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AlexNet PCA lighting on float RGB images in [0, 1] (N, 3, H, W): each image gets
+    ``eigvec @ (alpha * eigval)``, alpha ~ N(0, alphastd) per image (or the given (N, 3) ``alpha``), added to every
+    pixel."""
+    if images.shape[1] != 3:
+        raise ValueError(f"PCA lighting needs RGB images; got {images.shape[1]} channels")
+    if alpha is None:
+        alpha = torch.randn(images.shape[0], 3, generator=generator) * alphastd
+    shift = (alpha * eigval) @ eigvec.T  # (N, 3): shift[n, c] = sum_j eigvec[c, j] * alpha[n, j] * eigval[j]
+    return images + shift.to(images.device, images.dtype)[:, :, None, None]
+
+
+def imagenet_scales(crop: int = 224) -> tuple[int, int, int]:
+    """(shorter side min, max, eval resize) for a crop size: (256, 480, 256) at the paper's 224, scaled otherwise."""
+    return round(crop * 256 / 224), round(crop * 480 / 224), round(crop * 256 / 224)
+
+
+def paper_imagenet_train(crop: int = 224, randaugment: tuple[int, int] | None = None):
+    """Paper section 3.4, per image on uint8: shorter side random in [256, 480], random 224 crop, horizontal flip.
+    RandAugment (when given) runs before the crop; PCA lighting and mean subtraction are batched afterwards."""
+    from torchvision.transforms import v2
+
+    lo, hi, _ = imagenet_scales(crop)
+    ops = [v2.RandomResize(lo, hi + 1, antialias=True)]
+    if randaugment is not None and randaugment[0] > 0:
+        ops.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
+    ops += [v2.RandomCrop(crop), v2.RandomHorizontalFlip()]
+    return v2.Compose(ops)
+
+
+def paper_imagenet_eval(crop: int = 224):
+    """The standard single-crop test: shorter side 256, centre 224 crop."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(imagenet_scales(crop)[2], antialias=True), v2.CenterCrop(crop)])
