@@ -41,6 +41,30 @@ def peak_memory_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
+def model_arguments(parser) -> None:
+    """The options of the model-speed benchmarks; defaults depend on the device (see resolve_model_arguments)."""
+    parser.add_argument("--model", default=None, help="resnet50 (GPU default) or resnet18 (CPU default)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None, help="image side")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation, autotuning)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run on the CPU (CI)")
+    parser.add_argument("--out", help="folder for the result file (default benchmarks/results)")
+
+
+def resolve_model_arguments(args) -> torch.device:
+    """The device, and the defaults the user left open: ResNet-50 at 224, batch 256 on a GPU; tiny on a CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    small = args.smoke or device.type == "cpu"
+    defaults = {"model": "resnet18" if small else "resnet50", "batch_size": 8 if small else 256,
+                "size": 64 if small else 224, "steps": 3 if small else 50, "warmup": 1 if small else 15}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return device
+
+
 def write_result(name: str, device: torch.device, metric: str, ours: float, reference: float, target: float | None,
                  higher_is_better: bool = True, out: Path | None = None, **extra) -> Path:
     """benchmarks/results/<name>-<device>.json with the keys every benchmark reports."""

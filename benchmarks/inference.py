@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_memory_mib, time_steps, write_result  # noqa: E402
+from common import model_arguments, peak_memory_mib, resolve_model_arguments, time_steps, write_result  # noqa: E402
 
 from deepres.models import create_model  # noqa: E402
 
@@ -44,22 +44,9 @@ def measure(args, device: torch.device, ours: bool) -> tuple[float, float | None
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="deepres benchmark inference", description=__doc__)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out")
+    model_arguments(parser)
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    small = args.smoke or device.type == "cpu"
-    defaults = {"model": "resnet18" if small else "resnet50", "batch_size": 8 if small else 256,
-                "size": 64 if small else 224, "steps": 3 if small else 50, "warmup": 1 if small else 15}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    device = resolve_model_arguments(args)
     ours, ours_mem = measure(args, device, ours=True)
     reference, ref_mem = measure(args, device, ours=False)
     write_result(f"inference-{args.model}", device, "inference images/s", ours, reference, target=None, out=args.out,
