@@ -65,9 +65,13 @@ def data_fingerprint(dataset) -> str:
     for split in (dataset.train, dataset.val, dataset.test):
         if split is None:
             continue
-        h.update(str(tuple(split.images.shape)).encode())
         h.update(split.labels.numpy().tobytes())
-        h.update(split.images[:: max(1, len(split) // 64)].numpy().tobytes())
+        images = getattr(split, "images", None)
+        if images is not None:  # in memory: shape and a sample of pixels
+            h.update(str(tuple(images.shape)).encode())
+            h.update(images[:: max(1, len(split) // 64)].numpy().tobytes())
+        else:  # an image folder read by workers: its file list
+            h.update("\n".join(split.paths).encode())
     return h.hexdigest()[:16]
 
 
@@ -220,7 +224,8 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
             "rng": {"torch": torch.get_rng_state()},
             "classes": list(dataset.classes),
             "normalization": data.normalizer.state_dict(),
-            "image_size": list(dataset.image_size),
+            # The size the model sees (a folder read by workers is cropped to data.image_size, default 224).
+            "image_size": list(dataset.image_size) if all(dataset.image_size) else [config.data.image_size or 224] * 2,
             "in_channels": dataset.channels,
             "data_fingerprint": fingerprint,
             "best_val_error": best_val,
