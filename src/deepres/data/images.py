@@ -130,11 +130,10 @@ def _decode_pil(data: bytes, path) -> np.ndarray:
             raise BadImageError(path, f"unsupported image mode {mode!r}")
     except BadImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        reason = "empty file" if not data else str(exc) or type(exc).__name__
-        if isinstance(exc, UnidentifiedImageError):
-            reason = "not a recognised image format" if data else "empty file"
-        raise BadImageError(path, reason) from None
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImageError(path, f"truncated or corrupt image data ({exc or type(exc).__name__})") from None
 
 
 def decode_image_bytes(data: bytes, path="<bytes>") -> torch.Tensor:

@@ -199,7 +199,10 @@ def _build_worker_data(cfg, batch_size, eval_batch_size, seed, device, rank, wor
         name: TensorSamples(split) if in_memory else FileSamples(split, dataset.channels)
         for name, split in dataset.splits().items()
     }
-    train_tf, eval_tf, lighting, _ = _worker_transforms(cfg, samples["train"].load(0))
+    first = samples["train"].load(0)
+    train_tf, eval_tf, lighting, size = _worker_transforms(cfg, first)
+    if not in_memory:  # the size the model sees
+        dataset.image_size = (size, size) if size else tuple(first.shape[-2:])
     if in_memory and eval_tf is None:
         normalizer = Normalizer.fit(dataset.train.images, cfg.normalize)
     else:
