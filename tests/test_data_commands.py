@@ -1,0 +1,110 @@
+"""``deepres data info`` / ``deepres data prepare`` as a user runs them, and the data benchmark's smoke mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deepres.cli import main
+
+from .test_data_common import REAL_CIFAR_JPEG, REAL_FASHION, make_image_folder, make_tar
+
+KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", "target"}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.delenv("DEEPRES_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+def test_info_image_folder_table_and_json(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "f", n_train=5, n_test=2)
+    assert main(["data", "info", "imagefolder", "--data-dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "ant" in out and "total" in out and "15" in out
+    assert main(["data", "info", "imagefolder", "--data-dir", str(root), "--val-size", "3", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["splits"] == {"train": 12, "val": 3, "test": 6}
+    assert [c["name"] for c in summary["classes"]] == ["ant", "bee", "cat"]
+    assert sum(c["val"] for c in summary["classes"]) == 3
+
+
+def test_info_archive(tmp_path, capsys):
+    archive = make_tar(tmp_path / "pics.tar.gz", make_image_folder(tmp_path / "f", n_train=2, n_test=1), "pics")
+    assert main(["data", "info", "imagefolder", "--data-dir", str(archive), "--json",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"] == {"train": 6, "test": 3}
+
+
+def test_info_real_fashion_mnist(capsys):
+    if not REAL_FASHION.is_dir():
+        pytest.skip(f"{REAL_FASHION} not present")
+    assert main(["data", "info", "fashion_mnist", "--data-dir", str(REAL_FASHION), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["splits"] == {"train": 60000, "test": 10000}
+    assert all(c["train"] == 6000 and c["test"] == 1000 for c in summary["classes"])
+
+
+@pytest.mark.slow
+def test_info_real_cifar10_jpeg(tmp_path, capsys):
+    if not REAL_CIFAR_JPEG.is_file():
+        pytest.skip(f"{REAL_CIFAR_JPEG} not present")
+    assert main(["data", "info", "imagefolder", "--data-dir", str(REAL_CIFAR_JPEG), "--json",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert all(c["train"] == 5000 and c["test"] == 1000 for c in summary["classes"]) and summary["num_classes"] == 10
+
+
+def test_info_errors_are_one_line(tmp_path, capsys):
+    assert main(["data", "info", "imagefolder", "--data-dir", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert "deepres data: error: image folder not found" in err and str(tmp_path / "nope") in err
+
+
+def test_prepare_then_train_source_reads_it(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "f", n_train=4, n_test=2, size=12)
+    (root / "train" / "bee" / "0002.png").write_bytes(b"")
+    dst = tmp_path / "out" / "small.pt"
+    assert main(["data", "prepare", str(root), str(dst), "--size", "8"]) == 1
+    assert "0002.png" in capsys.readouterr().err
+    assert main(["data", "prepare", str(root), str(dst), "--size", "8", "--on-bad-image", "skip", "--workers", "1"]) == 0
+    assert "11 train / 6 test" in capsys.readouterr().out
+    state = torch.load(dst, weights_only=True)
+    assert state["splits"]["train"]["images"].shape == (11, 3, 8, 8) and len(state["skipped"]) == 1
+    from deepres.config import DataConfig
+    from deepres.data import build_data
+
+    cfg = DataConfig(source="imagefolder", data_dir=str(dst), val_size=2)
+    bundle = build_data(cfg, batch_size=3, eval_batch_size=4, seed=0)
+    assert bundle.loader == "device" and bundle.dataset.classes == ["ant", "bee", "cat"]
+    assert bundle.train.batch(0)[0].shape == (3, 3, 8, 8)
+    assert main(["data", "info", "imagefolder", "--data-dir", str(dst), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_shape"] == [3, 8, 8]
+
+
+def test_data_help_explains_itself(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", "--help"])
+    out = capsys.readouterr().out
+    assert "--on-bad-image" in out and "--size" in out
+
+
+def test_benchmark_smoke(tmp_path):
+    root = make_image_folder(tmp_path / "f", classes=("a", "b"), n_train=20, n_test=2, size=32, fmt="JPEG")
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepres", "benchmark", "data", "--smoke", "--device", "cpu", "--data", str(root),
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "data_pipeline-cpu.json").read_text())
+    assert KEYS <= set(result)
+    assert result["benchmark"] == "data_pipeline" and result["device"].startswith("cpu")
+    assert result["ours"] > 0 and result["reference"] > 0 and result["target"] == 10
+    assert result["ratio"] == pytest.approx(result["ours"] / result["reference"])

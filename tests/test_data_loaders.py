@@ -1,0 +1,327 @@
+"""Loaders and augmentation: determinism, DDP sharding, resume, augmentation statistics, CutMix/Mixup targets,
+and build_data choosing and building both loader families."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from deepres.config import DataConfig
+from deepres.data import (
+    CutMix,
+    DeviceLoader,
+    EvalLoader,
+    Mixup,
+    Normalizer,
+    RandAugmentBatch,
+    Split,
+    WorkerEvalLoader,
+    WorkerLoader,
+    build_data,
+    choose_loader,
+    pca_lighting,
+    random_crop_flip,
+    step_generator,
+)
+from deepres.data import pipeline
+from deepres.data.presets import IMAGENET_EIGVAL, IMAGENET_EIGVEC, MixChoice
+
+from .test_data_common import make_image_folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.delenv("DEEPRES_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+def _split(n=64, size=8, channels=3, classes=4, seed=0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
+    return Split(images, torch.arange(n) % classes)
+
+
+def _loader(split, batch=16, **kw):
+    return DeviceLoader(split, batch, normalizer=Normalizer.fit(split.images), **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device loader
+
+
+def test_device_loader_is_a_function_of_seed_and_step():
+    split = _split()
+    a, b = _loader(split, seed=3), _loader(split, seed=3)
+    for step in (0, 1, 7, 4):  # any order: no hidden state
+        xa, ya = a.batch(step)
+        xb, yb = b.batch(step)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(a.batch(0)[0], a.batch(1)[0])
+    assert not torch.equal(a.batch(0)[0], _loader(split, seed=4).batch(0)[0])
+    resumed = list(itertools.islice(a.iterate(5), 3))
+    for k, (x, y) in enumerate(resumed):
+        assert torch.equal(x, b.batch(5 + k)[0]) and torch.equal(y, b.batch(5 + k)[1])
+
+
+def test_device_loader_epoch_is_a_permutation():
+    split = _split(n=64)
+    split.labels = torch.arange(64)  # labels identify images
+    loader = _loader(split, batch=16, augment=None)
+    assert loader.steps_per_epoch == 4
+    epoch0 = torch.cat([loader.batch(s)[1] for s in range(4)])
+    epoch1 = torch.cat([loader.batch(s)[1] for s in range(4, 8)])
+    assert sorted(epoch0.tolist()) == list(range(64)) and sorted(epoch1.tolist()) == list(range(64))
+    assert not torch.equal(epoch0, epoch1)
+
+
+@pytest.mark.parametrize("mix", [None, "cutmix"])
+def test_ddp_ranks_are_disjoint_and_complete(mix):
+    split = _split(n=96)
+    split.labels = torch.arange(96) % 10
+    hook = CutMix(1.0, 10) if mix else None
+    whole = _loader(split, batch=32, seed=1, mix=hook)
+    ranks = [_loader(split, batch=32, seed=1, mix=hook, rank=r, world_size=2) for r in range(2)]
+    for step in (0, 3, 5):
+        x, y = whole.batch(step)
+        parts = [r.batch(step) for r in ranks]
+        assert all(p[0].shape[0] == 16 for p in parts)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    with pytest.raises(ValueError, match="divisible by the 3 processes"):
+        _loader(split, batch=32, world_size=3)
+
+
+def test_eval_loader_shards_cover_the_split_once():
+    split = _split(n=53)
+    split.labels = torch.arange(53)
+    norm = Normalizer.fit(split.images)
+    for world in (1, 2, 3, 4):
+        seen = []
+        for rank in range(world):
+            for x, y in EvalLoader(split, 8, normalizer=norm, rank=rank, world_size=world):
+                assert x.dtype == torch.float32
+                seen += y.tolist()
+        assert seen == list(range(53)), world
+
+
+def test_crop_offsets_and_flip_rate():
+    """Pad 4 and crop 32 back: every offset 0..8 in both axes, flip half the time (PAPER.md section 5)."""
+    n, size, pad = 4000, 8, 4
+    base = (torch.arange(size * size, dtype=torch.uint8) + 1).view(1, 1, size, size)
+    out = random_crop_flip(base.expand(n, 1, size, size).contiguous(), step_generator(0, 1, 0), padding=pad)
+    padded = torch.nn.functional.pad(base, (pad,) * 4)[0, 0]
+    candidates = {}
+    for oy in range(2 * pad + 1):
+        for ox in range(2 * pad + 1):
+            crop = padded[oy : oy + size, ox : ox + size]
+            candidates[(oy, ox, False)] = crop
+            candidates[(oy, ox, True)] = crop.flip(1)
+    keys = list(candidates)
+    stack = torch.stack([candidates[k] for k in keys])  # (162, 8, 8), all distinct
+    match = (out[:, 0, None] == stack[None]).flatten(2).all(-1)  # (n, 162)
+    assert (match.sum(1) == 1).all(), "every output is exactly one padded crop (or its flip)"
+    found = [keys[i] for i in match.float().argmax(1).tolist()]
+    assert {k[0] for k in found} == set(range(9)) and {k[1] for k in found} == set(range(9))
+    flips = sum(k[2] for k in found) / n
+    assert abs(flips - 0.5) < 0.04
+    offsets = torch.tensor([k[0] for k in found]).bincount(minlength=9).float() / n
+    assert (offsets - 1 / 9).abs().max() < 0.03, "uniform offsets"
+
+
+def test_randaugment_is_deterministic_and_leaves_global_rng_alone():
+    images = _split(n=8, size=16).images
+    ra = RandAugmentBatch(2, 9)
+    state = torch.get_rng_state()
+    a = ra(images, step_generator(0, 1, 3))
+    assert torch.equal(torch.get_rng_state(), state)
+    b = ra(images, step_generator(0, 1, 3))
+    c = ra(images, step_generator(0, 1, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.dtype == torch.uint8
+    with pytest.raises(ValueError, match="magnitude"):
+        RandAugmentBatch(2, 31)
+
+
+def test_cutmix_label_weights_equal_the_pasted_area():
+    n, k, h, w = 64, 64, 12, 10
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, h, w).contiguous()
+    y = torch.arange(n)
+    cutmix = CutMix(1.0, k)
+    areas = set()
+    for step in range(40):
+        out, targets = cutmix(x, y, step_generator(0, 1, step))
+        assert targets.shape == (n, k) and torch.allclose(targets.sum(1), torch.ones(n))
+        y0, y1, x0, x1 = cutmix.last_box
+        area = (y1 - y0) * (x1 - x0) / (h * w)
+        areas.add(round(area, 4))
+        for i in range(n):
+            pasted = (out[i, 0] != i).float().mean().item()  # pixels that came from another image
+            if pasted > 0:
+                j = int(out[i, 0][out[i, 0] != i][0])
+                assert targets[i, j].item() == pytest.approx(pasted) and pasted == pytest.approx(area)
+                assert targets[i, i].item() == pytest.approx(1 - pasted)
+            else:  # paired with itself, or an empty box
+                assert targets[i, i].item() == pytest.approx(1.0)
+    assert len(areas) > 10, "boxes of many sizes, clipped at the borders"
+
+
+def test_mixup_targets_match_the_pixels():
+    n, k = 16, 16
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    out, targets = Mixup(0.4, k)(x, torch.arange(n), step_generator(0, 1, 0))
+    expected = (targets * torch.arange(k, dtype=torch.float32)).sum(1)  # the mixed value implied by the weights
+    assert torch.allclose(out[:, 0, 0, 0], expected, atol=1e-5)
+    assert torch.allclose(targets.sum(1), torch.ones(n))
+
+
+def test_mix_choice_uses_both():
+    x = torch.zeros(8, 3, 4, 4)
+    calls = []
+    choice = MixChoice([lambda a, b, g: calls.append(0) or (a, b), lambda a, b, g: calls.append(1) or (a, b)])
+    for step in range(30):
+        choice(x, torch.zeros(8, dtype=torch.long), step_generator(0, 1, step))
+    assert set(calls) == {0, 1}
+
+
+def test_pca_lighting_matches_the_alexnet_formula():
+    images = torch.rand(5, 3, 4, 4)
+    g = step_generator(0, 2, 0)
+    out = pca_lighting(images, g, alphastd=0.1)
+    alpha = torch.randn(5, 3, generator=step_generator(0, 2, 0)) * 0.1
+    for n in range(5):
+        shift = torch.stack([sum(IMAGENET_EIGVEC[c, j] * alpha[n, j] * IMAGENET_EIGVAL[j] for j in range(3))
+                             for c in range(3)])
+        assert torch.allclose(out[n] - images[n], shift.view(3, 1, 1).expand(3, 4, 4), atol=1e-6)
+
+
+def test_normalizer_fit_batches_matches_fit():
+    images = _split(n=40).images
+    for mode in ("pixel_mean", "channel"):
+        a = Normalizer.fit(images, mode)
+        b = Normalizer.fit_batches(images.split(7), mode)
+        assert torch.allclose(a.mean, b.mean, atol=1e-6) and torch.allclose(a.std, b.std, atol=1e-5)
+        c = Normalizer.from_state_dict(a.state_dict())
+        assert torch.equal(c(images), a(images))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker loader
+
+
+def _folder(tmp_path, **kw):
+    kw.setdefault("classes", ("a", "b", "c", "d"))
+    kw.setdefault("n_train", 12)
+    kw.setdefault("n_test", 5)
+    return make_image_folder(tmp_path / "folder", **kw)
+
+
+def _worker_cfg(root, tmp_path, **kw):
+    kw.setdefault("val_size", 8)
+    kw.setdefault("loader", "workers")
+    return DataConfig(source="imagefolder", data_dir=str(root), cache_dir=str(tmp_path / "c"), **kw)
+
+
+def test_worker_loader_resumes_exactly(tmp_path):
+    root = _folder(tmp_path)
+    bundle = build_data(_worker_cfg(root, tmp_path, num_workers=2), batch_size=8, eval_batch_size=16, seed=5)
+    assert bundle.loader == "workers" and isinstance(bundle.train, WorkerLoader)
+    assert bundle.train.steps_per_epoch == 40 // 8
+    straight = list(itertools.islice(bundle.train.iterate(0), 8))
+    resumed = list(itertools.islice(bundle.train.iterate(5), 3))
+    for (xa, ya), (xb, yb) in zip(straight[5:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(straight[0][0], straight[1][0])
+    x, y = bundle.train.batch(6)  # in-process, no workers: the same batch
+    assert torch.equal(x, straight[6][0]) and torch.equal(y, straight[6][1])
+    assert x.shape == (8, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_worker_loader_ddp_slices(tmp_path):
+    root = _folder(tmp_path)
+    cfg = _worker_cfg(root, tmp_path, num_workers=0)
+    whole = build_data(cfg, batch_size=8, eval_batch_size=16, seed=2)
+    ranks = [build_data(cfg, batch_size=8, eval_batch_size=16, seed=2, rank=r, world_size=2) for r in range(2)]
+    for step in (0, 4, 9):
+        x, y = whole.train.batch(step)
+        parts = [r.train.batch(step) for r in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    labels = [torch.cat([yb for _, yb in r.test]) for r in ranks]
+    assert torch.equal(torch.cat(labels), torch.cat([yb for _, yb in whole.test]))
+    assert len(torch.cat(labels)) == 20
+
+
+def test_worker_and_device_eval_agree_on_the_same_folder(tmp_path):
+    root = _folder(tmp_path)
+    device = build_data(_worker_cfg(root, tmp_path, loader="device"), batch_size=8, eval_batch_size=16, seed=0)
+    workers = build_data(_worker_cfg(root, tmp_path, num_workers=2), batch_size=8, eval_batch_size=16, seed=0)
+    assert isinstance(workers.test, WorkerEvalLoader) and isinstance(device.test, EvalLoader)
+    assert len(workers.dataset.val) == len(device.dataset.val) == 8
+    assert torch.equal(workers.dataset.val.labels, device.dataset.val.labels), "the same validation images"
+    xd = torch.cat([x for x, _ in device.test])
+    xw = torch.cat([x for x, _ in workers.test])
+    assert xw.shape == xd.shape
+    # Normalisation statistics come from the whole train split (device) or a sample of it (workers): here all of it.
+    assert torch.allclose(xw, xd, atol=1e-5)
+
+
+def test_paper_imagenet_preset_through_workers(tmp_path):
+    root = _folder(tmp_path, size=48)
+    cfg = _worker_cfg(root, tmp_path, preset="paper_imagenet", image_size=16, num_workers=0, loader="auto",
+                      randaugment_n=1, mixup_alpha=0.2)
+    assert choose_loader(cfg) == "workers"
+    bundle = build_data(cfg, batch_size=8, eval_batch_size=16, seed=0)
+    x, y = bundle.train.batch(0)
+    assert x.shape == (8, 3, 16, 16) and y.shape == (8, 4) and y.dtype == torch.float32
+    assert bundle.train.lighting == pytest.approx(0.1)
+    xt, yt = next(iter(bundle.test))
+    assert xt.shape == (16, 3, 16, 16) and yt.dtype == torch.int64
+    assert bundle.dataset.image_size == (16, 16)
+    with pytest.raises(ValueError, match="no device-resident implementation"):
+        build_data(_worker_cfg(root, tmp_path, preset="paper_imagenet", loader="device"), batch_size=8,
+                   eval_batch_size=8, seed=0)
+
+
+def test_worker_loader_skips_bad_files_with_a_log(tmp_path, caplog):
+    root = _folder(tmp_path)
+    (root / "train" / "a" / "0003.png").write_bytes(b"")
+    cfg = _worker_cfg(root, tmp_path, num_workers=0, on_bad_image="skip", val_size=0, preset="none")
+    bundle = build_data(cfg, batch_size=48, eval_batch_size=16, seed=0)
+    with caplog.at_level("WARNING", logger="deepres.data"):
+        x, y = bundle.train.batch(0)
+    assert x.shape[0] == 47 and "0003.png" in caplog.text
+    with pytest.raises(ValueError, match="0003.png"):  # while fitting normalisation, or at the batch
+        strict = build_data(_worker_cfg(root, tmp_path, num_workers=0, val_size=0, preset="none"), batch_size=48,
+                            eval_batch_size=16, seed=0)
+        strict.train.batch(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# build_data
+
+
+def test_build_data_auto_picks_device_for_small_folders(tmp_path, monkeypatch):
+    root = _folder(tmp_path)
+    cfg = _worker_cfg(root, tmp_path, loader="auto", cutmix_alpha=1.0, randaugment_n=2)
+    bundle = build_data(cfg, batch_size=8, eval_batch_size=16, seed=0)
+    assert bundle.loader == "device" and isinstance(bundle.train, DeviceLoader)
+    x, y = bundle.train.batch(0)
+    assert x.shape == (8, 3, 8, 8) and y.shape == (8, 4) and torch.allclose(y.sum(1), torch.ones(8))
+    assert torch.equal(bundle.train.batch(3)[0], bundle.train.batch(3)[0])
+    monkeypatch.setattr(pipeline, "DEVICE_LIMIT_BYTES", 100)  # pretend the folder is larger than memory
+    fresh = _worker_cfg(root, tmp_path / "other", loader="auto")
+    assert choose_loader(fresh) == "workers"
+    assert build_data(fresh, batch_size=8, eval_batch_size=16, seed=0).loader == "workers"
+
+
+def test_build_data_in_memory_source_with_workers(tmp_path):
+    from deepres.data import Dataset
+
+    split = _split(n=40, size=8, classes=4)
+    dataset = Dataset("toy", ["a", "b", "c", "d"], split, _split(n=12, size=8, classes=4, seed=1))
+    cfg = DataConfig(loader="workers", num_workers=0)
+    bundle = build_data(cfg, batch_size=8, eval_batch_size=16, seed=0, dataset=dataset)
+    x, y = bundle.train.batch(0)
+    assert x.shape == (8, 3, 8, 8) and bundle.loader == "workers"
+    assert sum(len(yb) for _, yb in bundle.test) == 12
+    device = build_data(DataConfig(loader="device"), batch_size=8, eval_batch_size=16, seed=0, dataset=dataset)
+    assert torch.equal(device.normalizer.mean, bundle.normalizer.mean)
