@@ -1,7 +1,8 @@
 """Decoding one image file to a uint8 (C, H, W) tensor, with every colour mode brought to 1 or 3 channels.
 
-JPEG goes through torchvision's libjpeg-turbo decoder (about 3x faster than PIL on small images, measured on this
-project's CIFAR-10 JPEG set); everything else, and any JPEG it cannot take (CMYK, unusual encodings), through PIL.
+JPEG goes through torchvision's libjpeg-turbo decoder (measured on 2 CPU cores: 0.05 ms vs PIL's 0.19 ms for a
+32x32 CIFAR JPEG, 3.0 ms vs 3.6 ms for a 500x375 one); everything else, and any JPEG it cannot take (CMYK, unusual
+encodings, damaged files, so that PIL names the problem), goes through PIL.
 Conversions, all explicit:
 
 - grayscale (``1``, ``L``) stays one channel; RGB-like modes (``RGB``, ``YCbCr``, ``CMYK``, ``LAB``, ``HSV``) become RGB;
