@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -31,14 +32,17 @@ def _runs(options: Options, families: list[str], depths: list[int], extra: list[
 
 
 def _mean_std(values: list[float]) -> str:
+    if any(math.isnan(v) for v in values):
+        return "diverged"
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} +/- {statistics.stdev(values):.2f}"
 
 
 def _final(result: RunResult, key: str) -> float:
+    """The last logged value; NaN for a run that diverged before logging it."""
     _, values = result.series(key)
-    return values[-1]
+    return values[-1] if values and not result.summary.get("diverged") else math.nan
 
 
 def _by(results: list[RunResult], family: str) -> dict[int, list[RunResult]]:
@@ -143,10 +147,12 @@ def analyze_degradation(options: Options, results: list[RunResult], out: Path) -
               "![plain and residual panels](plots/degradation.png)", "", "## The paper's findings on our runs", ""]
 
     def verdict(claim: str, holds: bool | None) -> str:
-        return f"- {claim}: " + ("holds" if holds else "does not hold" if holds is not None else "not measured")
+        return f"- {claim}: " + ("holds" if holds else "does not hold" if holds is not None else "not measured (a run missing or diverged)")
 
     def worse(a, b, idx):
-        return final[a][idx] > final[b][idx] if a in final and b in final else None
+        if a not in final or b not in final or math.isnan(final[a][idx]) or math.isnan(final[b][idx]):
+            return None
+        return final[a][idx] > final[b][idx]
 
     lines.append(verdict("plain-56 has higher training error than plain-20 (degradation)",
                          worse(("plain", 56), ("plain", 20), 0)))
