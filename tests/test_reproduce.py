@@ -23,6 +23,9 @@ def tiny_cifar(tmp_path_factory):
     return root
 
 
+# Ten trainings including two 110-layer nets: minutes on 2 cores, so outside the default suite until the smoke scale
+# is slimmed; run with `make test-slow`.
+@pytest.mark.slow
 def test_degradation_smoke_writes_both_panels(tiny_cifar, tmp_path):
     options = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path)
     report = run_experiment("cifar-degradation", options)
