@@ -33,10 +33,13 @@ LIGHTING_STD = 0.1
 
 @dataclass
 class DataBundle:
+    """What a run trains and evaluates on. ``dataset`` is a :class:`Dataset` (in memory) or, for the worker loader
+    on an image folder, a :class:`~deepres.data.folders.FolderDataset` (file lists, same attributes)."""
+
     dataset: Dataset
     normalizer: Normalizer
-    train: DeviceLoader
-    val: EvalLoader | None
+    train: DeviceLoader  # or WorkerLoader: the same protocol
+    val: EvalLoader | None  # or WorkerEvalLoader
     test: EvalLoader
     # Which loader family was built: "device" or "workers".
     loader: str = "device"
