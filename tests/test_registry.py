@@ -51,8 +51,9 @@ def test_forward_shape_and_finite_gradients(name):
     model = create_model(name, num_classes=7)
     x = torch.randn(2, 3, *_test_input_size(name))
     out = model.train()(x)
-    assert out.shape == (2, 7)
-    out.logsumexp(dim=1).sum().backward()
+    outputs = [out] if isinstance(out, torch.Tensor) else list(out)  # GoogLeNet in training: (logits, aux1, aux2)
+    assert all(o.shape == (2, 7) for o in outputs)
+    sum(o.logsumexp(dim=1).sum() for o in outputs).backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{name}: {pname} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"

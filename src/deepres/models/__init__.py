@@ -2,10 +2,17 @@
 
 ``forward(x) -> logits``, ``forward_features(x)`` (the last feature map), ``forward_head(features)`` and
 ``reset_classifier(num_classes)``. Build one with :func:`create_model`; list names with :func:`list_models`.
+GoogLeNet in training mode returns :class:`AuxOutputs` ``(logits, aux1, aux2)``, main logits first.
 """
 
-from . import resnet  # noqa: F401  (registers the ResNet family)
+# Importing a family module registers its models.
+from . import alexnet, deform, densenet, efficientnet, googlenet, resnet, resnext, senet, vgg  # noqa: F401
+from .alexnet import AlexNet, ConvFCNet
 from .complexity import count_macs, count_parameters, describe_model
+from .deform import DeformConv2d, deform_resnet
+from .densenet import DenseBlock, DenseLayer, DenseNet, Transition, densenet_bc
+from .efficientnet import EfficientNet, MBConv, efficientnet
+from .googlenet import AuxOutputs, GoogLeNet, Inception, InceptionAux
 from .registry import ModelEntry, create_model, list_models, model_entry, register_model
 from .resnet import (
     BasicBlock,
@@ -17,22 +24,48 @@ from .resnet import (
     imagenet_resnet,
     load_torchvision_weights,
 )
+from .resnext import bottleneck_resnet
+from .senet import SEBasicBlock, SEBottleneck, SqueezeExcite, se_resnet
+from .vgg import VGG, vgg
 
 __all__ = [
+    "AlexNet",
+    "AuxOutputs",
     "BasicBlock",
     "Bottleneck",
+    "ConvFCNet",
+    "DeformConv2d",
+    "DenseBlock",
+    "DenseLayer",
+    "DenseNet",
+    "EfficientNet",
+    "GoogLeNet",
+    "Inception",
+    "InceptionAux",
+    "MBConv",
     "ModelEntry",
     "PlainBlock",
     "ResNet",
+    "SEBasicBlock",
+    "SEBottleneck",
     "ShortcutA",
+    "SqueezeExcite",
+    "Transition",
+    "VGG",
+    "bottleneck_resnet",
     "cifar_resnet",
     "count_macs",
     "count_parameters",
     "create_model",
+    "deform_resnet",
+    "densenet_bc",
     "describe_model",
+    "efficientnet",
     "imagenet_resnet",
     "list_models",
     "load_torchvision_weights",
     "model_entry",
     "register_model",
+    "se_resnet",
+    "vgg",
 ]

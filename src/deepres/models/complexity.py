@@ -18,10 +18,31 @@ def _conv_macs(module: nn.Conv2d, output: torch.Tensor) -> int:
     return output.numel() * per_output
 
 
+def _counted_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that count themselves (a ``macs`` method) and leaves outside them, each once.
+
+    A module with ``macs`` accounts for everything inside it, so its children are not visited (a deformable
+    convolution counts the conv that predicts its offsets).
+    """
+    counted, seen, stack = [], set(), [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        children = list(module.children())
+        if callable(getattr(module, "macs", None)) or not children:
+            counted.append(module)
+        else:
+            stack.extend(children)
+    return counted
+
+
 def count_macs(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1) -> int:
     """Multiply-adds of one forward pass per image at ``input_size`` (C, H, W), counting convolutions and linear layers.
 
-    Runs one forward pass on a zero input on the model's device. Modules may define ``macs(output)`` to count themselves (e.g. deformable convolutions).
+    Runs one forward pass on a zero input on the model's device. Modules may define ``macs(output)`` to count
+    themselves and everything inside them (e.g. deformable convolutions).
     """
     total = 0
 
@@ -35,7 +56,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int], batch_size: i
         elif isinstance(module, nn.Linear):
             total += output.numel() // output.shape[-1] * module.in_features * module.out_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children()) or hasattr(m, "macs")]
+    handles = [m.register_forward_hook(hook) for m in _counted_modules(model)]
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
@@ -51,10 +72,15 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int], batch_size: i
 
 
 def describe_model(name: str, **options) -> dict:
-    """Parameters, multiply-adds at the native input size, shortcut option and input size of a registered model."""
+    """Parameters, multiply-adds at the native input size, shortcut option and input size of a registered model.
+
+    The model is built on the meta device: shapes without storage or arithmetic, so the whole zoo (VGG's 140M
+    parameters, EfficientNet-B7 at 600x600) is described in seconds. Parameters and multiply-adds depend on shapes only.
+    """
     from .registry import create_model
 
-    model = create_model(name, **options)
+    with torch.device("meta"):
+        model = create_model(name, **options)
     in_channels = options.get("in_channels", 3)
     input_size = (in_channels, *model.input_size)
     return {

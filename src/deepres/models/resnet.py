@@ -39,8 +39,8 @@ SHORTCUT_OPTIONS = ("A", "B", "C")
 STRIDE_OPTIONS = ("1x1", "3x3")
 
 
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False)
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -95,8 +95,15 @@ class BasicBlock(nn.Module):
         stride: int = 1,
         shortcut: ShortcutOption | None = "B",
         stride_on: str = "1x1",  # no 1x1 conv here: the first 3x3 conv strides either way
+        groups: int = 1,
+        width_per_group: int = 64,
     ):
         super().__init__()
+        if groups != 1 or width_per_group != 64:
+            raise ValueError(
+                f"BasicBlock supports only groups=1 and width_per_group=64 (got {groups}, {width_per_group}); "
+                "grouped and wide nets use Bottleneck"
+            )
         self.residual = shortcut is not None
         self.conv1 = conv3x3(in_planes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -120,12 +127,17 @@ class BasicBlock(nn.Module):
 class PlainBlock(BasicBlock):
     """The plain counterpart of :class:`BasicBlock`: the same two 3x3 convs, no shortcut, no addition."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut=None, stride_on: str = "1x1"):
-        super().__init__(in_planes, planes, stride, shortcut=None)
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut=None, stride_on: str = "1x1", **widths):
+        super().__init__(in_planes, planes, stride, shortcut=None, **widths)
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (x4); the stride sits on the first 1x1 (paper) or on the 3x3 (v1.5)."""
+    """1x1 reduce, 3x3, 1x1 expand (x4); the stride sits on the first 1x1 (paper) or on the 3x3 (v1.5).
+
+    ``groups`` and ``width_per_group`` widen or split the middle: its width is ``planes * width_per_group / 64 *
+    groups`` and the 3x3 conv has ``groups`` groups (ResNeXt's cardinality, Xie et al. 2017; wide ResNets double
+    ``width_per_group``). The defaults, 1 and 64, give the paper's bottleneck.
+    """
 
     expansion = 4
 
@@ -136,18 +148,23 @@ class Bottleneck(nn.Module):
         stride: int = 1,
         shortcut: ShortcutOption | None = "B",
         stride_on: str = "1x1",
+        groups: int = 1,
+        width_per_group: int = 64,
     ):
         super().__init__()
         if stride_on not in STRIDE_OPTIONS:
             raise ValueError(f"stride_on must be one of {', '.join(STRIDE_OPTIONS)}; got {stride_on!r}")
+        if groups < 1 or width_per_group < 1:
+            raise ValueError(f"groups and width_per_group must be positive; got {groups}, {width_per_group}")
         stride_1x1, stride_3x3 = (stride, 1) if stride_on == "1x1" else (1, stride)
+        width = planes * width_per_group // 64 * groups
         out_planes = planes * self.expansion
         self.residual = shortcut is not None
-        self.conv1 = conv1x1(in_planes, planes, stride_1x1)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride_3x3)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = conv1x1(planes, out_planes)
+        self.conv1 = conv1x1(in_planes, width, stride_1x1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride_3x3, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, out_planes)
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = make_shortcut(shortcut, in_planes, out_planes, stride)
@@ -176,6 +193,8 @@ class ResNet(nn.Module):
         shortcut: ``"A"``, ``"B"`` or ``"C"`` (section 4.1), or None for a plain net.
         stride_on: ``"1x1"`` (paper) or ``"3x3"`` (v1.5): where a bottleneck puts its stride.
         zero_init_residual: start each residual branch's last BN at zero, so every block starts as the identity.
+        groups, width_per_group: the bottleneck's cardinality and width (ResNeXt, wide ResNets); see
+            :class:`Bottleneck`. The defaults (1, 64) are the paper's nets.
     """
 
     def __init__(
@@ -189,6 +208,8 @@ class ResNet(nn.Module):
         shortcut: ShortcutOption | None = "B",
         stride_on: str = "1x1",
         zero_init_residual: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
     ):
         super().__init__()
         if len(layers) != len(widths):
@@ -217,7 +238,17 @@ class ResNet(nn.Module):
             stride = 1 if index == 0 else 2  # the first block of every later stage halves the feature map
             blocks = []
             for i in range(num_blocks):
-                blocks.append(block(in_planes, width, stride if i == 0 else 1, shortcut=shortcut, stride_on=stride_on))
+                blocks.append(
+                    block(
+                        in_planes,
+                        width,
+                        stride if i == 0 else 1,
+                        shortcut=shortcut,
+                        stride_on=stride_on,
+                        groups=groups,
+                        width_per_group=width_per_group,
+                    )
+                )
                 in_planes = width * block.expansion
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
         self.num_stages = len(layers)
