@@ -233,8 +233,9 @@ def test_schedules():
 
 def test_out_of_memory_names_a_batch_size(idx_data, tmp_path, monkeypatch):
     import deepres.engine.loop as loop
+    from deepres.tasks import Task
 
-    class OOMTask:
+    class OOMTask(Task):
         def loss(self, outputs, targets):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 

@@ -1,9 +1,9 @@
 """Typed configuration: the one schema every run is described by.
 
-A run is a :class:`Config` made of sections (``model``, ``data``, ``optim``, ``schedule``, ``train``, ``task``).
-Recipes are YAML files with the same sections; ``--set section.key=value`` overrides are coerced to the field's
-type. An unknown key or a value of the wrong type is a :class:`ConfigError` naming the key and what is allowed.
-Defaults are the paper's CIFAR-10 recipe (PAPER.md section 5); each deviation is a named field.
+A run is a :class:`Config` made of sections (``model``, ``data``, ``optim``, ``schedule``, ``train``, ``task``,
+``finetune``). Recipes are YAML files with the same sections; ``--set section.key=value`` overrides are coerced to
+the field's type. An unknown key or a value of the wrong type is a :class:`ConfigError` naming the key and what is
+allowed. Defaults are the paper's CIFAR-10 recipe (PAPER.md section 5); each deviation is a named field.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "FinetuneConfig",
     "ModelConfig",
     "OptimConfig",
     "ScheduleConfig",
@@ -59,8 +60,16 @@ class ModelConfig:
     stride_on: Literal["1x1", "3x3"] | None = None
     # The paper does not zero-initialise; Goyal et al. 2017 found it helps large-batch training.
     zero_init_residual: bool | None = None
-    # Start from these weights (one of our checkpoints or a torchvision state-dict file).
+    # Start from these weights (one of our checkpoints or a torchvision state-dict file); see deepres.tasks.transfer.
     init: str | None = None
+    # The classifier when starting from model.init. auto: keep it when the checkpoint names the same classes (a
+    # torchvision file: when its shape fits), else a new one; keep: always (must fit); new: always a fresh one.
+    init_head: Literal["auto", "keep", "new"] = "auto"
+    # Noise for Noisy Student (Xie et al. 2020); the paper uses neither. dropout: on the classifier's input in
+    # training. stochastic_depth: drop probability of the last residual block's branch, rising linearly from 0
+    # over the blocks (Huang et al. 2016).
+    dropout: float = 0.0
+    stochastic_depth: float = 0.0
     # Further keyword options passed to the model builder (family specific, e.g. growth_rate).
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -96,6 +105,11 @@ class DataConfig:
     randaugment_m: int = 9
     cutmix_alpha: float = 0.0
     mixup_alpha: float = 0.0
+    # Few labels: keep the first N training images of each class (after the validation split) labeled; the rest
+    # form the unlabeled set pseudo-labeling and distillation use. None: every training image is labeled.
+    labeled_per_class: int | None = None
+    # Use only N unlabeled images (a fixed, seed-independent sample); None: all.
+    unlabeled_subset: int | None = None
 
 
 @dataclass
@@ -150,8 +164,29 @@ class TrainConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["classification"] = "classification"
+    # classification: cross-entropy; distillation: Hinton et al. 2015; pseudo_label: a teacher labels the
+    # unlabeled set (data.labeled_per_class) and the model trains on both (deepres.tasks).
+    name: Literal["classification", "distillation", "pseudo_label"] = "classification"
     label_smoothing: float = 0.0
+    # distillation and pseudo_label: the teacher, one of our checkpoints.
+    teacher: str | None = None
+    # distillation: softmax temperature T and the weight alpha of the T^2-scaled KL term against (1 - alpha) x the
+    # cross-entropy with the labels; alpha=1 is the labels-free mode (KL only).
+    temperature: float = 4.0
+    alpha: float = 0.9
+    # pseudo_label: hard (the teacher's top class) or soft (its softmax) labels, kept where the teacher's top
+    # probability is at least threshold.
+    pseudo_labels: Literal["hard", "soft"] = "hard"
+    threshold: float = 0.0
+
+
+@dataclass
+class FinetuneConfig:
+    # full: every layer trains. feature_extraction: only the classifier trains; the backbone's weights are frozen
+    # and its BN layers stay in eval mode, so their running statistics are frozen too (PAPER.md section 7).
+    mode: Literal["full", "feature_extraction"] = "full"
+    # Learning rate of every layer but the classifier, as a multiple of the schedule's (fine-tuning: low, e.g. 0.1).
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -164,6 +199,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,11 +21,14 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..config import Config, from_dict, to_dict, to_yaml
-from ..data import Normalizer, build_data
+from ..config import Config, ConfigError, from_dict, to_dict, to_yaml
+from ..data import Normalizer, build_data, load_dataset
 from ..evaluation import evaluate, topk_correct
 from ..models import create_model
 from ..tasks import build_task
+from ..tasks.noise import add_noise
+from ..tasks.pseudo_label import split_labeled
+from ..tasks.transfer import freeze_backbone, load_init
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logging import MetricsWriter, Progress
@@ -47,7 +50,8 @@ class TrainingInterrupted(RuntimeError):
 
 
 def build_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
-    """The model of a ModelConfig; class count and channels default to the data's."""
+    """The model of a ModelConfig; class count and channels default to the data's. ``model.init`` is not loaded
+    here (the loop loads it into a fresh run only); dropout and stochastic depth are added (training-only hooks)."""
     options = dict(cfg.options)
     options["num_classes"] = cfg.num_classes or num_classes
     options["in_channels"] = cfg.in_channels or in_channels
@@ -55,7 +59,17 @@ def build_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
         value = getattr(cfg, key)
         if value is not None:
             options[key] = value
-    return create_model(cfg.name, **options)
+    return add_noise(create_model(cfg.name, **options), cfg.dropout, cfg.stochastic_depth)
+
+
+def load_run_dataset(cfg):
+    """The dataset a run reads when it splits labeled from unlabeled images (``data.labeled_per_class``); None
+    otherwise (the loaders read the source themselves)."""
+    if cfg.labeled_per_class is None:
+        if cfg.unlabeled_subset is not None:
+            raise ConfigError("data.unlabeled_subset", "needs data.labeled_per_class (which defines the unlabeled set)")
+        return None
+    return split_labeled(load_dataset(cfg), cfg.labeled_per_class, cfg.unlabeled_subset)
 
 
 def data_fingerprint(dataset) -> str:
@@ -169,15 +183,27 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
         device=device,
         rank=dist.rank,
         world_size=dist.world_size,
+        dataset=load_run_dataset(config.data),
     )
     dataset = data.dataset
     fingerprint = data_fingerprint(dataset)
     torch.manual_seed(tc.seed)
-    model = build_model(config.model, dataset.num_classes, dataset.channels).to(device)
+    model = build_model(config.model, dataset.num_classes, dataset.channels)
+    init_info = {}
+    if config.model.init and resume_path is None:  # a resumed run takes its weights from the checkpoint
+        init_info = load_init(model, config.model.init, dataset.classes, config.model.init_head)
+    if config.finetune.mode == "feature_extraction":
+        freeze_backbone(model)
+    if config.finetune.backbone_lr_scale < 0:
+        raise ConfigError("finetune.backbone_lr_scale", f"must be >= 0; got {config.finetune.backbone_lr_scale}")
+    model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     task = build_task(config.task)
-    optimizer = build_optimizer(model, config.optim, device)
+    # A task may build a teacher (whose initialisation draws random numbers): the run's own stream stays untouched.
+    with torch.random.fork_rng(devices=[]):
+        task.prepare(model, data, config, device)
+    optimizer = build_optimizer(model, config.optim, device, config.finetune.backbone_lr_scale)
     schedule = Schedule(config.schedule, config.optim.lr, tc.iterations)
     ema = None
     if tc.ema_decay:
@@ -276,6 +302,7 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
                 if tc.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast():
+                    targets = task.targets(images, targets)
                     outputs = step_model(images)
                     loss, logits = task.loss(outputs, targets)
                 optimizer.zero_grad(set_to_none=True)
@@ -286,7 +313,7 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
                 if ema is not None:
                     ema.update_parameters(model)
 
-                labels = targets if targets.dtype == torch.int64 else targets.argmax(dim=1)
+                labels = task.labels(targets)
                 detached = loss.detach()
                 nonfinite_step = torch.where(
                     (nonfinite_step < 0) & ~torch.isfinite(detached), torch.tensor(step, device=device), nonfinite_step
@@ -360,6 +387,8 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
             "elapsed_s": time.time() - t_start,
             "device": str(device),
             "world_size": dist.world_size,
+            **init_info,
+            **task.summary(),
         }
         if main:
             (paths.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

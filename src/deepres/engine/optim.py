@@ -13,15 +13,19 @@ __all__ = ["Schedule", "build_optimizer", "param_groups"]
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = True) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = True,
+                 exclude: set[int] | None = None) -> list[dict]:
     """Split parameters into decayed and non-decayed groups by module type (never by name).
 
     The paper decays every weight (``decay_norm_and_bias=True``). Otherwise normalisation layers' parameters and every
-    bias are exempt: they set scales and offsets, which decay only pushes toward zero.
+    bias are exempt: they set scales and offsets, which decay only pushes toward zero. Frozen parameters and those
+    whose ``id`` is in ``exclude`` are left out.
     """
+    exclude = exclude or set()
     if decay_norm_and_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    decay, no_decay, seen = [], [], set()
+        return [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in exclude],
+                 "weight_decay": weight_decay}]
+    decay, no_decay, seen = [], [], set(exclude)
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -32,8 +36,19 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+def build_optimizer(model: nn.Module, cfg, device: torch.device,
+                    backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """SGD over the trainable parameters. ``backbone_lr_scale`` != 1 (fine-tuning): every parameter outside the
+    classifier (``model.get_classifier()``) gets ``lr_scale`` = that factor, applied by the loop to the schedule's lr."""
+    if backbone_lr_scale == 1.0:
+        groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    else:
+        head = model.get_classifier()
+        head_ids = {id(p) for p in head.parameters()}
+        groups = [dict(g, lr_scale=backbone_lr_scale)
+                  for g in param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias, exclude=head_ids)]
+        groups += [dict(g, lr_scale=1.0) for g in param_groups(head, cfg.weight_decay, cfg.decay_norm_and_bias)]
+        groups = [g for g in groups if g["params"]]
     if cfg.name != "sgd":
         raise ValueError(f"optim.name={cfg.name!r} is not supported; allowed: sgd")
     # fused: one kernel for the whole update on CUDA; foreach: vectorised on CPU. Same arithmetic.

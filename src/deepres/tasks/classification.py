@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClassificationTask", "build_task", "main_logits"]
+from .base import Task
+
+__all__ = ["ClassificationTask", "main_logits"]
 
 AUX_WEIGHT = 0.3  # GoogLeNet (Szegedy et al. 2015): auxiliary losses weighted by 0.3
 
@@ -16,7 +18,7 @@ def main_logits(outputs) -> torch.Tensor:
     return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     def __init__(self, label_smoothing: float = 0.0, aux_weight: float = AUX_WEIGHT):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"task.label_smoothing must be in [0, 1); got {label_smoothing}")
@@ -41,9 +43,3 @@ class ClassificationTask:
                 if aux is not None:
                     loss = loss + self.aux_weight * self.criterion(aux, targets)
         return loss, logits
-
-
-def build_task(cfg) -> ClassificationTask:
-    if cfg.name == "classification":
-        return ClassificationTask(label_smoothing=cfg.label_smoothing)
-    raise ValueError(f"task.name={cfg.name!r} is unknown")
