@@ -143,6 +143,56 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pseudo_label(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import load_config
+    from .engine.loop import load_run_dataset
+    from .tasks.pseudo_label import label_unlabeled
+
+    config = load_config(args.recipe, args.overrides)
+    dataset = load_run_dataset(config.data)
+    if dataset is None:
+        raise ConfigError("data.labeled_per_class", "set it to divide the training images into labeled (the first N "
+                                                    "of each class) and unlabeled ones")
+    labels = label_unlabeled(args.teacher, dataset, torch.device(args.device), args.threshold,
+                             "soft" if args.soft else "hard")
+    stats = labels.stats(dataset.extra["unlabeled"].labels)
+    kept_per_class = torch.bincount(labels.predicted[labels.indices].cpu(), minlength=dataset.num_classes)
+    stats["kept_per_class"] = dict(zip(dataset.classes, kept_per_class.tolist()))
+    if args.out:
+        torch.save({"classes": dataset.classes, "teacher": args.teacher, "threshold": args.threshold,
+                    "indices": labels.indices.cpu(), "targets": labels.targets.cpu(),
+                    "confidence": labels.confidence.cpu()}, args.out)
+        stats["out"] = args.out
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    accuracy = stats.get("pseudo_label_accuracy")
+    print(f"kept {stats['pseudo_labels_kept']} of {len(labels.confidence)} unlabeled images "
+          f"({stats['pseudo_label_coverage']:.1f}%) at confidence >= {args.threshold}"
+          + (f"; {accuracy:.2f}% of them match the held-back labels" if accuracy is not None else "")
+          + (f"; wrote {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_noisy_student(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .tasks.noisy_student import Noise, noisy_student
+
+    config = load_config(args.recipe, args.overrides)
+    noise = Noise(args.randaugment_n, args.randaugment_m, args.dropout, args.stochastic_depth)
+    students = [s for s in (args.student or "").split(",") if s]
+    run_dir = args.run_dir or f"runs/{config.name}-noisy-student"
+    report, rows = noisy_student(config, args.iterations, run_dir, students or None, noise)
+    for r in rows:
+        acc = r["test_accuracy"]
+        print(f"iteration {r['iteration']} ({r['role']}, {r['model']}): test accuracy "
+              + ("-" if acc is None else f"{acc:.2f}%"))
+    print(f"report: {report}")
+    return 0
+
+
 BENCHMARK_ALIASES = {"data": "data_pipeline"}
 
 
@@ -224,6 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/reproduce", help="folder for runs and reports (shared between experiments)")
     p.add_argument("--include-1202", action="store_true", help="cifar-table6: also ResNet-1202")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("pseudo-label", help="label the unlabeled images (data.labeled_per_class) with a teacher")
+    p.add_argument("teacher", help="the teacher checkpoint (.pt of a run)")
+    add_config_arguments(p, recipe_required=True)
+    p.add_argument("--threshold", type=float, default=0.0, help="keep images whose top probability is at least this")
+    p.add_argument("--soft", action="store_true", help="soft labels (the teacher's softmax) instead of its top class")
+    p.add_argument("--out", help="write the kept indices, targets and confidences to this .pt file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pseudo_label)
+
+    p = sub.add_parser("noisy-student", help="Noisy Student self-training: teacher, then noised students (report)")
+    add_config_arguments(p, recipe_required=True)
+    p.add_argument("--iterations", type=int, default=2, help="students trained, each teaching the next (default 2)")
+    p.add_argument("--student", help="student model(s), comma-separated per iteration (default: the recipe's model)")
+    p.add_argument("--randaugment-n", type=int, default=2, help="student noise: RandAugment operations (default 2)")
+    p.add_argument("--randaugment-m", type=int, default=9, help="student noise: RandAugment magnitude (default 9)")
+    p.add_argument("--dropout", type=float, default=0.5, help="student noise: dropout before the classifier")
+    p.add_argument("--stochastic-depth", type=float, default=0.2, help="student noise: drop rate of the last block")
+    p.add_argument("--run-dir", help="folder of the runs and report.md (default: runs/<name>-noisy-student)")
+    p.set_defaults(func=cmd_noisy_student)
 
     p = sub.add_parser("config", help="print the resolved config of a recipe with overrides, as YAML")
     add_config_arguments(p)

@@ -110,6 +110,8 @@ class DataConfig:
     labeled_per_class: int | None = None
     # Use only N unlabeled images (a fixed, seed-independent sample); None: all.
     unlabeled_subset: int | None = None
+    # Test on the first N test images of each class (a balanced subset, also of class-sorted folders); None: all.
+    test_per_class: int | None = None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from ..evaluation import evaluate, topk_correct
 from ..models import create_model
 from ..tasks import build_task
 from ..tasks.noise import add_noise
-from ..tasks.pseudo_label import split_labeled
+from ..tasks.pseudo_label import first_per_class, split_labeled
 from ..tasks.transfer import freeze_backbone, load_init
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -63,13 +63,18 @@ def build_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def load_run_dataset(cfg):
-    """The dataset a run reads when it splits labeled from unlabeled images (``data.labeled_per_class``); None
-    otherwise (the loaders read the source themselves)."""
-    if cfg.labeled_per_class is None:
-        if cfg.unlabeled_subset is not None:
-            raise ConfigError("data.unlabeled_subset", "needs data.labeled_per_class (which defines the unlabeled set)")
+    """The dataset of a run that divides its images by class (``data.labeled_per_class``, ``data.test_per_class``);
+    None otherwise (the loaders read the source themselves)."""
+    if cfg.labeled_per_class is None and cfg.unlabeled_subset is not None:
+        raise ConfigError("data.unlabeled_subset", "needs data.labeled_per_class (which defines the unlabeled set)")
+    if cfg.labeled_per_class is None and cfg.test_per_class is None:
         return None
-    return split_labeled(load_dataset(cfg), cfg.labeled_per_class, cfg.unlabeled_subset)
+    dataset = load_dataset(cfg)
+    if cfg.labeled_per_class is not None:
+        dataset = split_labeled(dataset, cfg.labeled_per_class, cfg.unlabeled_subset)
+    if cfg.test_per_class is not None:
+        dataset.test = first_per_class(dataset.test, cfg.test_per_class, dataset.num_classes, "data.test_per_class")[0]
+    return dataset
 
 
 def data_fingerprint(dataset) -> str:

@@ -69,7 +69,7 @@ class DistillationTask(ClassificationTask):
         self.renormalize = Renormalize(data.normalizer, normalizer)
         unlabeled = data.dataset.extra.get("unlabeled")
         train = data.dataset.train
-        if unlabeled is not None:
+        if unlabeled is not None and len(unlabeled):
             if config.data.cutmix_alpha > 0 or config.data.mixup_alpha > 0:
                 raise ConfigError("data.cutmix_alpha", "mixing batches needs every image labeled; distillation with "
                                                        "an unlabeled set (data.labeled_per_class) does not mix")

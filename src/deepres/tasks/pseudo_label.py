@@ -20,7 +20,8 @@ from ..config import ConfigError
 from .classification import ClassificationTask
 from .teacher import load_teacher, teacher_logits, train_loader
 
-__all__ = ["PseudoLabelTask", "PseudoLabels", "label_unlabeled", "select_pseudo_labels", "split_labeled"]
+__all__ = ["PseudoLabelTask", "PseudoLabels", "first_per_class", "label_unlabeled", "select_pseudo_labels",
+           "split_labeled"]
 
 # The unlabeled sample (data.unlabeled_subset) is a function of the dataset alone, never of the run's seed.
 UNLABELED_SEED = 20200101
@@ -32,24 +33,30 @@ def split_labeled(dataset, per_class: int, unlabeled_subset: int | None = None):
     from ..data import Split
 
     train = dataset.train
-    if per_class <= 0:
-        raise ConfigError("data.labeled_per_class", f"must be positive; got {per_class}")
-    keep = torch.zeros(len(train), dtype=torch.bool)
-    for k in range(dataset.num_classes):
-        members = (train.labels == k).nonzero().flatten()
-        if len(members) < per_class:
-            raise ConfigError("data.labeled_per_class", f"class {dataset.classes[k]!r} has only {len(members)} "
-                                                        f"training images; asked for {per_class}")
-        keep[members[:per_class]] = True
-    rest = (~keep).nonzero().flatten()
+    labeled, rest = first_per_class(train, per_class, dataset.num_classes, "data.labeled_per_class")
     if unlabeled_subset is not None:
         if unlabeled_subset < 0:
             raise ConfigError("data.unlabeled_subset", f"must be >= 0; got {unlabeled_subset}")
         order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(UNLABELED_SEED))
         rest = rest[order[:unlabeled_subset].sort().values]
-    labeled = keep.nonzero().flatten()
     extra = dict(dataset.extra, unlabeled=Split(train.images[rest], train.labels[rest]))
-    return dataclasses.replace(dataset, train=Split(train.images[labeled], train.labels[labeled]), extra=extra)
+    return dataclasses.replace(dataset, train=labeled, extra=extra)
+
+
+def first_per_class(split, per_class: int, num_classes: int, key: str):
+    """The first ``per_class`` images of each class, in their original order."""
+    from ..data import Split
+
+    if per_class <= 0:
+        raise ConfigError(key, f"must be positive; got {per_class}")
+    keep = torch.zeros(len(split), dtype=torch.bool)
+    for k in range(num_classes):
+        members = (split.labels == k).nonzero().flatten()
+        if len(members) < per_class:
+            raise ConfigError(key, f"class {k} has only {len(members)} images; asked for {per_class}")
+        keep[members[:per_class]] = True
+    chosen = keep.nonzero().flatten()
+    return Split(split.images[chosen], split.labels[chosen]), (~keep).nonzero().flatten()
 
 
 @dataclass
