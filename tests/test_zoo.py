@@ -195,6 +195,27 @@ def test_small_input_options_give_the_cifar_stem():
         assert isinstance(model.maxpool, nn.Identity)
     with torch.no_grad():
         assert densenet.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    # The paper's own ImageNet nets at CIFAR size: ResNet-18 with the 3x3 stem has the widely quoted 11,173,962
+    # parameters for 10 classes.
+    resnet18 = create_model("resnet18", small_input=True, num_classes=10)
+    assert count_parameters(resnet18) == 11_173_962 and isinstance(resnet18.maxpool, nn.Identity)
+    assert count_parameters(meta_model("deform_resnet50", small_input=True)) == count_parameters(
+        meta_model("deform_resnet50")
+    ) - 64 * 3 * (7 * 7 - 3 * 3)
+    alexnet = create_model("alexnet", small_input=True, num_classes=10)
+    assert alexnet.features[0].kernel_size == (5, 5) and alexnet.features[0].stride == (1, 1)
+    googlenet = create_model("googlenet", small_input=True, num_classes=10)
+    assert googlenet.conv1.conv.kernel_size == (3, 3) and isinstance(googlenet.maxpool1, nn.Identity)
+    efficientnet = create_model("efficientnet_b0", small_input=True, num_classes=10)
+    assert efficientnet.features[0][0].stride == (1, 1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # Feature maps at the end: AlexNet 3x3 (its head's grid), GoogLeNet 4x4, EfficientNet 2x2 (32 / 16).
+        assert alexnet.eval().forward_features(x).shape[-2:] == (3, 3)
+        assert googlenet.eval().forward_features(x).shape[-2:] == (4, 4)
+        assert efficientnet.eval().forward_features(x).shape[-2:] == (2, 2)
+        for model in (alexnet, googlenet, efficientnet, resnet18):
+            assert model(x).shape == (2, 10)
 
 
 # ---------------------------------------------------------------------------------------------------------------

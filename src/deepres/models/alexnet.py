@@ -6,6 +6,9 @@ pooling (section 3.4), then three fully connected layers with dropout 0.5 in fro
 - ``lrn=True`` adds the paper's local response normalisation after the first two ReLUs (section 3.3: n=5, k=2,
   alpha=1e-4, beta=0.75). It is off by default because torchvision's weights were trained without it. It holds no
   parameters and sits inside the ReLU's slot, so parameter names are the same either way.
+- ``small_input=True`` is a CIFAR-size form (32x32): the first conv becomes 5x5 with stride 1, the three overlapping
+  pools take 32 to 15, 7 and 3, the head averages to that 3x3 grid and its hidden layers are 1024 wide (5.7M
+  parameters instead of 61M, most of which a 32x32 image could not use).
 - Widths are torchvision's single-tower ones (64-192-384-256-256), so its state dict loads unchanged (61,100,840
   parameters); the paper's two-GPU split (96-256-384-384-256 with cross-GPU connections only in some layers) is not
   modelled.
@@ -106,9 +109,21 @@ def _relu(lrn: bool) -> nn.Module:
 class AlexNet(ConvFCNet):
     """Conv 11x11/4 (64), pool, conv 5x5 (192), pool, conv 3x3 (384, 256, 256), pool, FC 4096, FC 4096, FC classes."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3, lrn: bool = False, dropout: float = 0.5):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        lrn: bool = False,
+        dropout: float = 0.5,
+        small_input: bool = False,
+    ):
+        stem = (
+            nn.Conv2d(in_channels, 64, kernel_size=5, stride=1, padding=2)
+            if small_input
+            else nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)
+        )
         features = nn.Sequential(
-            nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2),
+            stem,
             _relu(lrn),
             nn.MaxPool2d(kernel_size=3, stride=2),  # overlapping: window 3 > stride 2 (section 3.4)
             nn.Conv2d(64, 192, kernel_size=5, padding=2),
@@ -122,10 +137,19 @@ class AlexNet(ConvFCNet):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2),
         )
+        pool_size, hidden = (3, 1024) if small_input else (6, 4096)
         super().__init__(
-            features, 256, pool_size=6, hidden=4096, num_classes=num_classes, dropout=dropout, dropout_first=True
+            features, 256, pool_size=pool_size, hidden=hidden, num_classes=num_classes, dropout=dropout,
+            dropout_first=True,
         )
         self.lrn = lrn
+        # The hidden fully connected layers get He init like the convs. At the papers' standard deviation of 0.01
+        # each of them shrinks the signal several-fold, and without batch normalisation the net then sits at chance
+        # for a long stretch before its loss moves (the paper countered it with biases of 1). The logits layer keeps
+        # the 0.01 of both papers; VGG, whose _bn variants train from the start, keeps torchvision's init throughout.
+        for m in list(self.classifier)[:-1]:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
 
 @register_model(family="alexnet", input_size=(224, 224))

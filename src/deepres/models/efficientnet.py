@@ -128,7 +128,8 @@ class EfficientNet(nn.Module):
     """B0 scaled by ``width`` and ``depth`` factors: stem, MBConv stages, 1x1 head conv, pooling, dropout, classifier.
 
     ``features`` holds the stem (``features.0``), the seven stages (``features.1`` .. ``features.7``) and the head
-    conv (``features.8``); ``classifier`` is dropout then the linear layer.
+    conv (``features.8``); ``classifier`` is dropout then the linear layer. ``small_input=True`` makes the stem
+    stride 1, the usual CIFAR form: a 32x32 image ends at 2x2 instead of 1x1.
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class EfficientNet(nn.Module):
         in_channels: int = 3,
         bn_eps: float = 1e-5,
         bn_momentum: float = 0.1,
+        small_input: bool = False,
     ):
         super().__init__()
         norm = partial(nn.BatchNorm2d, eps=bn_eps, momentum=bn_momentum)
@@ -150,7 +152,7 @@ class EfficientNet(nn.Module):
             for expand, kernel, stride, out, layers in B0_STAGES
         ]
         channels = round_channels(B0_STEM * width)
-        features: list[nn.Module] = [ConvBNAct(in_channels, channels, 3, stride=2, norm=norm)]
+        features: list[nn.Module] = [ConvBNAct(in_channels, channels, 3, stride=1 if small_input else 2, norm=norm)]
         total_blocks = sum(stage[-1] for stage in stages)
         index = 0
         for expand, kernel, stride, out_channels, num_layers in stages:

@@ -24,6 +24,9 @@ loads unchanged:
 - ``transform_input=True`` re-normalises ImageNet-normalised input to [-1, 1], as torchvision's pretrained weights
   expect (off by default).
 
+``small_input=True`` is the CIFAR-size form: a 3x3 stride-1 first conv and no first max pool, so a 32x32 image
+reaches the inception modules at 16x16, 8x8 and 4x4 (224x224 reaches them at 28, 14 and 7).
+
 Main dropout is the paper's 40%, auxiliary dropout 70%; neither changes parameters or eval-mode outputs.
 """
 
@@ -127,6 +130,7 @@ class GoogLeNet(nn.Module):
         aux_logits: build the two auxiliary classifiers (``aux1`` after inception4a, ``aux2`` after inception4d).
         branch3_kernel: kernel of the third branch's conv (paper: 5; torchvision and its weights: 3).
         transform_input: map ImageNet-normalised input to [-1, 1] first (torchvision's pretrained weights).
+        small_input: the CIFAR-size stem (3x3 stride-1 conv, no first pool).
     """
 
     def __init__(
@@ -138,6 +142,7 @@ class GoogLeNet(nn.Module):
         transform_input: bool = False,
         dropout: float = 0.4,
         dropout_aux: float = 0.7,
+        small_input: bool = False,
     ):
         super().__init__()
         if branch3_kernel not in (3, 5):
@@ -145,8 +150,12 @@ class GoogLeNet(nn.Module):
         if transform_input and in_channels != 3:
             raise ValueError(f"transform_input re-normalises RGB input; it needs in_channels=3, got {in_channels}")
         self.transform_input = transform_input
-        self.conv1 = ConvBN(in_channels, 64, 7, stride=2, padding=3)
-        self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        if small_input:
+            self.conv1 = ConvBN(in_channels, 64, 3, padding=1)
+            self.maxpool1 = nn.Identity()
+        else:
+            self.conv1 = ConvBN(in_channels, 64, 7, stride=2, padding=3)
+            self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.conv2 = ConvBN(64, 64, 1)
         self.conv3 = ConvBN(64, 192, 3, padding=1)
         self.maxpool2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)

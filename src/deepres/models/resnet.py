@@ -317,8 +317,13 @@ def imagenet_resnet(
     shortcut: ShortcutOption = "B",
     stride_on: str = "1x1",
     zero_init_residual: bool = False,
+    small_input: bool = False,
 ) -> ResNet:
-    """A Table 1 net: depth 18, 34 (basic blocks) or 50, 101, 152 (bottlenecks); ``plain`` drops every shortcut."""
+    """A Table 1 net: depth 18, 34 (basic blocks) or 50, 101, 152 (bottlenecks); ``plain`` drops every shortcut.
+
+    ``small_input=True`` swaps the stem for a 3x3 stride-1 conv without max pooling, the usual form of these nets on
+    32x32 images (the four stages then run at 32, 16, 8 and 4).
+    """
     if depth not in IMAGENET_DEPTHS:
         raise ValueError(f"ImageNet ResNet depth must be one of {sorted(IMAGENET_DEPTHS)}; got {depth}")
     block, layers = IMAGENET_DEPTHS[depth]
@@ -328,7 +333,7 @@ def imagenet_resnet(
         block,
         layers,
         widths=(64, 128, 256, 512),
-        stem="imagenet",
+        stem="cifar" if small_input else "imagenet",
         num_classes=num_classes,
         in_channels=in_channels,
         shortcut=None if plain else shortcut,
