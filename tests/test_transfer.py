@@ -1,0 +1,136 @@
+"""Transfer learning: model.init from a torchvision file or our checkpoint, head replacement, input channels,
+feature extraction (frozen weights and BN statistics) and fine-tuning learning rates."""
+
+import pytest
+import torch
+import torchvision
+
+from deepres.config import ConfigError, load_config
+from deepres.engine import build_optimizer, load_checkpoint, train
+from deepres.engine.loop import build_model
+from deepres.models import create_model
+from deepres.tasks.transfer import freeze_backbone, load_init
+
+from .efficient_helpers import _one_thread, idx_dataset, overrides, train_teacher  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def idx_data(tmp_path_factory):
+    return idx_dataset(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(scope="module")
+def source(idx_data, tmp_path_factory):
+    return train_teacher(idx_data, tmp_path_factory.mktemp("source") / "run")
+
+
+@pytest.fixture(scope="module")
+def torchvision_file(tmp_path_factory):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    path = tmp_path_factory.mktemp("tv") / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+    return path, net.eval()
+
+
+def test_a_torchvision_file_initialises_everything_but_a_new_head(torchvision_file):
+    path, net = torchvision_file
+    model = create_model("resnet18", num_classes=10)
+    info = load_init(model, path)
+    assert info["init_kind"] == "state_dict" and info["init_head"] == "new" and info["init_adapted"] == []
+    theirs = net.state_dict()
+    for key, value in model.state_dict().items():
+        if key.startswith("fc."):
+            assert value.shape[0] == 10
+        else:
+            assert torch.equal(value, theirs[key]), key
+    # 1000 classes fit: the head is kept, and the nets agree.
+    same = create_model("resnet18", stride_on="3x3")
+    assert load_init(same, path)["init_head"] == "kept"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(same.eval()(x), net(x), atol=1e-5)
+
+
+def test_grey_input_sums_the_rgb_filters(torchvision_file):
+    path, net = torchvision_file
+    grey = create_model("resnet18", num_classes=10, in_channels=1)
+    info = load_init(grey, path)
+    assert info["init_adapted"] == ["conv1.weight"]
+    assert torch.allclose(grey.conv1.weight, net.conv1.weight.sum(dim=1, keepdim=True))
+    # Exactly the RGB net on the grey image repeated over three channels.
+    g = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        ours = grey.eval().forward_features(g)
+        theirs = torch.nn.Sequential(*list(net.children())[:-2])(g.expand(-1, 3, -1, -1))
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_training_from_a_torchvision_file(torchvision_file, idx_data, tmp_path):
+    path, _ = torchvision_file
+    config = load_config(None, overrides(idx_data, **{"model.name": "resnet18", "model.options": "{}",
+                                                      "model.init": path, "train.iterations": 2,
+                                                      "train.eval_every": 2, "train.batch_size": 16}))
+    summary = train(config, tmp_path / "run", quiet=True)
+    assert summary["init_kind"] == "state_dict" and summary["init_adapted"] == ["conv1.weight"]
+
+
+def test_the_head_is_replaced_only_when_the_classes_differ(source, idx_data):
+    config = load_config(None, overrides(idx_data))
+    ckpt = load_checkpoint(source)
+    model = build_model(config.model, 10, 1)
+    assert load_init(model, source, ckpt["classes"])["init_head"] == "kept"
+    assert torch.equal(model.fc.weight, ckpt["model"]["fc.weight"])
+    other = build_model(config.model, 10, 1)
+    fresh = other.fc.weight.clone()
+    assert load_init(other, source, [f"c{i}" for i in range(10)])["init_head"] == "new"
+    assert torch.equal(other.fc.weight, fresh) and torch.equal(other.conv1.weight, ckpt["model"]["conv1.weight"])
+    five = build_model(config.model, 5, 1)
+    assert load_init(five, source, list("abcde"))["init_head"] == "new" and five.fc.out_features == 5
+    with pytest.raises(ConfigError, match="model.init_head"):
+        load_init(build_model(config.model, 5, 1), source, list("abcde"), head="keep")
+
+
+def test_weights_that_do_not_fit_name_the_key(source, torchvision_file, tmp_path):
+    with pytest.raises(ConfigError, match="model.init.*not found"):
+        load_init(create_model("resnet20"), tmp_path / "missing.pt")
+    with pytest.raises(ConfigError, match=r"model.init.*layer1.0.conv1.weight \(64, 64, 3, 3\) vs \(16, 16, 3, 3\)"):
+        load_init(create_model("resnet20"), torchvision_file[0])
+    (tmp_path / "junk.pt").write_text("not a tensor file")
+    with pytest.raises(ConfigError, match="model.init.*cannot read"):
+        load_init(create_model("resnet20"), tmp_path / "junk.pt")
+
+
+def test_feature_extraction_leaves_backbone_weights_and_bn_statistics_unchanged(source, idx_data, tmp_path):
+    config = load_config(None, overrides(idx_data, **{
+        "model.init": source, "model.init_head": "new", "finetune.mode": "feature_extraction",
+        "data.preset": "paper_cifar", "train.iterations": 10, "train.eval_every": 3}))  # evaluations in between
+    train(config, tmp_path / "fe", quiet=True)
+    before = load_checkpoint(source)["model"]
+    after = load_checkpoint(tmp_path / "fe" / "checkpoints" / "last.pt")["model"]
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["fc.bias", "fc.weight"]  # running_mean, running_var, num_batches_tracked included
+
+
+def test_frozen_bn_stays_in_eval_mode_whatever_train_says():
+    model = create_model("resnet20")
+    freeze_backbone(model)
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+    stats = model.bn1.running_mean.clone()
+    model(x)
+    assert torch.equal(model.bn1.running_mean, stats) and not model.bn1.training
+    assert [p.requires_grad for p in model.parameters()].count(True) == 2  # fc weight and bias
+
+
+def test_fine_tuning_gives_the_backbone_its_own_learning_rate():
+    model = create_model("resnet20")
+    cfg = load_config(None, ["optim.decay_norm_and_bias=false"]).optim
+    groups = build_optimizer(model, cfg, torch.device("cpu"), backbone_lr_scale=0.1).param_groups
+    head = {id(p) for p in model.fc.parameters()}
+    for group in groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1
+        assert group["lr_scale"] == (1.0 if in_head == {True} else 0.1)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert {g["weight_decay"] for g in groups} == {0.0, cfg.weight_decay}
