@@ -70,18 +70,19 @@ def noisy_student(config: Config, iterations: int, run_dir: str | Path, students
                                                     "(the rest of each class is unlabeled)")
     noise = noise or Noise()
     run_dir = Path(run_dir)
-    teacher_config = dataclasses.replace(config, name=f"{config.name}-iter0")
-    rows = [_row(0, "teacher", teacher_config, _train(teacher_config, run_dir / "iter0", quiet))]
-    previous = teacher_config
+    configs = [dataclasses.replace(config, name=f"{config.name}-iter0")]
     for i in range(1, iterations + 1):
-        model = (students[min(i, len(students)) - 1] if students else None)
+        model = students[min(i, len(students)) - 1] if students else None
         teacher_ckpt = run_dir / f"iter{i - 1}" / "checkpoints" / "last.pt"
-        student = apply_overrides(config, student_overrides(teacher_ckpt, noise, model) + [f"name={config.name}-iter{i}"])
-        if _parameters(student) < _parameters(previous):
-            raise ConfigError("--student", f"the student {student.model.name} is smaller than its teacher "
-                                           f"{previous.model.name}; Noisy Student needs equal or larger students")
-        rows.append(_row(i, "student", student, _train(student, run_dir / f"iter{i}", quiet)))
-        previous = student
+        configs.append(apply_overrides(config, student_overrides(teacher_ckpt, noise, model)
+                                       + [f"name={config.name}-iter{i}"]))
+        # Checked before anything trains: each student at least as large as its teacher.
+        if _parameters(configs[i]) < _parameters(configs[i - 1]):
+            raise ConfigError("--student", f"the student {configs[i].model.name} is smaller than its teacher "
+                                           f"{configs[i - 1].model.name}; Noisy Student needs equal or larger students")
+    rows = []
+    for i, cfg in enumerate(configs):
+        rows.append(_row(i, "teacher" if i == 0 else "student", cfg, _train(cfg, run_dir / f"iter{i}", quiet)))
     report = run_dir / "report.md"
     report.write_text(format_report(config, noise, rows))
     return report, rows
