@@ -16,6 +16,8 @@ import torch
 
 from deepres.config import DataConfig
 from deepres.data import archives, folders, load_dataset, sources
+from deepres.data.datasets import Split
+from deepres.data.folders import FileSplit
 from deepres.data.archives import extract_archive, md5sum
 
 from .helpers import write_idx
@@ -420,3 +422,15 @@ def test_real_cifar10_jpeg_full_decode_and_cache(tmp_path):
     second = time.perf_counter() - start
     assert torch.equal(again.test.images, ds.test.images)
     assert first < 120 and second < 10, (first, second)
+
+
+def test_subsets_span_the_classes_and_agree_between_loaders(tmp_path):
+    # Sources store images grouped by class; a subset must not be the first class or two.
+    labels = torch.arange(10).repeat_interleave(100)
+    split = Split(torch.zeros(1000, 1, 2, 2, dtype=torch.uint8), labels)
+    small = split.subset(100)
+    assert len(small) == 100 and set(small.labels.tolist()) == set(range(10))
+    assert torch.equal(small.labels, split.subset(100).labels)  # deterministic
+    files = FileSplit([f"img{i}.png" for i in range(1000)], labels)
+    assert torch.equal(files.subset(100).labels, small.labels)  # the worker loader trains on the same subset
+    assert split.subset(None) is split and split.subset(5000) is split

@@ -12,10 +12,21 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Dataset", "Split", "carve_validation", "data_root", "validation_indices"]
+__all__ = ["Dataset", "Split", "carve_validation", "data_root", "subset_indices", "validation_indices"]
 
 # The validation split is a function of the dataset alone, never of the run's seed.
 VALIDATION_SEED = 20151210
+SUBSET_SEED = 20160627
+
+
+def subset_indices(n: int, count: int) -> torch.Tensor:
+    """Sorted indices of ``count`` of ``n`` items under a fixed permutation: a subset that is a function of the split
+    alone and spans its classes (image folders and most releases store images grouped by class, so the first
+    ``count`` would be one or two classes)."""
+    if count <= 0:
+        raise ValueError(f"a subset needs at least one image; got {count}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))
+    return order[:count].sort().values
 
 
 @dataclass
@@ -35,10 +46,11 @@ class Split:
         return self.images.shape[0]
 
     def subset(self, count: int | None) -> Split:
-        """The first ``count`` images (all when None)."""
+        """``count`` images drawn by :func:`subset_indices` (all when None), in their original order."""
         if count is None or count >= len(self):
             return self
-        return Split(self.images[:count], self.labels[:count])
+        index = subset_indices(len(self), count)
+        return Split(self.images[index], self.labels[index])
 
 
 @dataclass

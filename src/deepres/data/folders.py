@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .archives import cache_root, extracted_archive, file_fingerprint, is_archive
-from .datasets import Dataset, Split
+from .datasets import Dataset, Split, subset_indices
 from .images import IMAGE_EXTENSIONS, BadImageError, read_image, resize_square, to_channels
 
 __all__ = [
@@ -72,9 +72,10 @@ class FileSplit:
         return FileSplit([self.paths[i] for i in index.tolist()], self.labels[index])
 
     def subset(self, count: int | None) -> FileSplit:
+        """``count`` files drawn as :meth:`Split.subset` draws images, so both loaders train on the same subset."""
         if count is None or count >= len(self):
             return self
-        return FileSplit(self.paths[:count], self.labels[:count])
+        return self.select(subset_indices(len(self), count))
 
 
 @dataclass
