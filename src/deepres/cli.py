@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reproduce", help="reproduce a table or figure of the paper (runs + report)")
-    p.add_argument("experiment", help="cifar-table6, cifar-degradation, shortcuts, layer-responses")
+    p.add_argument("experiment", help="cifar-table6, cifar-degradation, shortcuts, layer-responses, semi-supervised, "
+                                      "distillation, transfer, augmentation (and any other registered experiment)")
     p.add_argument("--scale", default="smoke", choices=["smoke", "full"],
                    help="smoke: minutes on a CPU, tiny schedules; full: the paper's schedule (GPU)")
     p.add_argument("--seeds", type=int, default=1, help="runs per configuration (mean +/- std in the report)")
