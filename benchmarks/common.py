@@ -77,3 +77,27 @@ def write_result(name: str, device: torch.device, metric: str, ours: float, refe
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return path
+
+
+def tiny_image_folder(root: Path, classes: int = 2, per_class: int = 16, test_per_class: int = 4, size: int = 32,
+                      seed: int = 0) -> Path:
+    """root/{train,test}/<class>/<i>.jpg: a small JPEG folder of noisy class-coloured squares for the --smoke runs
+    (each class a colour, so a few steps already learn something)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("test", test_per_class)):
+        for c in range(classes):
+            folder = Path(root) / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.array([(60 * c) % 256, (120 + 90 * c) % 256, (200 - 50 * c) % 256], dtype=np.float64)
+            for i in range(count):
+                pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
+    return Path(root)
+
+
+def gpu_or_cpu(smoke: bool) -> torch.device:
+    """CUDA unless there is none or a --smoke run asks for the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
