@@ -9,6 +9,7 @@ from deepres.cli import main
 from deepres.config import ConfigError, load_config
 from deepres.data import Dataset, Split
 from deepres.engine import train
+from deepres.engine.logging import read_metrics
 from deepres.models import create_model
 from deepres.tasks import select_pseudo_labels, split_labeled
 from deepres.tasks.noise import add_noise
@@ -130,3 +131,20 @@ def test_noise_acts_only_in_training_and_leaves_the_weights_alone():
     assert not torch.allclose(a, b)
     with pytest.raises(ConfigError, match="model.stochastic_depth"):
         add_noise(create_model("vgg11"), stochastic_depth=0.1)
+
+
+def test_a_resumed_noisy_student_run_equals_an_uninterrupted_one(idx_data, teacher, tmp_path):
+    # Soft pseudo-labels, RandAugment, dropout and stochastic depth: every random stream a student has.
+    common = {"task.name": "pseudo_label", "task.teacher": teacher, "task.pseudo_labels": "soft",
+              "data.labeled_per_class": 10, "data.unlabeled_subset": 100, "data.randaugment_n": 2,
+              "model.dropout": 0.5, "model.stochastic_depth": 0.3, "train.deterministic": True,
+              "train.log_every": 1}
+    whole = train(load_config(None, overrides(idx_data, **common, **{"train.iterations": 10})), tmp_path / "a",
+                  quiet=True)
+    train(load_config(None, overrides(idx_data, **common, **{"train.iterations": 5})), tmp_path / "b", quiet=True)
+    resumed = train(load_config(None, overrides(idx_data, **common, **{"train.iterations": 10})), tmp_path / "b",
+                    resume="auto", quiet=True)
+    rows = [[r["train_loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "train_loss" in r]
+            for run in ("a", "b")]
+    assert rows[0] == rows[1] and len(rows[0]) == 10
+    assert resumed["test_top1_error"] == whole["test_top1_error"]
