@@ -34,6 +34,8 @@ def evaluate_checkpoint(
     model, normalizer, config = load_for_inference(ckpt, device)
     data_cfg = config.data if data_dir is None else dataclasses.replace(config.data, data_dir=data_dir)
     data_cfg = dataclasses.replace(data_cfg, train_subset=None)
+    if data_cfg.preset == "paper_imagenet":
+        return _evaluate_resized(path, ckpt, model, normalizer, data_cfg, split, ten_crop, scales, batch_size, device)
     dataset = load_dataset(data_cfg)
     if dataset.classes != ckpt["classes"]:
         raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the checkpoint's {ckpt['classes'][:5]}...")
@@ -50,6 +52,38 @@ def evaluate_checkpoint(
         predict = single_predict(normalizer)
     result = evaluate(model, RawLoader(splits[split], batch_size), device=torch.device(device), predict=predict)
     mode = "10-crop" if ten_crop else (f"multi-scale {list(scales)}" if scales else "single view")
+    return {"checkpoint": str(path), "split": split, "mode": mode, **result}
+
+
+def _evaluate_resized(path, ckpt, model, normalizer, data_cfg, split, ten_crop, scales, batch_size, device) -> dict:
+    """ImageNet-style evaluation: images of any size, resized per image (single centre crop, 10-crop or scales)."""
+    from ..data.pipeline import _folder_dataset
+    from ..data.presets import imagenet_scales
+    from ..data.workers import FileSamples, TensorSamples
+    from ..evaluation.views import centre_view, evaluate_views, scale_views, ten_crop_views
+
+    if data_cfg.source == "imagefolder":
+        dataset = _folder_dataset(data_cfg, None)
+    else:
+        dataset = load_dataset(data_cfg)
+    if dataset.classes != ckpt["classes"]:
+        raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the checkpoint's {ckpt['classes'][:5]}...")
+    splits = dataset.splits()
+    if split not in splits:
+        raise ValueError(f"split must be one of {', '.join(splits)}; got {split!r}")
+    part = splits[split]
+    samples = FileSamples(part, data_cfg.channels or 3) if hasattr(part, "paths") else TensorSamples(part)
+    crop = int(ckpt["image_size"][0])
+    resize = imagenet_scales(crop)[2]
+    if ten_crop:
+        views, mode = ten_crop_views(crop, resize), "10-crop"
+    elif scales:
+        views, mode = scale_views(scales), f"multi-scale {list(scales)}"
+    else:
+        views, mode = centre_view(crop, resize), "single view"
+    per_batch = max(1, batch_size // (10 if ten_crop else 2 * len(scales) if scales else 1))
+    result = evaluate_views(model, samples, views, normalizer, device=device, images_per_batch=per_batch,
+                            workers=max(0, data_cfg.num_workers))
     return {"checkpoint": str(path), "split": split, "mode": mode, **result}
 
 
