@@ -6,7 +6,7 @@ GoogLeNet in training mode returns :class:`AuxOutputs` ``(logits, aux1, aux2)``,
 """
 
 # Importing a family module registers its models.
-from . import alexnet, deform, densenet, efficientnet, googlenet, resnet, resnext, senet, vgg  # noqa: F401
+from . import alexnet, deform, densenet, efficientnet, googlenet, resnet, resnext, senet, speedrun, vgg  # noqa: F401
 from .alexnet import AlexNet, ConvFCNet
 from .complexity import count_macs, count_parameters, describe_model
 from .deform import DeformConv2d, deform_resnet
