@@ -99,5 +99,9 @@ def tiny_image_folder(root: Path, classes: int = 2, per_class: int = 16, test_pe
 
 
 def gpu_or_cpu(smoke: bool) -> torch.device:
-    """CUDA unless there is none or a --smoke run asks for the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    """CUDA unless there is none or a --smoke run asks for the CPU. A CPU smoke run keeps one intra-op thread: its
+    ops are tiny, and on a busy machine a thread pool mostly waits for its slowest thread."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if device.type == "cpu" and smoke:
+        torch.set_num_threads(1)
+    return device

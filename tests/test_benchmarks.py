@@ -25,3 +25,76 @@ def test_benchmark_smoke(name, tmp_path):
 def test_unknown_benchmark_exits_2():
     out = subprocess.run([sys.executable, "-m", "deepres", "benchmark", "nope"], capture_output=True, text=True)
     assert out.returncode == 2 and "imagenet_throughput" in out.stderr
+
+
+# The issue 8 harness: each --smoke builds its own tiny JPEG folder, trains or decodes a few steps on the CPU and
+# writes its result file; the GPU numbers come from the same commands without --smoke.
+SMOKE_FILES = {
+    "cifar-recipe": "cifar-recipe-resnet20-cpu-*.json",
+    "cifar-table": "cifar-table-cpu-*.json",
+    "cifar-speedrun": "cifar-speedrun-cpu-*.json",
+    "jpeg-pipeline": "jpeg-pipeline-cpu-*.json",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE_FILES))
+def test_issue8_benchmark_smoke_writes_a_result(name, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "deepres", "benchmark", name, "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = tmp_path.glob(SMOKE_FILES[name])
+    result = json.loads(path.read_text())
+    assert KEYS <= set(result) and result["device"].startswith("cpu")
+    assert result["ours"] > 0 and result["reference"] > 0 and result["target"]
+    assert result["meets_target"] is False  # a target is met only on the GPU at full size
+    lower_is_better = name != "jpeg-pipeline"
+    expected = result["reference"] / result["ours"] if lower_is_better else result["ours"] / result["reference"]
+    assert result["ratio"] == pytest.approx(expected)
+    if name == "cifar-table":
+        assert set(result["table"]) == {"plain20", "resnet20"}
+        assert all(0 <= row["test_top1_error"] <= 100 for row in result["table"].values())
+    if name == "cifar-speedrun":
+        assert result["curve_ours"] and all(0 <= p["test_accuracy"] <= 100 for p in result["curve_ours"])
+
+
+def test_fast_path_learns_and_writes_the_loop_metrics(tmp_path):
+    """The fast path on the CPU: a tiny colour-coded folder is learned, and metrics.jsonl carries the loop's keys."""
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import tiny_image_folder
+
+    from deepres.config import load_config
+    from deepres.engine.fast import FastOptions, train_fast
+
+    torch.set_num_threads(1)  # tiny ops: on 2 busy cores a thread pool mostly waits (reset by conftest per test)
+    data = tiny_image_folder(tmp_path / "data", classes=2, per_class=16, test_per_class=4)
+    config = load_config("paper/cifar10_resnet20", [
+        "data.source=imagefolder", f"data.data_dir={data}", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.val_size=0", "train.device=cpu", "train.iterations=12", "train.batch_size=8",
+        "train.eval_batch_size=8", "optim.lr=0.05"])
+    summary = train_fast(config, tmp_path / "run", FastOptions(eval_every=6, log_every=4, quiet=True))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train_top1_error" in r] == [4, 8, 12]
+    assert [r["step"] for r in rows if "test_top1_error" in r] == [6, 12]
+    assert summary["iterations"] == 12 and summary["test_top1_error"] <= 25.0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["iterations"] == 12
+
+
+def test_concurrent_runs_longest_first_and_reports_failures(tmp_path):
+    from deepres.engine.concurrent import Job, run_concurrent
+
+    order = tmp_path / "order.txt"
+
+    def job(name, cost, code=0):
+        script = f"open({str(order)!r}, 'a').write({name!r} + '\\n'); raise SystemExit({code})"
+        return Job(name, [sys.executable, "-c", script], tmp_path / f"{name}.log", cost)
+
+    results = run_concurrent([job("short", 1), job("long", 5), job("bad", 3, code=4)], parallel=1, echo=False)
+    assert [r.name for r in results] == ["short", "long", "bad"]
+    assert [r.returncode for r in results] == [0, 0, 4]
+    assert order.read_text().split() == ["long", "bad", "short"]
+    with pytest.raises(ValueError, match="unique"):
+        run_concurrent([job("a", 1), job("a", 2)], parallel=2)
