@@ -48,3 +48,45 @@ def test_degradation_smoke_writes_both_panels(tiny_cifar, tmp_path):
     assert "| ResNet-110 | 1.73M | 1.7M |" in table
     responses = run_experiment("layer-responses", options).read_text()
     assert "| plain-56 | 55 |" in responses and "| resnet-110 | 109 |" in responses
+
+
+def test_degradation_table6_and_responses_on_two_depths(tiny_cifar, tmp_path):
+    """The default suite's path through the CIFAR experiments: depths 20 and 56 only (4 trainings)."""
+    options = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path, depths=[20, 56])
+    report = run_experiment("cifar-degradation", options)
+    text = report.read_text()
+    assert (report.parent / "plots" / "degradation.png").stat().st_size > 10_000
+    for net in ["Plain-20", "Plain-56", "ResNet-20", "ResNet-56"]:
+        assert f"| {net} |" in text
+    assert "| Plain-110 |" not in text and not (tmp_path / "runs" / "cifar10-resnet110-s0").exists()
+    assert "ResNet-56 has lower test error than ResNet-20" in text
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["cifar10-plain20-s0", "cifar10-plain56-s0", "cifar10-resnet20-s0", "cifar10-resnet56-s0"]
+
+    # Interrupted runs resume: drop a run's summary so it counts as unfinished; its last.pt is at the final step,
+    # so the run finishes without training and the report is rebuilt.
+    (tmp_path / "runs" / "cifar10-resnet20-s0" / "summary.json").unlink()
+    table = run_experiment("cifar-table6", options).read_text()
+    assert "| ResNet-20 | 0.27M | 0.27M |" in table and "| ResNet-56 | 0.85M | 0.85M |" in table
+    assert (tmp_path / "runs" / "cifar10-resnet20-s0" / "summary.json").is_file()
+    responses = run_experiment("layer-responses", options).read_text()
+    assert "| plain-56 | 55 |" in responses and "| resnet-20 | 19 |" in responses
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs  # nothing new trained
+
+
+def test_depths_outside_an_experiment_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--depths \\[21\\]"):
+        run_experiment("cifar-table6", Options(scale="smoke", out=tmp_path, depths=[21]))
+
+
+@pytest.mark.slow
+def test_zoo_and_imagenet_smoke(tiny_cifar, tmp_path):
+    options = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path)
+    zoo = run_experiment("zoo-cifar", options).read_text()
+    for label in ["AlexNet", "VGG-16 (BN)", "GoogLeNet", "DenseNet-BC-100 (k=12)", "SE-ResNet-18", "EfficientNet-B0",
+                  "Deformable ResNet-50", "ResNeXt-50 (32x4d)", "Wide ResNet-50-2"]:
+        assert f"| {label} |" in zoo
+    imagenet = run_experiment("imagenet", options).read_text()
+    for key in ["plain18", "plain34", "resnet18-A", "resnet34-A", "resnet34-B", "resnet34-C", "resnet50-B"]:
+        assert f"| {key} |" in imagenet
+    assert "| resnet34-C | 22.7M | 3.83 |" in imagenet  # option C: projections on every shortcut

@@ -95,6 +95,16 @@ def _parse_scales(text: str | None) -> list[int] | None:
         raise ConfigError("--scales", f"{text!r} is not a comma-separated list of integers, e.g. 224,256,384") from None
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 20,56") from None
+    if not values:
+        raise argparse.ArgumentTypeError("an empty list")
+    return values
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.inference import evaluate_checkpoint
 
@@ -137,7 +147,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .experiments import Options, run_experiment
 
     options = Options(scale=args.scale, seeds=args.seeds, data_dir=args.data_dir, out=Path(args.out),
-                      include_1202=args.include_1202)
+                      include_1202=args.include_1202, depths=args.depths)
     report = run_experiment(args.experiment, options)
     print(f"report: {report}")
     return 0
@@ -274,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="CIFAR-10 data (default: the CIFAR-10 JPEG set if found, else official CIFAR-10)")
     p.add_argument("--out", default="runs/reproduce", help="folder for runs and reports (shared between experiments)")
     p.add_argument("--include-1202", action="store_true", help="cifar-table6: also ResNet-1202")
+    p.add_argument("--depths", type=_int_list, default=None,
+                   help="CIFAR experiments: only these depths, e.g. 20,56 (default: 20,32,44,56,110)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("pseudo-label", help="label the unlabeled images (data.labeled_per_class) with a teacher")

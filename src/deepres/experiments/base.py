@@ -33,6 +33,8 @@ class Options:
     data_dir: str | None = None
     out: Path = Path("runs/reproduce")
     include_1202: bool = False
+    # CIFAR experiments: train only these depths (of 20, 32, 44, 56, 110); None: all the paper's.
+    depths: list[int] | None = None
 
 
 @dataclass
@@ -102,9 +104,9 @@ def cifar_data_overrides(data_dir: str | None) -> tuple[list[str], str]:
 
 # Smoke scale: the whole path (train, resume, analysis, report) on a CPU in minutes; numbers mean nothing.
 SMOKE = [
-    "train.iterations=30", "train.batch_size=32", "train.eval_batch_size=250", "data.train_subset=1000",
-    "data.val_size=500", "data.test_subset=500", "train.eval_every=10", "train.test_every=10", "train.log_every=5",
-    "train.checkpoint_every=10", "schedule.milestones=15,25",
+    "train.iterations=24", "train.batch_size=32", "train.eval_batch_size=200", "data.train_subset=800",
+    "data.val_size=200", "data.test_subset=200", "train.eval_every=12", "train.test_every=12", "train.log_every=4",
+    "train.checkpoint_every=12", "schedule.milestones=12,18",
     "optim.lr=0.025",  # the paper's 0.1 at batch 128, scaled linearly to batch 32
 ]
 FULL = ["train.test_every=2000"]

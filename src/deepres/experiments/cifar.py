@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from pathlib import Path
@@ -18,11 +19,21 @@ PAPER_TABLE6 = {20: (0.27, 8.75), 32: (0.46, 7.51), 44: (0.66, 7.17), 56: (0.85,
 DEPTHS = [20, 32, 44, 56, 110]
 
 
+def _depths(options: Options, depths: list[int]) -> list[int]:
+    """``depths`` restricted to ``options.depths`` when given (a depth the experiment does not train is an error)."""
+    if options.depths is None:
+        return depths
+    unknown = sorted(set(options.depths) - set(depths))
+    if unknown:
+        raise ValueError(f"--depths {unknown} not in this experiment's depths {depths}")
+    return [d for d in depths if d in options.depths]
+
+
 def _runs(options: Options, families: list[str], depths: list[int], extra: list[str] = (), tag: str = "") -> list[RunSpec]:
     data, _ = cifar_data_overrides(options.data_dir)
     specs = []
     for family in families:
-        for depth in depths:
+        for depth in _depths(options, depths):
             for seed in range(options.seeds):
                 name = f"cifar10-{family}{depth}{tag}-s{seed}"
                 overrides = data + scale_overrides(options) + [f"train.seed={seed}", *extra]
@@ -166,9 +177,12 @@ def analyze_degradation(options: Options, results: list[RunResult], out: Path) -
 
 
 def plan_shortcuts(options: Options) -> list[RunSpec]:
-    specs = _runs(options, ["plain"], [32])
+    # The comparison is on 32-layer nets; --depths picks other depths instead.
+    depths = options.depths or [32]
+    options = dataclasses.replace(options, depths=None)
+    specs = _runs(options, ["plain"], depths)
     for option in "ABC":
-        for s in _runs(options, ["resnet"], [32], [f"model.shortcut={option}"], tag=f"-{option}"):
+        for s in _runs(options, ["resnet"], depths, [f"model.shortcut={option}"], tag=f"-{option}"):
             s.meta["shortcut"] = option
             specs.append(s)
     return specs
@@ -177,19 +191,21 @@ def plan_shortcuts(options: Options) -> list[RunSpec]:
 def analyze_shortcuts(options: Options, results: list[RunResult], out: Path) -> str:
     lines = [_data_line(options),
              "Table 3 compares the options on ImageNet ResNet-34 (top-1 10-crop error: plain 28.54, A 25.03, "
-             "B 24.52, C 24.19); here the same comparison on CIFAR-10 with 32-layer nets.", "",
+             "B 24.52, C 24.19); here the same comparison on CIFAR-10 (32-layer nets unless --depths says "
+             "otherwise).", "",
              "| net | shortcut | params | test error % |", "|---|---|---|---|"]
-    groups: dict[str, list[RunResult]] = {}
+    groups: dict[tuple[int, str], list[RunResult]] = {}
     for r in results:
-        groups.setdefault(r.spec.meta.get("shortcut", "plain"), []).append(r)
-    for key in ["plain", "A", "B", "C"]:
-        runs = groups.get(key, [])
-        if not runs:
-            continue
-        model = create_model("plain32") if key == "plain" else create_model("resnet32", shortcut=key)
-        errors = [_final(r, "test_top1_error") for r in runs]
-        lines.append(f"| {'plain-32' if key == 'plain' else 'ResNet-32'} | {key} | "
-                     f"{count_parameters(model):,} | {_mean_std(errors)} |")
+        groups.setdefault((r.spec.meta["depth"], r.spec.meta.get("shortcut", "plain")), []).append(r)
+    for depth in sorted({d for d, _ in groups}):
+        for key in ["plain", "A", "B", "C"]:
+            runs = groups.get((depth, key), [])
+            if not runs:
+                continue
+            model = create_model(f"plain{depth}") if key == "plain" else create_model(f"resnet{depth}", shortcut=key)
+            errors = [_final(r, "test_top1_error") for r in runs]
+            lines.append(f"| {'plain' if key == 'plain' else 'ResNet'}-{depth} | {key} | "
+                         f"{count_parameters(model):,} | {_mean_std(errors)} |")
     return "\n".join(lines)
 
 
@@ -201,8 +217,10 @@ RESPONSE_NETS = [("plain", 20), ("plain", 56), ("resnet", 20), ("resnet", 56), (
 
 
 def plan_responses(options: Options) -> list[RunSpec]:
-    return [s for s in _runs(options, ["plain", "resnet"], [20, 56, 110])
-            if (s.meta["family"], s.meta["depth"]) in RESPONSE_NETS and s.meta["seed"] == 0]
+    wanted = [(f, d) for f, d in RESPONSE_NETS if options.depths is None or d in options.depths]
+    depths = sorted({d for _, d in wanted})
+    return [s for s in _runs(options, ["plain", "resnet"], depths)
+            if (s.meta["family"], s.meta["depth"]) in wanted and s.meta["seed"] == 0]
 
 
 def analyze_responses(options: Options, results: list[RunResult], out: Path) -> str:
