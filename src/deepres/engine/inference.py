@@ -37,11 +37,7 @@ def evaluate_checkpoint(
     if data_cfg.preset == "paper_imagenet":
         return _evaluate_resized(path, ckpt, model, normalizer, data_cfg, split, ten_crop, scales, batch_size, device)
     dataset = load_dataset(data_cfg)
-    if dataset.classes != ckpt["classes"]:
-        raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the checkpoint's {ckpt['classes'][:5]}...")
-    splits = dataset.splits()
-    if split not in splits:
-        raise ValueError(f"split must be one of {', '.join(splits)}; got {split!r}")
+    splits = _checked_splits(dataset, ckpt, split)
     crop = int(ckpt["image_size"][0])
     if ten_crop:
         h = dataset.image_size[0]
@@ -55,6 +51,16 @@ def evaluate_checkpoint(
     return {"checkpoint": str(path), "split": split, "mode": mode, **result}
 
 
+def _checked_splits(dataset, ckpt: dict, split: str) -> dict:
+    """The dataset's splits, after checking its classes are the checkpoint's and ``split`` is one of them."""
+    if dataset.classes != ckpt["classes"]:
+        raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the checkpoint's {ckpt['classes'][:5]}...")
+    splits = dataset.splits()
+    if split not in splits:
+        raise ValueError(f"split must be one of {', '.join(splits)}; got {split!r}")
+    return splits
+
+
 def _evaluate_resized(path, ckpt, model, normalizer, data_cfg, split, ten_crop, scales, batch_size, device) -> dict:
     """ImageNet-style evaluation: images of any size, resized per image (single centre crop, 10-crop or scales)."""
     from ..data.pipeline import _folder_dataset
@@ -66,12 +72,7 @@ def _evaluate_resized(path, ckpt, model, normalizer, data_cfg, split, ten_crop, 
         dataset = _folder_dataset(data_cfg, None)
     else:
         dataset = load_dataset(data_cfg)
-    if dataset.classes != ckpt["classes"]:
-        raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the checkpoint's {ckpt['classes'][:5]}...")
-    splits = dataset.splits()
-    if split not in splits:
-        raise ValueError(f"split must be one of {', '.join(splits)}; got {split!r}")
-    part = splits[split]
+    part = _checked_splits(dataset, ckpt, split)[split]
     samples = FileSamples(part, data_cfg.channels or 3) if hasattr(part, "paths") else TensorSamples(part)
     crop = int(ckpt["image_size"][0])
     resize = imagenet_scales(crop)[2]
