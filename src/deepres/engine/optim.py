@@ -39,7 +39,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 def build_optimizer(model: nn.Module, cfg, device: torch.device,
                     backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """SGD over the trainable parameters. ``backbone_lr_scale`` != 1 (fine-tuning): every parameter outside the
-    classifier (``model.get_classifier()``) gets ``lr_scale`` = that factor, applied by the loop to the schedule's lr."""
+    classifier (``model.get_classifier()``) gets ``lr_scale`` = that factor, which the loop applies to the
+    schedule's lr."""
     if backbone_lr_scale == 1.0:
         groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
     else:

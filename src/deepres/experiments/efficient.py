@@ -65,8 +65,8 @@ def _spec(name: str, overrides: list[str], method: str, seed: int, recipe: str =
 
 def _cifar_resnet(options: Options, depth: int, seed: int, method: str | None = None) -> RunSpec:
     """A plain CIFAR-10 run of the shared recipe; shared by distillation, augmentation and transfer."""
-    return _spec(f"eff-cifar10-resnet{depth}-s{seed}", _cifar(options) + _scale(options) + [f"model.name=resnet{depth}"],
-                 method or f"ResNet-{depth}", seed)
+    overrides = _cifar(options) + _scale(options) + [f"model.name=resnet{depth}"]
+    return _spec(f"eff-cifar10-resnet{depth}-s{seed}", overrides, method or f"ResNet-{depth}", seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ def load_teacher(path: str | Path | None, classes: list[str], device: torch.devi
     from ..engine.loop import load_for_inference
 
     if not path:
-        raise ConfigError(key, "this task needs a teacher checkpoint, e.g. --set task.teacher=runs/teacher/checkpoints/last.pt")
+        raise ConfigError(key, "this task needs a teacher checkpoint, e.g. "
+                               "--set task.teacher=runs/teacher/checkpoints/last.pt")
     if not Path(path).is_file():
         raise ConfigError(key, f"teacher checkpoint not found: {path}")
     ckpt = load_checkpoint(path)

@@ -116,7 +116,8 @@ def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = No
     unexpected = sorted(k for k in state if k not in own and not k.startswith(prefix))
     bad += [f"{k} unexpected" for k in unexpected]
     if bad:
-        raise ConfigError("model.init", f"{path} does not fit model {getattr(model, 'model_name', type(model).__name__)}: "
+        name = getattr(model, "model_name", type(model).__name__)
+        raise ConfigError("model.init", f"{path} does not fit model {name}: "
                                         + ", ".join(bad[:6]) + (f" (and {len(bad) - 6} more)" if len(bad) > 6 else ""))
     model.load_state_dict(new_state)
     return {"init": str(path), "init_kind": kind, "init_head": "kept" if keep_head else "new",
