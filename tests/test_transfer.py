@@ -1,6 +1,8 @@
 """Transfer learning: model.init from a torchvision file or our checkpoint, head replacement, input channels,
 feature extraction (frozen weights and BN statistics) and fine-tuning learning rates."""
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -50,6 +52,16 @@ def test_a_torchvision_file_initialises_everything_but_a_new_head(torchvision_fi
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(same.eval()(x), net(x), atol=1e-5)
+
+
+def test_torchvision_bottleneck_weights_into_the_paper_stride_warn(tmp_path):
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    with pytest.warns(UserWarning, match="stride_on=3x3"):
+        load_init(create_model("resnet50", num_classes=10), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the v1.5 form matches: no warning
+        load_init(create_model("resnet50", num_classes=10, stride_on="3x3"), path)
 
 
 def test_grey_input_sums_the_rgb_filters(torchvision_file):

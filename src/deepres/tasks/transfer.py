@@ -17,6 +17,7 @@ batch statistics of the new data would otherwise shift the features the classifi
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,6 +54,12 @@ def read_weights(path: str | Path) -> tuple[dict, list[str] | None, str]:
     return data, None, "state_dict"
 
 
+def _paper_bottleneck(model: nn.Module) -> bool:
+    from ..models.resnet import Bottleneck
+
+    return getattr(model, "stride_on", None) == "1x1" and getattr(model, "block", None) is Bottleneck
+
+
 def _classifier_prefix(model: nn.Module) -> str:
     head = model.get_classifier()
     for name, module in model.named_modules():
@@ -82,6 +89,10 @@ def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = No
     if head not in ("auto", "keep", "new"):
         raise ConfigError("model.init_head", f"must be auto, keep or new; got {head!r}")
     state, source_classes, kind = read_weights(path)
+    if kind == "state_dict" and _paper_bottleneck(model):
+        warnings.warn(f"model.init={path}: torchvision trains its bottleneck ResNets with the stride on the 3x3 conv; "
+                      "this model puts it on the 1x1 (the paper's): set model.stride_on=3x3 to match the weights",
+                      stacklevel=2)
     own = model.state_dict()
     prefix = _classifier_prefix(model)
     head_keys = [k for k in own if k.startswith(prefix)]
