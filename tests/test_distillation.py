@@ -73,6 +73,8 @@ def test_unlabeled_rows_take_only_the_kl_term():
 def test_bad_settings_name_their_key():
     with pytest.raises(ConfigError, match="task.teacher"):
         build_task(load_config(None, ["task.name=distillation"]).task)
+    with pytest.raises(ConfigError, match="task.teacher.*not found: missing.pt"):
+        build_task(load_config(None, ["task.name=distillation", "task.teacher=missing.pt"]).task)
     with pytest.raises(ConfigError, match="task.alpha"):
         DistillationTask("t.pt", alpha=1.5)
     with pytest.raises(ConfigError, match="task.temperature"):

@@ -178,7 +178,8 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
 
     resume_path = _resume_source(resume, paths)
 
-    # Data, model, task, optimizer, schedule.
+    # Task (its settings checked before any data is read), data, model, optimizer, schedule.
+    task = build_task(config.task)
     torch.manual_seed(tc.seed)
     data = build_data(
         config.data,
@@ -204,7 +205,6 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
     model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    task = build_task(config.task)
     # A task may build a teacher (whose initialisation draws random numbers): the run's own stream stays untouched.
     with torch.random.fork_rng(devices=[]):
         task.prepare(model, data, config, device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from .classification import ClassificationTask, main_logits
-from .teacher import Renormalize, is_augmented, load_teacher, teacher_logits, train_loader
+from .teacher import Renormalize, check_teacher, is_augmented, load_teacher, teacher_logits, train_loader
 
 __all__ = ["DistillationTask", "kd_loss", "masked_cross_entropy"]
 
@@ -56,8 +56,7 @@ class DistillationTask(ClassificationTask):
             raise ConfigError("task.temperature", f"must be > 0; got {temperature}")
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError("task.alpha", f"must be in [0, 1]; got {alpha}")
-        if not teacher:
-            raise ConfigError("task.teacher", "distillation needs a teacher checkpoint (--set task.teacher=PATH)")
+        check_teacher(teacher)
         self.teacher_path = teacher
         self.temperature, self.alpha = temperature, alpha
         self.teacher = self.renormalize = None

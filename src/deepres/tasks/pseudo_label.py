@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from .classification import ClassificationTask
-from .teacher import load_teacher, teacher_logits, train_loader
+from .teacher import check_teacher, load_teacher, teacher_logits, train_loader
 
 __all__ = ["PseudoLabelTask", "PseudoLabels", "first_per_class", "label_unlabeled", "select_pseudo_labels",
            "split_labeled"]
@@ -106,8 +106,7 @@ class PseudoLabelTask(ClassificationTask):
 
     def __init__(self, teacher: str | None, mode: str = "hard", threshold: float = 0.0, label_smoothing: float = 0.0):
         super().__init__(label_smoothing)
-        if not teacher:
-            raise ConfigError("task.teacher", "pseudo-labeling needs a teacher checkpoint (--set task.teacher=PATH)")
+        check_teacher(teacher)
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError("task.threshold", f"must be in [0, 1]; got {threshold}")
         self.teacher_path, self.mode, self.threshold = teacher, mode, threshold

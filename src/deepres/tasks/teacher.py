@@ -14,7 +14,16 @@ import torch.nn as nn
 from ..config import ConfigError
 from .classification import main_logits
 
-__all__ = ["Renormalize", "is_augmented", "load_teacher", "teacher_logits", "train_loader"]
+__all__ = ["Renormalize", "check_teacher", "is_augmented", "load_teacher", "teacher_logits", "train_loader"]
+
+
+def check_teacher(path: str | Path | None, key: str = "task.teacher") -> None:
+    """A ConfigError unless ``path`` names an existing file (checked before any data is read)."""
+    if not path:
+        raise ConfigError(key, "this task needs a teacher checkpoint, e.g. "
+                               "--set task.teacher=runs/teacher/checkpoints/last.pt")
+    if not Path(path).is_file():
+        raise ConfigError(key, f"teacher checkpoint not found: {path}")
 
 
 def load_teacher(path: str | Path | None, classes: list[str], device: torch.device, key: str = "task.teacher"):
@@ -22,11 +31,7 @@ def load_teacher(path: str | Path | None, classes: list[str], device: torch.devi
     from ..engine.checkpoint import load_checkpoint
     from ..engine.loop import load_for_inference
 
-    if not path:
-        raise ConfigError(key, "this task needs a teacher checkpoint, e.g. "
-                               "--set task.teacher=runs/teacher/checkpoints/last.pt")
-    if not Path(path).is_file():
-        raise ConfigError(key, f"teacher checkpoint not found: {path}")
+    check_teacher(path, key)
     ckpt = load_checkpoint(path)
     if list(ckpt["classes"]) != list(classes):
         raise ConfigError(key, f"the teacher {path} was trained on classes {ckpt['classes'][:5]}..., the data has "
