@@ -64,6 +64,8 @@ class DistillationTask(ClassificationTask):
         self.cached_labels = self.cached_logits = None
 
     def prepare(self, model, data, config, device) -> None:
+        from ..data import Split
+
         self.teacher, normalizer = load_teacher(self.teacher_path, data.dataset.classes, device)
         self.renormalize = Renormalize(data.normalizer, normalizer)
         unlabeled = data.dataset.extra.get("unlabeled")
@@ -72,14 +74,10 @@ class DistillationTask(ClassificationTask):
             if config.data.cutmix_alpha > 0 or config.data.mixup_alpha > 0:
                 raise ConfigError("data.cutmix_alpha", "mixing batches needs every image labeled; distillation with "
                                                        "an unlabeled set (data.labeled_per_class) does not mix")
-            from ..data import Split
-
             train = Split(torch.cat([train.images, unlabeled.images]),
                           torch.cat([train.labels, torch.full((len(unlabeled),), UNLABELED, dtype=torch.int64)]))
             data.train = train_loader(train, data, config)
         if not is_augmented(data.train):
-            from ..data import Split
-
             # Unaugmented batches are the training images themselves: the teacher's logits are computed once.
             self.cached_logits = teacher_logits(self.teacher, normalizer, train.images, device)
             self.cached_labels = train.labels.to(device)
