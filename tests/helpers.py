@@ -33,3 +33,20 @@ def make_idx_dataset(root: Path, n_train: int = 512, n_test: int = 128, size: in
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images_for(labels))
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+def make_image_folder(root: Path, counts: dict[str, int], paint, classes: int = 10, size: int = 32, seed: int = 0) -> Path:
+    """An image folder like the CIFAR-10 JPEG set: ``root/<split>/class<k>/<i>.png``, ``counts[split]`` images per
+    class, dark noise on which ``paint(image, k)`` marks class k (in place, uint8 HxWx3)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for k in range(classes):
+            folder = root / split / f"class{k}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 80, size=(size, size, 3), dtype=np.uint8)
+                paint(img, k)
+                Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return root

@@ -6,7 +6,6 @@ the tests marked slow run the real smoke commands on ../shared/data (CIFAR-10 JP
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from deepres.cli import main
 from deepres.config import load_config
@@ -15,7 +14,7 @@ from deepres.experiments import efficient
 
 from .conftest import shared_data
 from .efficient_helpers import _one_thread  # noqa: F401
-from .helpers import make_idx_dataset
+from .helpers import make_idx_dataset, make_image_folder
 
 NAMES = ["semi-supervised", "distillation", "transfer", "augmentation"]
 
@@ -23,17 +22,10 @@ NAMES = ["semi-supervised", "distillation", "transfer", "augmentation"]
 @pytest.fixture(scope="module")
 def tiny_cifar(tmp_path_factory):
     """An image folder shaped like the CIFAR-10 JPEG set, big enough for the smoke subsets: 200 train / 50 test."""
-    root = tmp_path_factory.mktemp("tinycifar") / "cifar10-jpeg"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 200), ("test", 50)):
-        for k in range(10):
-            folder = root / split / f"class{k}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 80, size=(32, 32, 3), dtype=np.uint8)
-                img[:, 3 * k : 3 * k + 3, k % 3] += np.uint8(150)  # a bright column per class
-                Image.fromarray(img).save(folder / f"{i:04d}.png")
-    return root
+    def paint(img, k):
+        img[:, 3 * k : 3 * k + 3, k % 3] += np.uint8(150)  # a bright column per class
+
+    return make_image_folder(tmp_path_factory.mktemp("tinycifar") / "cifar10-jpeg", {"train": 200, "test": 50}, paint)
 
 
 @pytest.fixture

@@ -2,29 +2,24 @@
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from deepres.experiments import Options, run_experiment
+
+from .helpers import make_image_folder
 
 
 @pytest.fixture(scope="module")
 def tiny_cifar(tmp_path_factory):
     """An image folder shaped like the CIFAR-10 JPEG set: 10 classes, 32x32 RGB, 120 train / 50 test each."""
-    root = tmp_path_factory.mktemp("tinycifar") / "cifar10-jpeg"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 120), ("test", 50)):
-        for k in range(10):
-            folder = root / split / f"class{k}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 80, size=(32, 32, 3), dtype=np.uint8)
-                img[:, :, k % 3] += np.uint8(40 + 15 * k)
-                Image.fromarray(img).save(folder / f"{i:04d}.png")
-    return root
+
+    def paint(img, k):
+        img[:, :, k % 3] += np.uint8(40 + 15 * k)
+
+    return make_image_folder(tmp_path_factory.mktemp("tinycifar") / "cifar10-jpeg", {"train": 120, "test": 50}, paint)
 
 
-# Ten trainings including two 110-layer nets: minutes on 2 cores, so outside the default suite until the smoke scale
-# is slimmed; run with `make test-slow`.
+# Every depth (ten trainings, two of them 110-layer nets): minutes on 2 cores, so `make test-slow`; the default suite
+# runs the same path on depths 20 and 56 below.
 @pytest.mark.slow
 def test_degradation_smoke_writes_both_panels(tiny_cifar, tmp_path):
     options = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path)
