@@ -33,7 +33,7 @@ def measure(args, device: torch.device, ours: bool) -> tuple[float, float | None
         dtype = None
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             model(x)
 
     if gpu:

@@ -1,31 +1,21 @@
 """Small runs shared by the distillation, transfer and pseudo-label tests: a learnable IDX set and a teacher."""
 
-import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from deepres.config import load_config
+from deepres.data.loaders import single_thread_on_cpu
 from deepres.engine import train
 
 from .helpers import make_idx_dataset
 
 
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread: these nets are tiny, and a second thread only waits when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
-    with one_thread():
+    """One intra-op thread: these nets are tiny, and a second thread only waits when the cores are shared."""
+    with single_thread_on_cpu(torch.device("cpu")):
         yield
 
 
@@ -58,6 +48,6 @@ def overrides(data_dir, **extra) -> list[str]:
 def train_teacher(data_dir, run_dir: Path, iterations: int = 30) -> Path:
     """A ResNet-20 trained well above chance on the IDX set; returns its last.pt."""
     config = load_config(None, overrides(data_dir, **{"train.iterations": iterations, "schedule.name": "cosine"}))
-    with one_thread():
+    with single_thread_on_cpu(torch.device("cpu")):
         train(config, run_dir, quiet=True)
     return run_dir / "checkpoints" / "last.pt"

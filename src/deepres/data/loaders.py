@@ -189,12 +189,11 @@ class DeviceLoader:
             generator = step_generator(self.seed, 1, step)
             if self.augment is not None:
                 images = self.augment(images, generator)
-            x = self.normalizer(images)
-            y = labels
-            if self.mix is not None:
-                x, y = self.mix(x, y, generator)
-            lo = self.rank * self.local_batch
-            return x[lo : lo + self.local_batch], y[lo : lo + self.local_batch]
+            local = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+            if self.mix is None:  # only this rank's slice needs normalising
+                return self.normalizer(images[local]), labels[local]
+            x, y = self.mix(self.normalizer(images), labels, generator)  # mixing pairs images across the global batch
+            return x[local], y[local]
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = start_step

@@ -16,7 +16,14 @@ from ..evaluation.crops import resize_shorter
 from .checkpoint import load_checkpoint
 from .loop import load_for_inference
 
-__all__ = ["NormalizedModel", "evaluate_checkpoint", "export_checkpoint", "load_image", "predict_images"]
+__all__ = [
+    "NormalizedModel",
+    "evaluate_checkpoint",
+    "evaluate_checkpoint_modes",
+    "export_checkpoint",
+    "load_image",
+    "predict_images",
+]
 
 
 def evaluate_checkpoint(
@@ -30,62 +37,75 @@ def evaluate_checkpoint(
     device: str = "cpu",
 ) -> dict:
     """Top-1/top-5 error of a checkpoint on a split of the data it was trained on (or the same source elsewhere)."""
+    return evaluate_checkpoint_modes(path, [(ten_crop, scales)], data_dir=data_dir, split=split,
+                                     batch_size=batch_size, device=device)[0]
+
+
+def evaluate_checkpoint_modes(
+    path: str | Path,
+    modes: Sequence[tuple[bool, Sequence[int] | None]],
+    *,
+    data_dir: str | None = None,
+    split: str = "test",
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> list[dict]:
+    """:func:`evaluate_checkpoint` for several test modes, each ``(ten_crop, scales)``; the checkpoint and the data
+    are read once. Runs of the paper's ImageNet preset are tested on images of any size, resized one by one."""
     ckpt = load_checkpoint(path)
     model, normalizer, config = load_for_inference(ckpt, device)
     data_cfg = config.data if data_dir is None else dataclasses.replace(config.data, data_dir=data_dir)
     data_cfg = dataclasses.replace(data_cfg, train_subset=None)
-    if data_cfg.preset == "paper_imagenet":
-        return _evaluate_resized(path, ckpt, model, normalizer, data_cfg, split, ten_crop, scales, batch_size, device)
-    dataset = load_dataset(data_cfg)
-    splits = _checked_splits(dataset, ckpt, split)
-    crop = int(ckpt["image_size"][0])
-    if ten_crop:
-        h = dataset.image_size[0]
-        predict = ten_crop_predict(normalizer, crop, pad=4 if h == crop else 0)
-    elif scales:
-        predict = multiscale_predict(normalizer, scales)
+    resized = data_cfg.preset == "paper_imagenet"
+    if resized and data_cfg.source == "imagefolder":
+        from ..data.pipeline import _folder_dataset
+
+        dataset = _folder_dataset(data_cfg, None)  # scanned, not decoded: the images differ in size
     else:
-        predict = single_predict(normalizer)
-    result = evaluate(model, RawLoader(splits[split], batch_size), device=torch.device(device), predict=predict)
-    mode = "10-crop" if ten_crop else (f"multi-scale {list(scales)}" if scales else "single view")
-    return {"checkpoint": str(path), "split": split, "mode": mode, **result}
-
-
-def _checked_splits(dataset, ckpt: dict, split: str) -> dict:
-    """The dataset's splits, after checking its classes are the checkpoint's and ``split`` is one of them."""
+        dataset = load_dataset(data_cfg)
     if dataset.classes != ckpt["classes"]:
-        raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the checkpoint's {ckpt['classes'][:5]}...")
+        raise ValueError(
+            f"the data's classes {dataset.classes[:5]}... differ from the checkpoint's {ckpt['classes'][:5]}..."
+        )
     splits = dataset.splits()
     if split not in splits:
         raise ValueError(f"split must be one of {', '.join(splits)}; got {split!r}")
-    return splits
+    crop = int(ckpt["image_size"][0])
+    results = []
+    for ten_crop, scales in modes:
+        if resized:
+            result = _evaluate_resized(model, normalizer, splits[split], data_cfg, crop, ten_crop, scales, batch_size,
+                                       device)
+        else:
+            if ten_crop:
+                predict = ten_crop_predict(normalizer, crop, pad=4 if dataset.image_size[0] == crop else 0)
+            elif scales:
+                predict = multiscale_predict(normalizer, scales)
+            else:
+                predict = single_predict(normalizer)
+            result = evaluate(model, RawLoader(splits[split], batch_size), device=torch.device(device), predict=predict)
+        mode = "10-crop" if ten_crop else (f"multi-scale {list(scales)}" if scales else "single view")
+        results.append({"checkpoint": str(path), "split": split, "mode": mode, **result})
+    return results
 
 
-def _evaluate_resized(path, ckpt, model, normalizer, data_cfg, split, ten_crop, scales, batch_size, device) -> dict:
+def _evaluate_resized(model, normalizer, part, data_cfg, crop, ten_crop, scales, batch_size, device) -> dict:
     """ImageNet-style evaluation: images of any size, resized per image (single centre crop, 10-crop or scales)."""
-    from ..data.pipeline import _folder_dataset
     from ..data.presets import imagenet_scales
     from ..data.workers import FileSamples, TensorSamples
     from ..evaluation.views import centre_view, evaluate_views, scale_views, ten_crop_views
 
-    if data_cfg.source == "imagefolder":
-        dataset = _folder_dataset(data_cfg, None)
-    else:
-        dataset = load_dataset(data_cfg)
-    part = _checked_splits(dataset, ckpt, split)[split]
     samples = FileSamples(part, data_cfg.channels or 3) if hasattr(part, "paths") else TensorSamples(part)
-    crop = int(ckpt["image_size"][0])
     resize = imagenet_scales(crop)[2]
     if ten_crop:
-        views, mode = ten_crop_views(crop, resize), "10-crop"
+        views = ten_crop_views(crop, resize)
     elif scales:
-        views, mode = scale_views(scales), f"multi-scale {list(scales)}"
+        views = scale_views(scales)
     else:
-        views, mode = centre_view(crop, resize), "single view"
+        views = centre_view(crop, resize)
     per_batch = max(1, batch_size // (10 if ten_crop else 2 * len(scales) if scales else 1))
-    result = evaluate_views(model, samples, views, normalizer, device=device, images_per_batch=per_batch,
-                            workers=max(0, data_cfg.num_workers))
-    return {"checkpoint": str(path), "split": split, "mode": mode, **result}
+    return evaluate_views(model, samples, views, normalizer, device=device, images_per_batch=per_batch,
+                          workers=max(0, data_cfg.num_workers))
 
 
 def load_image(path: str | Path, channels: int, size: Sequence[int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from ..data.presets import imagenet_scales
-from ..engine.inference import evaluate_checkpoint
+from ..engine.inference import evaluate_checkpoint_modes
 from ..models import count_macs, count_parameters, create_model
 from .base import Experiment, Options, RunResult, RunSpec, cifar_data_overrides, register_experiment
 
@@ -126,9 +126,10 @@ def analyze_imagenet(options: Options, results: list[RunResult], out: Path) -> s
                 continue
             best = r.run_dir / "checkpoints" / "best.pt"
             path = best if best.exists() else r.run_dir / "checkpoints" / "last.pt"
-            evals["single"].append(evaluate_checkpoint(path))
-            evals["ten"].append(evaluate_checkpoint(path, ten_crop=True))
-            evals["multi"].append(evaluate_checkpoint(path, scales=scales))
+            single, ten, multi = evaluate_checkpoint_modes(path, [(False, None), (True, None), (False, scales)])
+            evals["single"].append(single)
+            evals["ten"].append(ten)
+            evals["multi"].append(multi)
         cells = []
         for name in ("single", "ten", "multi"):
             rows = evals[name]

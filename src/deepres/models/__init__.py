@@ -24,7 +24,6 @@ from .resnet import (
     imagenet_resnet,
     load_torchvision_weights,
 )
-from .resnext import bottleneck_resnet
 from .senet import SEBasicBlock, SEBottleneck, SqueezeExcite, se_resnet
 from .vgg import VGG, vgg
 
@@ -52,7 +51,6 @@ __all__ = [
     "SqueezeExcite",
     "Transition",
     "VGG",
-    "bottleneck_resnet",
     "cifar_resnet",
     "count_macs",
     "count_parameters",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from os import PathLike
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 import torch.nn as nn
@@ -318,17 +318,24 @@ def imagenet_resnet(
     stride_on: str = "1x1",
     zero_init_residual: bool = False,
     small_input: bool = False,
+    groups: int = 1,
+    width_per_group: int = 64,
+    block_types: Mapping[type[nn.Module], type[nn.Module]] | None = None,
 ) -> ResNet:
     """A Table 1 net: depth 18, 34 (basic blocks) or 50, 101, 152 (bottlenecks); ``plain`` drops every shortcut.
 
     ``small_input=True`` swaps the stem for a 3x3 stride-1 conv without max pooling, the usual form of these nets on
-    32x32 images (the four stages then run at 32, 16, 8 and 4).
+    32x32 images (the four stages then run at 32, 16, 8 and 4). ``groups`` and ``width_per_group`` split or widen the
+    bottleneck (ResNeXt, wide ResNets); ``block_types`` replaces the depth's block class with another built the same
+    way (SE blocks).
     """
     if depth not in IMAGENET_DEPTHS:
         raise ValueError(f"ImageNet ResNet depth must be one of {sorted(IMAGENET_DEPTHS)}; got {depth}")
     block, layers = IMAGENET_DEPTHS[depth]
     if plain and block is BasicBlock:
         block = PlainBlock
+    if block_types:
+        block = block_types[block]
     return ResNet(
         block,
         layers,
@@ -339,6 +346,8 @@ def imagenet_resnet(
         shortcut=None if plain else shortcut,
         stride_on=stride_on,
         zero_init_residual=zero_init_residual,
+        groups=groups,
+        width_per_group=width_per_group,
     )
 
 

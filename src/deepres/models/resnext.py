@@ -6,7 +6,7 @@
 - Wide ResNet-50-2 (Zagoruyko and Komodakis 2016, "Wide Residual Networks", arXiv:1605.07146, ImageNet section):
   the bottleneck's inner width doubled (68.9M parameters).
 
-Both are :class:`~deepres.models.resnet.ResNet` with ``groups`` / ``width_per_group`` (see
+Both are :func:`~deepres.models.resnet.imagenet_resnet` with ``groups`` / ``width_per_group`` (see
 :class:`~deepres.models.resnet.Bottleneck`). Their papers stride on the 3x3 conv (ResNeXt section 4: "as suggested
 in [fb.resnet.torch]"), the default ``stride_on="3x3"`` here; torchvision's state dicts load unchanged.
 ``small_input=True`` gives the CIFAR stem (3x3 conv, no max pool).
@@ -15,45 +15,16 @@ in [fb.resnet.torch]"), the default ``stride_on="3x3"`` here; torchvision's stat
 from __future__ import annotations
 
 from .registry import register_model
-from .resnet import Bottleneck, ResNet, ShortcutOption
-
-__all__ = ["bottleneck_resnet"]
-
-
-def bottleneck_resnet(
-    layers: list[int],
-    *,
-    groups: int = 1,
-    width_per_group: int = 64,
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    small_input: bool = False,
-    shortcut: ShortcutOption = "B",
-    stride_on: str = "3x3",
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """An ImageNet bottleneck ResNet with ``groups`` x ``width_per_group`` inner channels at the first stage."""
-    return ResNet(
-        Bottleneck,
-        layers,
-        stem="cifar" if small_input else "imagenet",
-        num_classes=num_classes,
-        in_channels=in_channels,
-        shortcut=shortcut,
-        stride_on=stride_on,
-        zero_init_residual=zero_init_residual,
-        groups=groups,
-        width_per_group=width_per_group,
-    )
+from .resnet import ResNet, imagenet_resnet
 
 
 @register_model(family="resnext", input_size=(224, 224))
 def resnext50_32x4d(**options) -> ResNet:
     """ResNeXt-50 (32x4d): cardinality 32, bottleneck width 4 (Xie et al. 2017, Table 1)."""
-    return bottleneck_resnet([3, 4, 6, 3], groups=32, width_per_group=4, **options)
+    return imagenet_resnet(50, groups=32, width_per_group=4, **{"stride_on": "3x3", **options})
 
 
 @register_model(family="resnext", input_size=(224, 224))
 def wide_resnet50_2(**options) -> ResNet:
     """Wide ResNet-50-2: ResNet-50 with bottlenecks twice as wide inside (Zagoruyko and Komodakis 2016)."""
-    return bottleneck_resnet([3, 4, 6, 3], width_per_group=128, **options)
+    return imagenet_resnet(50, width_per_group=128, **{"stride_on": "3x3", **options})

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .registry import register_model
-from .resnet import IMAGENET_DEPTHS, BasicBlock, Bottleneck, ResNet, ShortcutOption
+from .resnet import IMAGENET_DEPTHS, BasicBlock, Bottleneck, ResNet, ShortcutOption, imagenet_resnet
 
 __all__ = ["SEBasicBlock", "SEBottleneck", "SqueezeExcite", "se_resnet"]
 
@@ -87,30 +87,10 @@ class SEBottleneck(_ExciteThenAdd, Bottleneck):
 SE_BLOCKS: dict[type[nn.Module], type[nn.Module]] = {BasicBlock: SEBasicBlock, Bottleneck: SEBottleneck}
 
 
-def se_resnet(
-    depth: int,
-    *,
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    small_input: bool = False,
-    shortcut: ShortcutOption = "B",
-    stride_on: str = "1x1",
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """SE-ResNet-``depth`` (18, 34, 50, 101, 152): the ResNet of Table 1 of He et al. with SE in every block."""
-    if depth not in IMAGENET_DEPTHS:
-        raise ValueError(f"SE-ResNet depth must be one of {sorted(IMAGENET_DEPTHS)}; got {depth}")
-    block, layers = IMAGENET_DEPTHS[depth]
-    return ResNet(
-        SE_BLOCKS[block],
-        layers,
-        stem="cifar" if small_input else "imagenet",
-        num_classes=num_classes,
-        in_channels=in_channels,
-        shortcut=shortcut,
-        stride_on=stride_on,
-        zero_init_residual=zero_init_residual,
-    )
+def se_resnet(depth: int, **options) -> ResNet:
+    """SE-ResNet-``depth`` (18, 34, 50, 101, 152): the ResNet of Table 1 of He et al. with SE in every block;
+    ``options`` as :func:`~deepres.models.resnet.imagenet_resnet` (``small_input``, ``shortcut``, ``stride_on`` ...)."""
+    return imagenet_resnet(depth, block_types=SE_BLOCKS, **options)
 
 
 def _register(depth: int):
