@@ -406,6 +406,8 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
     finally:
         progress.close()
         writer.close()
+        if dist.joined:
+            distributed.cleanup()
     return summary
 
 
