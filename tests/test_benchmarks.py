@@ -83,6 +83,35 @@ def test_fast_path_learns_and_writes_the_loop_metrics(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["iterations"] == 12
 
 
+def test_fast_path_records_a_diverged_run_and_keeps_a_checkpoint(tmp_path):
+    """A loss that turns inf/NaN: exit status 3 and a {"diverged": true} summary; a folder that already holds a
+    checkpoint is refused rather than overwritten."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import tiny_image_folder
+
+    from deepres.engine.fast import DIVERGED_EXIT, main
+
+    data = tiny_image_folder(tmp_path / "data", classes=2, per_class=16, test_per_class=4)
+    args = ["--recipe", "paper/cifar10_resnet20", "--quiet", "--log-every", "2",
+            "--set", "data.source=imagefolder", "--set", f"data.data_dir={data}",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.val_size=0", "--set", "train.device=cpu",
+            "--set", "train.iterations=6", "--set", "train.batch_size=8", "--set", "train.eval_batch_size=8"]
+    run = tmp_path / "run"
+    assert main(args + ["--set", "optim.lr=1e30", "--run-dir", str(run)]) == DIVERGED_EXIT
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["diverged"] is True and "NaN/inf" in summary["message"]
+    assert not (run / "checkpoints" / "last.pt").exists()
+
+    good = tmp_path / "good"
+    assert main(args + ["--run-dir", str(good)]) == 0
+    stamp = (good / "checkpoints" / "last.pt").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        main(args + ["--run-dir", str(good)])
+    assert (good / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
+
+
 def test_concurrent_runs_longest_first_and_reports_failures(tmp_path):
     from deepres.engine.concurrent import Job, run_concurrent
 

@@ -85,3 +85,44 @@ def test_zoo_and_imagenet_smoke(tiny_cifar, tmp_path):
     for key in ["plain18", "plain34", "resnet18-A", "resnet34-A", "resnet34-B", "resnet34-C", "resnet50-B"]:
         assert f"| {key} |" in imagenet
     assert "| resnet34-C | 22.7M | 3.83 |" in imagenet  # option C: projections on every shortcut
+
+
+def test_fast_engine_runs_side_by_side_and_feeds_every_report(tiny_cifar, tmp_path):
+    """--engine fast on the CPU: two runs as concurrent processes; their metrics, summaries and final checkpoints
+    serve the degradation report, Table 6 and the layer responses, and `deepres eval` reads the checkpoint."""
+    import json
+    import subprocess
+    import sys
+
+    options = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path, depths=[20], engine="fast", parallel=2)
+    text = run_experiment("cifar-degradation", options).read_text()
+    assert "| Plain-20 |" in text and "| ResNet-20 |" in text
+    assert "Engine: the fast path" in text and "for 2 of 2 runs" in text
+    for net in ["plain20", "resnet20"]:
+        run = tmp_path / "runs" / f"cifar10-{net}-s0"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["engine"] == "fast" and summary["iterations"] == 24
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "test_top1_error" in r] == [12, 24]
+        assert [r["step"] for r in rows if "train_top1_error" in r] == list(range(4, 25, 4))
+    responses = run_experiment("layer-responses", options).read_text()
+    assert "| plain-20 | 19 |" in responses and "| resnet-20 | 19 |" in responses
+
+    ckpt = tmp_path / "runs" / "cifar10-resnet20-s0" / "checkpoints" / "last.pt"
+    out = subprocess.run([sys.executable, "-m", "deepres", "eval", str(ckpt), "--split", "test"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((ckpt.parents[1] / "summary.json").read_text())
+    assert f"{summary['test_top1_error']:.2f}" in out.stdout  # the same 200 test images, the same weights
+
+
+def test_fast_engine_leaves_a_loop_run_in_progress_to_the_loop(tiny_cifar, tmp_path):
+    """A run the loop started (checkpoint, no summary) resumes on the loop even under --engine fast."""
+    import json
+
+    loop = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path, depths=[20], engine="loop")
+    run_experiment("cifar-table6", loop)
+    run = tmp_path / "runs" / "cifar10-resnet20-s0"
+    (run / "summary.json").unlink()
+    run_experiment("cifar-table6", Options(**{**loop.__dict__, "engine": "fast"}))
+    assert "engine" not in json.loads((run / "summary.json").read_text())  # finished by the loop

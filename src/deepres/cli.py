@@ -95,6 +95,16 @@ def _parse_scales(text: str | None) -> list[int] | None:
         raise ConfigError("--scales", f"{text!r} is not a comma-separated list of integers, e.g. 224,256,384") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -147,7 +157,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .experiments import Options, run_experiment
 
     options = Options(scale=args.scale, seeds=args.seeds, data_dir=args.data_dir, out=Path(args.out),
-                      include_1202=args.include_1202, depths=args.depths)
+                      include_1202=args.include_1202, depths=args.depths, engine=args.engine,
+                      parallel=args.parallel)
     report = run_experiment(args.experiment, options)
     print(f"report: {report}")
     return 0
@@ -286,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-1202", action="store_true", help="cifar-table6: also ResNet-1202")
     p.add_argument("--depths", type=_int_list, default=None,
                    help="CIFAR experiments: only these depths, e.g. 20,56 (default: 20,32,44,56,110)")
+    p.add_argument("--engine", default="auto", choices=["auto", "loop", "fast"],
+                   help="auto: the paper's CIFAR runs on the fast path (deepres.engine.fast) when a GPU is present, "
+                        "several at once; loop: always deepres train (checkpoints, exact resume); fast: the fast path "
+                        "for the runs that allow it, also on a CPU")
+    p.add_argument("--parallel", type=_positive_int, default=None,
+                   help="fast-path runs at once (default: 5 on a GPU, 1 on a CPU)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("pseudo-label", help="label the unlabeled images (data.labeled_per_class) with a teacher")

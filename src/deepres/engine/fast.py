@@ -9,9 +9,12 @@ bf16 autocast in channels_last, optionally through ``torch.compile``, and (4) re
 ``log_every`` steps. On the CPU it is the same step run eagerly in fp32.
 
 Compared with :func:`deepres.engine.train` it draws its own random stream (so its batches differ from the
-device-resident loader's, with the same distribution), keeps no checkpoints and supports the classification task only
-(label smoothing included; no mixing, RandAugment, EMA, DDP or fine-tuning). It writes ``config.yaml``,
-``metrics.jsonl`` (the loop's row keys, so the reports read it) and ``summary.json`` in the run folder.
+device-resident loader's, with the same distribution), writes one checkpoint at the end (``checkpoints/last.pt``, in
+the loop's format: ``deepres eval``, ``export`` and the layer-response analysis read it; an interrupted run starts
+again from step 0) and supports the classification task only (label smoothing included; no mixing, RandAugment, EMA,
+DDP or fine-tuning). It writes ``config.yaml``, ``metrics.jsonl`` (the loop's row keys, so the reports read it) and
+``summary.json`` in the run folder. A loss that turns NaN/inf stops the run with :class:`NonFiniteLossError`; the
+command line then records ``{"diverged": true}`` as the summary and exits with status 3.
 
     python -m deepres.engine.fast --recipe paper/cifar10_resnet56 --set data.source=imagefolder \\
         --set data.data_dir=../shared/data/cifar10-jpeg.tar.gz --run-dir runs/r56-fast
@@ -30,13 +33,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, ConfigError, to_yaml
+from .. import __version__
+from ..config import Config, ConfigError, to_dict, to_yaml
 from ..data import Normalizer, load_dataset
+from .checkpoint import save_checkpoint
 from .logging import MetricsWriter
-from .loop import build_model, load_run_dataset
+from .loop import NonFiniteLossError, RunPaths, build_model, data_fingerprint, load_run_dataset
 from .optim import Schedule, build_optimizer
 
-__all__ = ["FastOptions", "train_fast"]
+__all__ = ["DIVERGED_EXIT", "FastOptions", "check_fast_supported", "train_fast"]
+
+DIVERGED_EXIT = 3  # the command line's exit status for a run whose loss became NaN/inf
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -61,7 +68,8 @@ def _device(config: Config) -> torch.device:
     return torch.device(name)
 
 
-def _check_supported(config: Config) -> None:
+def check_fast_supported(config: Config) -> None:
+    """Raise :class:`ConfigError` naming the first setting the fast path does not implement."""
     unsupported = {
         "task.name": config.task.name != "classification",
         "data.cutmix_alpha": config.data.cutmix_alpha > 0,
@@ -157,7 +165,11 @@ def train_fast(config: Config, run_dir: str | Path | None = None, options: FastO
     ``setup_seconds`` reading the data and moving it to the device.
     """
     options = options or FastOptions()
-    _check_supported(config)
+    check_fast_supported(config)
+    run = Path(run_dir) if run_dir else None
+    if run is not None and RunPaths(run).last.exists():
+        raise FileExistsError(f"{run} already holds a checkpoint ({RunPaths(run).last}); the fast path starts "
+                              f"runs from step 0: choose another run folder")
     t_setup = time.perf_counter()
     device = _device(config)
     tc = config.train
@@ -229,12 +241,12 @@ def train_fast(config: Config, run_dir: str | Path | None = None, options: FastO
             current[0] = value
         return value
 
-    run = Path(run_dir) if run_dir else None
     writer = None
     if run is not None:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(to_yaml(config))
         writer = MetricsWriter(run, tensorboard=False)
+        writer.truncate_after(-1)  # an interrupted fast run starts again: its old rows go
     setup_seconds = time.perf_counter() - t_setup
 
     eval_seconds = 0.0
@@ -305,7 +317,8 @@ def train_fast(config: Config, run_dir: str | Path | None = None, options: FastO
             if step % options.log_every == 0 or step == tc.iterations:
                 loss_value = loss_sum.item() / window_steps
                 if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"the training loss became NaN/inf before step {step}")
+                    raise NonFiniteLossError(f"the training loss became NaN/inf between steps "
+                                             f"{step - window_steps + 1} and {step}")
                 row = {"step": step, "lr": current, "train_loss": loss_value,
                        "train_top1_error": 100.0 * wrong_sum.item() / (window_steps * tc.batch_size),
                        "images_per_s": window_steps * tc.batch_size / max(time.perf_counter() - window_t0, 1e-9),
@@ -345,9 +358,39 @@ def train_fast(config: Config, run_dir: str | Path | None = None, options: FastO
         "cuda_graph": graph is not None,
         "compile_mode": compile_mode,
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None,
+        "elapsed_s": setup_seconds + train_seconds + eval_seconds,
+        "engine": "fast",
     }
     if run is not None:
+        if use_graph:
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr)  # a plain number in the checkpoint, as the loop keeps it
+        save_checkpoint({
+            "step": step,
+            "config": to_dict(config),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "ema": None,
+            "rng": {"torch": torch.get_rng_state()},
+            "classes": list(dataset.classes),
+            "normalization": normalizer.state_dict(),
+            "image_size": [augmenter.h, augmenter.w],
+            "in_channels": dataset.channels,
+            "data_fingerprint": data_fingerprint(dataset),
+            "best_val_error": math.inf,
+            "deepres_version": __version__,
+        }, RunPaths(run).last)
         (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def record_divergence(run_dir: Path, config: Config, exc: Exception) -> dict:
+    """The summary of a run whose loss became NaN/inf (a result of the run, as the reproduce reports treat it)."""
+    summary = {"run_dir": str(run_dir), "model": config.model.name, "diverged": True, "message": str(exc),
+               "engine": "fast"}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -367,9 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     config = load_config(args.recipe, args.overrides)
-    summary = train_fast(config, args.run_dir, FastOptions(graph=args.graph, compile_mode=args.compile_mode,
-                                                           eval_every=args.eval_every, log_every=args.log_every,
-                                                           stop_at_accuracy=args.stop_at_accuracy, quiet=args.quiet))
+    options = FastOptions(graph=args.graph, compile_mode=args.compile_mode, eval_every=args.eval_every,
+                          log_every=args.log_every, stop_at_accuracy=args.stop_at_accuracy, quiet=args.quiet)
+    try:
+        summary = train_fast(config, args.run_dir, options)
+    except NonFiniteLossError as exc:
+        if args.run_dir:
+            record_divergence(Path(args.run_dir), config, exc)
+        print(f"diverged: {exc}", flush=True)
+        return DIVERGED_EXIT
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}))
     return 0
 

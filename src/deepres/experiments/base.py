@@ -3,6 +3,12 @@
 Runs live in ``OUT/runs/<run name>``; a run with a ``summary.json`` is complete and skipped, an interrupted one resumes
 from its ``last.pt``, so a killed reproduction continues where it stopped. Runs are shared between experiments with
 the same ``--out`` (Table 6 and Fig. 6 train the same residual nets).
+
+Engines: the training loop (:func:`deepres.engine.train`, checkpoints every ``train.checkpoint_every`` steps) or, for
+runs that allow it (the paper's CIFAR recipes), the fast path (:mod:`deepres.engine.fast`: data on the device, CUDA
+graph, bf16, channels_last), several runs side by side as separate processes (:mod:`deepres.engine.concurrent`).
+``--engine auto`` takes the fast path when a GPU is present. A fast run keeps only its final checkpoint, so an
+interrupted one starts again from step 0; a run that already has a loop checkpoint is always finished by the loop.
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ class Options:
     include_1202: bool = False
     # CIFAR experiments: train only these depths (of 20, 32, 44, 56, 110); None: all the paper's.
     depths: list[int] | None = None
+    engine: str = "auto"  # "auto" (fast path on a GPU), "loop" or "fast" (also on a CPU)
+    parallel: int | None = None  # fast-path runs at once; None: 5 on a GPU, 1 on a CPU
+
+
+ENGINES = ("auto", "loop", "fast")
+GPU_PARALLEL = 5  # the paper's CIFAR nets leave most of an H100 idle: five side by side (benchmark cifar-table)
 
 
 @dataclass
@@ -43,6 +55,7 @@ class RunSpec:
     recipe: str
     overrides: list[str]
     meta: dict = field(default_factory=dict)
+    fast: bool = False  # the fast path may train it (classification on in-memory data; see deepres.engine.fast)
 
 
 @dataclass
@@ -121,13 +134,17 @@ def scale_overrides(options: Options) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _run_config(spec: RunSpec):
+    return load_config(spec.recipe, spec.overrides + [f"name={spec.name}"])
+
+
 def _run_one(spec: RunSpec, run_dir: Path) -> dict:
     from ..engine import NonFiniteLossError, train
 
     done = run_dir / "summary.json"
     if done.is_file():
         return json.loads(done.read_text())
-    config = load_config(spec.recipe, spec.overrides + [f"name={spec.name}"])
+    config = _run_config(spec)
     resume = "auto" if (run_dir / "checkpoints" / "last.pt").exists() else None
     print(f"[reproduce] {spec.name}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
     try:
@@ -140,9 +157,63 @@ def _run_one(spec: RunSpec, run_dir: Path) -> dict:
         return summary
 
 
+def _fast_eligible(spec: RunSpec, run_dir: Path, options: Options, gpu: bool) -> bool:
+    """Whether this run goes to the fast path: the engine asks for it, the run allows it, and no loop run is
+    under way in its folder (that one resumes from its checkpoint)."""
+    from ..config import ConfigError
+    from ..engine.fast import check_fast_supported
+
+    if options.engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}; got {options.engine!r}")
+    if options.engine == "loop" or (options.engine == "auto" and not gpu) or not spec.fast:
+        return False
+    if (run_dir / "summary.json").is_file() or (run_dir / "checkpoints" / "last.pt").exists():
+        return False
+    try:
+        check_fast_supported(_run_config(spec))
+    except ConfigError:
+        return False
+    return True
+
+
+def _run_fast(specs: list[tuple[RunSpec, Path]], options: Options, gpu: bool) -> None:
+    """Train ``specs`` on the fast path, ``options.parallel`` processes at a time (largest nets first)."""
+    from ..engine.concurrent import fast_training_job, run_concurrent
+    from ..engine.fast import DIVERGED_EXIT
+
+    parallel = options.parallel or (GPU_PARALLEL if gpu else 1)
+    jobs = []
+    for spec, run_dir in specs:
+        config = _run_config(spec)
+        extra = ["--eval-every", str(config.train.test_every), "--log-every", str(config.train.log_every)]
+        cost = float(spec.meta.get("depth", 1)) * config.train.iterations
+        job = fast_training_job(spec.name, spec.recipe, spec.overrides + [f"name={spec.name}"], run_dir, cost, extra)
+        jobs.append(job)
+    print(f"[reproduce] {len(jobs)} runs on the fast path, {parallel} at a time", flush=True)
+    failed = [r for r in run_concurrent(jobs, parallel)
+              if not (r.returncode in (0, DIVERGED_EXIT) and (r.log.parent / "summary.json").is_file())]
+    if failed:
+        tails = "\n".join(f"--- {r.name} (exit {r.returncode}), last lines of {r.log}:\n"
+                          + "".join(r.log.read_text().splitlines(True)[-15:]) for r in failed)
+        raise RuntimeError(f"{len(failed)} fast-path run(s) failed; completed runs are kept and skipped when the "
+                           f"command is run again.\n{tails}")
+
+
 def environment() -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     return {"device": device, "torch": torch.__version__, "python": platform.python_version(), "deepres": __version__}
+
+
+def _engine_line(results: list[RunResult]) -> str:
+    fast = sum(1 for r in results if r.summary.get("engine") == "fast")
+    if not fast:
+        return f"Engine: the training loop (`deepres train`) for all {len(results)} runs."
+    modes = sorted({f"{r.summary.get('amp', 'off')} autocast" + (", CUDA graph" if r.summary.get("cuda_graph") else "")
+                    + (", channels_last" if r.summary.get("channels_last") else "")
+                    for r in results if r.summary.get("engine") == "fast" and not r.summary.get("diverged")})
+    return (f"Engine: the fast path (`deepres.engine.fast`: data on the device, {'; '.join(modes) or 'diverged'}) "
+            f"for {fast} of {len(results)} runs, the training loop for the rest. Its batches are drawn from its own "
+            f"random stream, so its numbers match the loop's in distribution, not bit for bit.")
 
 
 def run_experiment(name: str, options: Options) -> Path:
@@ -152,9 +223,13 @@ def run_experiment(name: str, options: Options) -> Path:
     experiment = EXPERIMENTS[name]
     out = Path(options.out)
     t0 = time.time()
+    gpu = torch.cuda.is_available()
+    planned = [(spec, out / "runs" / spec.name) for spec in experiment.plan(options)]
+    fast = [(spec, run_dir) for spec, run_dir in planned if _fast_eligible(spec, run_dir, options, gpu)]
+    if fast:
+        _run_fast(fast, options, gpu)
     results = []
-    for spec in experiment.plan(options):
-        run_dir = out / "runs" / spec.name
+    for spec, run_dir in planned:
         summary = _run_one(spec, run_dir)
         results.append(RunResult(spec, run_dir, summary, read_metrics(run_dir / "metrics.jsonl")))
     report_dir = out / name
@@ -171,6 +246,8 @@ def run_experiment(name: str, options: Options) -> Path:
         f"Hardware: {env['device']}; software: deepres {env['deepres']}, torch {env['torch']}, "
         f"Python {env['python']}. Wall time of the runs: {train_seconds / 60:.1f} min "
         f"({len(results)} runs; this invocation {(time.time() - t0) / 60:.1f} min).",
+        "",
+        _engine_line(results),
         "",
     ]
     if options.scale == "smoke":

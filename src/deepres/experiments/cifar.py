@@ -38,7 +38,7 @@ def _runs(options: Options, families: list[str], depths: list[int], extra: list[
                 name = f"cifar10-{family}{depth}{tag}-s{seed}"
                 overrides = data + scale_overrides(options) + [f"train.seed={seed}", *extra]
                 specs.append(RunSpec(name, f"paper/cifar10_{family}{depth}", overrides,
-                                     {"family": family, "depth": depth, "seed": seed}))
+                                     {"family": family, "depth": depth, "seed": seed}, fast=True))
     return specs
 
 
