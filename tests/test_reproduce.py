@@ -126,3 +126,19 @@ def test_fast_engine_leaves_a_loop_run_in_progress_to_the_loop(tiny_cifar, tmp_p
     (run / "summary.json").unlink()
     run_experiment("cifar-table6", Options(**{**loop.__dict__, "engine": "fast"}))
     assert "engine" not in json.loads((run / "summary.json").read_text())  # finished by the loop
+
+
+def test_shortened_schedule_keeps_the_paper_fractions(tmp_path):
+    from deepres.config import load_config
+    from deepres.experiments.base import EXPERIMENTS, command_line
+
+    options = Options(scale="full", out=tmp_path, depths=[56], iterations=1600, engine="fast")
+    (spec,) = [s for s in EXPERIMENTS["cifar-table6"].plan(options)]
+    config = load_config(spec.recipe, spec.overrides)
+    assert config.train.iterations == 1600 and list(config.schedule.milestones) == [800, 1200]
+    assert config.train.test_every == 200 and config.train.checkpoint_every == 200
+    assert config.optim.lr == 0.1 and config.train.batch_size == 128  # the paper's, unscaled at full scale
+    assert command_line("cifar-table6", options) == \
+        "deepres reproduce cifar-table6 --scale full --seeds 1 --depths 56 --iterations 1600 --engine fast"
+    with pytest.raises(ValueError, match="CIFAR paper experiments"):
+        run_experiment("zoo-cifar", Options(scale="smoke", out=tmp_path, iterations=1600))

@@ -157,7 +157,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .experiments import Options, run_experiment
 
     options = Options(scale=args.scale, seeds=args.seeds, data_dir=args.data_dir, out=Path(args.out),
-                      include_1202=args.include_1202, depths=args.depths, engine=args.engine,
+                      include_1202=args.include_1202, depths=args.depths, iterations=args.iterations,
+                      engine=args.engine,
                       parallel=args.parallel)
     report = run_experiment(args.experiment, options)
     print(f"report: {report}")
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-1202", action="store_true", help="cifar-table6: also ResNet-1202")
     p.add_argument("--depths", type=_int_list, default=None,
                    help="CIFAR experiments: only these depths, e.g. 20,56 (default: 20,32,44,56,110)")
+    p.add_argument("--iterations", type=_positive_int, default=None,
+                   help="CIFAR paper experiments: a shortened schedule of N iterations, learning-rate drops at N/2 "
+                        "and 3N/4 (default: the scale's; 64000 at full scale)")
     p.add_argument("--engine", default="auto", choices=["auto", "loop", "fast"],
                    help="auto: the paper's CIFAR runs on the fast path (deepres.engine.fast) when a GPU is present, "
                         "several at once; loop: always deepres train (checkpoints, exact resume); fast: the fast path "

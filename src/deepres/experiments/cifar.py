@@ -11,7 +11,8 @@ from ..data import load_dataset
 from ..engine import load_checkpoint, load_for_inference
 from ..evaluation import layer_responses
 from ..models import count_parameters, create_model
-from .base import Experiment, Options, RunResult, RunSpec, cifar_data_overrides, register_experiment, scale_overrides
+from .base import (Experiment, Options, RunResult, RunSpec, cifar_data_overrides, register_experiment, scale_overrides,
+                   shortened_schedule)
 
 # Table 6: depth -> (parameters in millions, test error %). ResNet-110: best of 5 runs (mean 6.61 +/- 0.16).
 PAPER_TABLE6 = {20: (0.27, 8.75), 32: (0.46, 7.51), 44: (0.66, 7.17), 56: (0.85, 6.97), 110: (1.7, 6.43),
@@ -36,7 +37,8 @@ def _runs(options: Options, families: list[str], depths: list[int], extra: list[
         for depth in _depths(options, depths):
             for seed in range(options.seeds):
                 name = f"cifar10-{family}{depth}{tag}-s{seed}"
-                overrides = data + scale_overrides(options) + [f"train.seed={seed}", *extra]
+                schedule = shortened_schedule(options.iterations) if options.iterations else []
+                overrides = data + scale_overrides(options) + schedule + [f"train.seed={seed}", *extra]
                 specs.append(RunSpec(name, f"paper/cifar10_{family}{depth}", overrides,
                                      {"family": family, "depth": depth, "seed": seed}, fast=True))
     return specs
@@ -261,9 +263,11 @@ def analyze_responses(options: Options, results: list[RunResult], out: Path) -> 
     return "\n".join(lines)
 
 
-register_experiment(Experiment("cifar-table6", "CIFAR-10 ResNets against Table 6", plan_table6, analyze_table6))
+register_experiment(Experiment("cifar-table6", "CIFAR-10 ResNets against Table 6", plan_table6, analyze_table6,
+                               shortens=True))
 register_experiment(Experiment("cifar-degradation", "Degradation on CIFAR-10 (Fig. 6)", plan_degradation,
-                               analyze_degradation))
+                               analyze_degradation, shortens=True))
 register_experiment(Experiment("shortcuts", "Shortcut options A, B, C (Table 3, at CIFAR scale)", plan_shortcuts,
-                               analyze_shortcuts))
-register_experiment(Experiment("layer-responses", "Layer responses (Fig. 7)", plan_responses, analyze_responses))
+                               analyze_shortcuts, shortens=True))
+register_experiment(Experiment("layer-responses", "Layer responses (Fig. 7)", plan_responses, analyze_responses,
+                               shortens=True))
