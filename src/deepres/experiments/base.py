@@ -214,10 +214,16 @@ def _run_fast(specs: list[tuple[RunSpec, Path]], options: Options, gpu: bool) ->
     from ..engine.concurrent import fast_training_job, run_concurrent
     from ..engine.fast import DIVERGED_EXIT
 
+    from ..data import load_dataset
+
     parallel = options.parallel or (GPU_PARALLEL if gpu else 1)
-    jobs = []
+    jobs, sources = [], set()
     for spec, run_dir in specs:
         config = _run_config(spec)
+        source = (config.data.source, config.data.data_dir, config.data.cache_dir)
+        if source not in sources:  # extract and decode once here: first decodes side by side would race on the cache
+            sources.add(source)
+            load_dataset(config.data)
         extra = ["--eval-every", str(config.train.test_every), "--log-every", str(config.train.log_every)]
         cost = float(spec.meta.get("depth", 1)) * config.train.iterations
         job = fast_training_job(spec.name, spec.recipe, spec.overrides + [f"name={spec.name}"], run_dir, cost, extra)
