@@ -51,3 +51,15 @@ def train_teacher(data_dir, run_dir: Path, iterations: int = 30) -> Path:
     with single_thread_on_cpu(torch.device("cpu")):
         train(config, run_dir, quiet=True)
     return run_dir / "checkpoints" / "last.pt"
+
+
+# Shared by the distillation, pseudo-label and transfer tests: one IDX set and one teacher (read, never changed) for
+# the whole session, trained once instead of once per module.
+@pytest.fixture(scope="session")
+def idx_data(tmp_path_factory):
+    return idx_dataset(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(scope="session")
+def teacher(idx_data, tmp_path_factory):
+    return train_teacher(idx_data, tmp_path_factory.mktemp("teacher") / "run")

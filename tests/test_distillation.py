@@ -13,17 +13,7 @@ from deepres.engine.loop import build_model
 from deepres.tasks import DistillationTask, build_task, kd_loss
 from deepres.tasks.distillation import masked_cross_entropy
 
-from .efficient_helpers import _one_thread, idx_dataset, overrides, train_teacher  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def idx_data(tmp_path_factory):
-    return idx_dataset(tmp_path_factory.mktemp("idx"))
-
-
-@pytest.fixture(scope="module")
-def teacher(idx_data, tmp_path_factory):
-    return train_teacher(idx_data, tmp_path_factory.mktemp("teacher") / "run")
+from .efficient_helpers import _one_thread, idx_data, overrides, teacher  # noqa: F401
 
 
 def _softmax(row, t):

@@ -14,17 +14,7 @@ from deepres.models import create_model
 from deepres.tasks import select_pseudo_labels, split_labeled
 from deepres.tasks.noise import add_noise
 
-from .efficient_helpers import _one_thread, idx_dataset, overrides, train_teacher  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def idx_data(tmp_path_factory):
-    return idx_dataset(tmp_path_factory.mktemp("idx"))
-
-
-@pytest.fixture(scope="module")
-def teacher(idx_data, tmp_path_factory):
-    return train_teacher(idx_data, tmp_path_factory.mktemp("teacher") / "run")
+from .efficient_helpers import _one_thread, idx_data, overrides, teacher  # noqa: F401
 
 
 def test_the_threshold_keeps_only_confident_images():

@@ -13,17 +13,12 @@ from deepres.engine.loop import build_model
 from deepres.models import create_model
 from deepres.tasks.transfer import freeze_backbone, load_init
 
-from .efficient_helpers import _one_thread, idx_dataset, overrides, train_teacher  # noqa: F401
+from .efficient_helpers import _one_thread, idx_data, overrides, teacher  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def idx_data(tmp_path_factory):
-    return idx_dataset(tmp_path_factory.mktemp("idx"))
-
-
-@pytest.fixture(scope="module")
-def source(idx_data, tmp_path_factory):
-    return train_teacher(idx_data, tmp_path_factory.mktemp("source") / "run")
+def source(teacher):
+    return teacher  # the shared trained ResNet-20: the source model of every transfer test
 
 
 @pytest.fixture(scope="module")

@@ -190,44 +190,42 @@ def _run_one(spec: RunSpec, run_dir: Path) -> dict:
         return summary
 
 
-def _fast_eligible(spec: RunSpec, run_dir: Path, options: Options, gpu: bool) -> bool:
-    """Whether this run goes to the fast path: the engine asks for it, the run allows it, and no loop run is
-    under way in its folder (that one resumes from its checkpoint)."""
+def _fast_config(spec: RunSpec, run_dir: Path, options: Options, gpu: bool):
+    """The run's config when it goes to the fast path (the engine asks for it, the run allows it, and no loop run is
+    under way in its folder: that one resumes from its checkpoint); None when the loop trains it."""
     from ..config import ConfigError
     from ..engine.fast import check_fast_supported
 
-    if options.engine not in ENGINES:
-        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}; got {options.engine!r}")
     if options.engine == "loop" or (options.engine == "auto" and not gpu) or not spec.fast:
-        return False
+        return None
     if (run_dir / "summary.json").is_file() or (run_dir / "checkpoints" / "last.pt").exists():
-        return False
+        return None
+    config = _run_config(spec)
     try:
-        check_fast_supported(_run_config(spec))
+        check_fast_supported(config)
     except ConfigError:
-        return False
-    return True
+        return None
+    return config
 
 
-def _run_fast(specs: list[tuple[RunSpec, Path]], options: Options, gpu: bool) -> None:
-    """Train ``specs`` on the fast path, ``options.parallel`` processes at a time (largest nets first)."""
+def _run_fast(runs: list[tuple[RunSpec, Path, object]], options: Options, gpu: bool) -> None:
+    """Train ``runs`` (spec, folder, config) on the fast path, ``options.parallel`` processes at a time, largest
+    nets first."""
+    from ..data import load_dataset
     from ..engine.concurrent import fast_training_job, run_concurrent
     from ..engine.fast import DIVERGED_EXIT
 
-    from ..data import load_dataset
-
     parallel = options.parallel or (GPU_PARALLEL if gpu else 1)
     jobs, sources = [], set()
-    for spec, run_dir in specs:
-        config = _run_config(spec)
+    for spec, run_dir, config in runs:
         source = (config.data.source, config.data.data_dir, config.data.cache_dir)
         if source not in sources:  # extract and decode once here: first decodes side by side would race on the cache
             sources.add(source)
             load_dataset(config.data)
         extra = ["--eval-every", str(config.train.test_every), "--log-every", str(config.train.log_every)]
         cost = float(spec.meta.get("depth", 1)) * config.train.iterations
-        job = fast_training_job(spec.name, spec.recipe, spec.overrides + [f"name={spec.name}"], run_dir, cost, extra)
-        jobs.append(job)
+        jobs.append(fast_training_job(spec.name, spec.recipe, spec.overrides + [f"name={spec.name}"], run_dir, cost,
+                                      extra))
     print(f"[reproduce] {len(jobs)} runs on the fast path, {parallel} at a time", flush=True)
     failed = [r for r in run_concurrent(jobs, parallel)
               if not (r.returncode in (0, DIVERGED_EXIT) and (r.log.parent / "summary.json").is_file())]
@@ -262,11 +260,14 @@ def run_experiment(name: str, options: Options) -> Path:
     experiment = EXPERIMENTS[name]
     if options.iterations and not experiment.shortens:
         raise ValueError(f"--iterations applies to the CIFAR paper experiments, not to '{name}'")
+    if options.engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}; got {options.engine!r}")
     out = Path(options.out)
     t0 = time.time()
     gpu = torch.cuda.is_available()
     planned = [(spec, out / "runs" / spec.name) for spec in experiment.plan(options)]
-    fast = [(spec, run_dir) for spec, run_dir in planned if _fast_eligible(spec, run_dir, options, gpu)]
+    fast = [(spec, run_dir, config) for spec, run_dir in planned
+            if (config := _fast_config(spec, run_dir, options, gpu)) is not None]
     if fast:
         _run_fast(fast, options, gpu)
     results = []
