@@ -1,10 +1,10 @@
 """Time to 90% test accuracy on the CIFAR-10 JPEG set: the speed recipe (``toolkit/cifar10_speedrun``: a wide,
 shallow residual net, batch 512, one-cycle, label smoothing, bf16, channels_last) against the paper's ResNet-20
-recipe (``paper/cifar10_resnet20``), both on the same harness (the fast path, ``deepres.engine.fast``), same
-device, same run.
+recipe (``paper/cifar10_resnet20``, here with the same GPU settings: bf16, channels_last, captured step), both
+through ``deepres train``, same device, same run.
 
-Each run evaluates on the test set every ``--eval-every`` steps (the accuracy-vs-seconds curve) and stops at the
-first evaluation at or above ``--target-accuracy``. Seconds are training seconds from the first step (graph
+Each run evaluates on the test set every ``--eval-every`` steps (``train.test_every``: the accuracy-vs-seconds
+curve) and stops at the first evaluation at or above ``--target-accuracy`` (``train.stop_at_accuracy``). Seconds are training seconds from the first step (graph
 capture and compilation included, evaluations excluded). A run that never reaches the accuracy reports the time
 of its whole schedule and ``reached: false``.
 
@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gpu_or_cpu, tiny_image_folder, write_result  # noqa: E402
 
 from deepres.config import load_config  # noqa: E402
-from deepres.engine.fast import COMPILE_MODES, FastOptions, train_fast  # noqa: E402
+from deepres.engine import train  # noqa: E402
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 TARGET_SECONDS = 10.0  # one H100 (issue 8)
@@ -33,15 +35,18 @@ TARGET_SECONDS = 10.0  # one H100 (issue 8)
 
 def run(recipe: str, data: str, cache_dir, device, seed: int, eval_every: int, accuracy: float, compile_mode,
         overrides: list[str]) -> dict:
+    gpu = str(device.type == "cuda").lower()
     sets = ["data.source=imagefolder", f"data.data_dir={data}", f"train.device={device}", f"train.seed={seed}",
-            f"train.channels_last={'true' if device.type == 'cuda' else 'false'}"]
+            f"train.channels_last={gpu}", f"train.cuda_graph={gpu}", "train.amp=auto", f"train.test_every={eval_every}",
+            f"train.stop_at_accuracy={accuracy}", f"train.log_every={max(1, min(100, eval_every))}",
+            f"train.compile={compile_mode}"]
     if cache_dir:
         sets.append(f"data.cache_dir={cache_dir}")
     config = load_config(recipe, sets + overrides)
-    summary = train_fast(config, options=FastOptions(eval_every=eval_every, stop_at_accuracy=accuracy,
-                                                     compile_mode=compile_mode, quiet=True,
-                                                     log_every=max(1, min(100, eval_every))))
+    with tempfile.TemporaryDirectory(prefix="deepres-bench-run-") as run_dir:
+        summary = train(config, run_dir, quiet=True)
     summary["reached"] = summary["reached_accuracy"] is not None
+    summary["curve"] = summary["test_curve"]
     return summary
 
 
@@ -54,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="runs of ours; the mean time (the reference runs once)")
     parser.add_argument("--eval-every", type=int, default=None, help="ours: test every N steps (default 25)")
     parser.add_argument("--reference-eval-every", type=int, default=None, help="default 1000")
-    parser.add_argument("--compile", dest="compile_mode", default=None, choices=COMPILE_MODES)
+    parser.add_argument("--compile", dest="compile_mode", default="off", choices=COMPILE_MODES)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override of the speed recipe")
     parser.add_argument("--smoke", action="store_true", help="a tiny CPU run (CI)")
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
 
     ours_runs = [run("toolkit/cifar10_speedrun", data, cache_dir, device, seed, eval_every, accuracy,
                      args.compile_mode, ours_sets) for seed in range(args.seeds)]
-    reference = run("paper/cifar10_resnet20", data, cache_dir, device, 0, ref_eval_every, accuracy, None, ref_sets)
+    reference = run("paper/cifar10_resnet20", data, cache_dir, device, 0, ref_eval_every, accuracy, "off", ref_sets)
     ours = statistics.mean(r["train_seconds"] for r in ours_runs)
     metric = (f"training seconds to {accuracy:g}% test accuracy on "
               f"{'a tiny generated JPEG folder' if tmp else 'the CIFAR-10 JPEG set'} (evaluations excluded, "

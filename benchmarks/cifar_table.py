@@ -1,7 +1,8 @@
 """The whole of the paper's Table 6 and Fig. 6 (plain and residual nets of 20, 32, 44, 56 and 110 layers, the paper's
 CIFAR-10 recipe, one seed each) on one GPU, by running the independent trainings concurrently
-(``deepres.engine.concurrent``: one process each, longest first, ``--parallel`` at a time), each on the fast path
-(``deepres.engine.fast``) with test error every ``--eval-every`` steps for the curves.
+(``deepres.engine.concurrent``: one ``deepres train`` process each, longest first, ``--parallel`` at a time), each
+with the GPU settings (captured CUDA-graph step, bf16 autocast, channels_last, the split held on the device) and the
+test error every ``--eval-every`` steps for the curves.
 
 Ours: wall seconds from the first launch to the last run's end (process start-up, reading the cached decoded data,
 graph capture and the curves' evaluations all included). Reference: the same ten runs one after another with the
@@ -32,7 +33,7 @@ from common import gpu_or_cpu, tiny_image_folder, write_result  # noqa: E402
 from deepres.config import load_config  # noqa: E402
 from deepres.data import load_dataset  # noqa: E402
 from deepres.data.folders import resolve_image_source  # noqa: E402
-from deepres.engine.concurrent import fast_training_job, run_concurrent  # noqa: E402
+from deepres.engine.concurrent import run_concurrent, training_job  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 DEPTHS = (20, 32, 44, 56, 110)
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-every", type=int, default=None, help="test error every N steps (default 2000)")
     parser.add_argument("--reference-steps", type=int, default=None, help="default 200 (smoke 2)")
     parser.add_argument("--workers", type=int, default=None, help="reference DataLoader workers")
-    parser.add_argument("--runs", default=None, help="folder of the run folders (default runs/bench-cifar-table)")
+    parser.add_argument("--runs", default=None, help="folder of the run folders, new (default "
+                        "runs/bench-cifar-table-<date>-<time>)")
     parser.add_argument("--compile", dest="compile_mode", default=None, help="torch.compile mode for every run")
     parser.add_argument("--smoke", action="store_true", help="a tiny CPU run (CI)")
     parser.add_argument("--out", default=None, help="folder for the result file (default benchmarks/results)")
@@ -73,12 +75,16 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="deepres-bench-") if args.smoke else None
     data = args.data or (str(tiny_image_folder(Path(tmp.name) / "data")) if tmp else str(DEFAULT_DATA))
     cache_dir = args.cache_dir or (str(Path(tmp.name) / "cache") if tmp else None)
-    runs = Path(args.runs) if args.runs else (Path(tmp.name) / "runs" if tmp else Path("runs/bench-cifar-table"))
-    batch_size, val_size = (8, 0) if args.smoke else (128, 5000)
-
+    runs = Path(args.runs) if args.runs else (Path(tmp.name) / "runs" if tmp else
+                                              Path(f"runs/bench-cifar-table-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if any((runs / net).exists() for net in nets):
+        parser.error(f"{runs} already holds runs of these nets; a timed benchmark starts from scratch: choose --runs")
+    batch_size, val_size = (8, 0) if args.smoke else (128, 0)  # the paper's recipe: all 50k training images
+    gpu = str(device.type == "cuda").lower()
     overrides = ["data.source=imagefolder", f"data.data_dir={data}", f"train.device={device}",
                  f"train.iterations={iterations}", f"train.batch_size={batch_size}", f"data.val_size={val_size}",
-                 f"train.channels_last={'true' if device.type == 'cuda' else 'false'}"]
+                 f"train.channels_last={gpu}", f"train.cuda_graph={gpu}", "train.amp=auto",
+                 f"train.test_every={eval_every}", f"train.checkpoint_every={max(eval_every, iterations // 4)}"]
     if cache_dir:
         overrides.append(f"data.cache_dir={cache_dir}")
     if args.smoke:
@@ -86,9 +92,9 @@ def main(argv=None) -> int:
     # Decode (or find cached) once before the launch, so the runs only read the cache.
     load_dataset(load_config(f"paper/cifar10_{nets[0]}", overrides).data)
 
-    extra = ["--eval-every", str(eval_every)] + (["--compile", args.compile_mode] if args.compile_mode else [])
-    jobs = [fast_training_job(net, f"paper/cifar10_{net}", overrides, runs / net, cost=depth_of(net),
-                              extra_args=extra) for net in nets]
+    if args.compile_mode:
+        overrides.append(f"train.compile={args.compile_mode}")
+    jobs = [training_job(net, f"paper/cifar10_{net}", overrides, runs / net, cost=depth_of(net)) for net in nets]
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -107,6 +113,7 @@ def main(argv=None) -> int:
         depth = depth_of(r.name)
         table[r.name] = {"test_top1_error": summary["test_top1_error"], "process_seconds": r.seconds,
                          "train_seconds": summary["train_seconds"], "peak_memory_mib": summary["peak_memory_mib"],
+                         "step": summary["step"], "amp": summary["amp"],
                          "paper_test_error": PAPER_ERROR.get(depth) if r.name.startswith("resnet") else None}
 
     root = resolve_image_source(data, cache_dir)
@@ -118,8 +125,9 @@ def main(argv=None) -> int:
         ref_rows[net] = {"seconds": ref["seconds"], "seconds_per_step": ref["seconds_per_step"]}
 
     metric = (f"wall seconds for {len(nets)} trainings of the paper's CIFAR-10 recipe ({iterations} iterations, "
-              f"batch {batch_size}, test error every {eval_every} steps); ours: {parallel} concurrent processes on "
-              f"one device, fast path; reference: the same runs one after another, DataLoader + PIL workers, eager "
+              f"batch {batch_size}, test error every {eval_every} steps); ours: {parallel} concurrent deepres train "
+              f"processes on one device ({table[nets[0]]['step']} step, {table[nets[0]]['amp']} autocast); reference: "
+              f"the same runs one after another, DataLoader + PIL workers, eager "
               f"fp32, each measured on {ref_steps} steps and extrapolated; lower is better, ratio = reference / ours")
     write_result("cifar-table", device, metric, ours, reference, higher_is_better=False,
                  target={"seconds_max": TARGET_SECONDS}, out=args.out,

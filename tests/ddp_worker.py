@@ -38,6 +38,54 @@ def ddp_test_net(**options):
     return NoNormNet(**options)
 
 
+def _straddle(run_dir: str) -> None:
+    """DDP_STRADDLE: each rank holds its own training labels: rank 0 one class for every image (learned within a few
+    steps: its local error falls to 0), rank 1 noise (its local error stays near 90%). Each rank records its local
+    error per step and its final weights."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from deepres.data import sources
+    from deepres.engine import loop
+
+    rank = int(os.environ.get("RANK", "0"))
+    original = sources.SOURCES["fashion_mnist"]
+
+    def noisy(cfg):
+        dataset = original(cfg)
+        if rank == 0:
+            dataset.train.labels = torch.zeros_like(dataset.train.labels)
+        else:
+            g = torch.Generator().manual_seed(123)
+            dataset.train.labels = torch.randint(0, 10, dataset.train.labels.shape, generator=g)
+        return dataset
+
+    sources.SOURCES["fashion_mnist"] = noisy
+    log = Path(run_dir) / f"rank{rank}.jsonl"
+    observe, save = loop._observe_warmup, loop._save
+
+    def observe_and_record(run, wrong, count):
+        with log.open("a") as f:
+            f.write(json.dumps({"step": run.step + 1, "local_error": 100.0 * float(wrong) / count}) + "\n")
+        observe(run, wrong, count)
+
+    def save_and_keep(run, path):
+        save(run, path)
+        torch.save(run.model.state_dict(), Path(run_dir) / f"rank{rank}.pt")
+
+    loop._observe_warmup, loop._save = observe_and_record, save_and_keep
+
+
 if __name__ == "__main__":
+    import os
+
     run_dir, *overrides = sys.argv[1:]
+    if os.environ.get("DDP_STRADDLE"):
+        from pathlib import Path
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        _straddle(run_dir)
     train(load_config(None, overrides), run_dir, quiet=True)

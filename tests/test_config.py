@@ -4,9 +4,13 @@ import sys
 import pytest
 
 from deepres.config import (
+    HONOURED_BY_EVERY_STEP,
+    STEP_KINDS,
+    STEP_REFUSALS,
     Config,
     ConfigError,
     apply_overrides,
+    config_keys,
     find_recipe,
     from_dict,
     load_config,
@@ -55,7 +59,9 @@ def test_overrides_are_coerced_to_the_field_type():
     assert c.optim.lr == 0.05 and isinstance(c.optim.lr, float)
     assert c.train.iterations == 1000 and isinstance(c.train.iterations, int)
     assert c.schedule.milestones == [100, 200]
-    assert c.train.compile is True and c.optim.nesterov is False
+    assert c.train.compile == "default" and c.optim.nesterov is False
+    assert apply_overrides(c, ["train.compile=false"]).train.compile == "off"
+    assert apply_overrides(c, ["train.compile=max-autotune"]).train.compile == "max-autotune"
     assert c.model.shortcut == "B" and c.model.num_classes == 100
     assert c.optim.grad_clip == 1.0 and isinstance(c.optim.grad_clip, float)
     assert c.name == "123"
@@ -72,7 +78,7 @@ def test_overrides_are_coerced_to_the_field_type():
         ("model.shortcut=D", "model.shortcut", "'A', 'B', 'C'"),
         ("train.iterations=lots", "train.iterations", "an integer"),
         ("train.iterations=1.5", "train.iterations", "an integer"),
-        ("train.compile=maybe", "train.compile", "true or false"),
+        ("train.compile=maybe", "train.compile", "'reduce-overhead'"),
         ("schedule.milestones=1,x", "schedule.milestones[1]", "an integer"),
         ("data.source=imagenet", "data.source", "'imagefolder'"),
         ("train=3", "train", "is a section"),
@@ -129,3 +135,95 @@ def test_cli_config_error_exits_2_naming_the_key():
     )
     assert ok.returncode == 0, ok.stderr
     assert from_dict(__import__("yaml").safe_load(ok.stdout)).optim.lr == 0.2
+
+
+def test_yaml_booleans_of_word_valued_keys(tmp_path):
+    """YAML 1.1 reads an unquoted off/on as a boolean: amp: off and compile: false/true still mean what they say."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  amp: off\n  compile: true\n")
+    config = load_config(recipe)
+    assert config.train.amp == "off" and config.train.compile == "default"
+    recipe.write_text("train:\n  amp: on\n")
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(recipe)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config.validate: honoured or refused
+
+
+def _kind_overrides(kind: str) -> list[str]:
+    return {"eager": [], "compiled": ["train.compile=default"], "graph": ["train.cuda_graph=true"]}[kind]
+
+
+def test_every_key_is_honoured_or_refused_by_every_step_kind():
+    """A key added to Config without deciding, for every step kind, whether it is honoured or refused fails here."""
+    keys = set(config_keys())
+    refused = {r.key for refusals in STEP_REFUSALS.values() for r in refusals}
+    assert set(STEP_REFUSALS) == set(STEP_KINDS)
+    undecided = keys - HONOURED_BY_EVERY_STEP - refused
+    assert not undecided, f"keys with no decision for the step kinds: {sorted(undecided)}"
+    assert not (HONOURED_BY_EVERY_STEP - keys), "listed keys that Config does not have"
+    assert not (HONOURED_BY_EVERY_STEP & refused), "a key both honoured by every step and refused by one"
+    for kind in STEP_KINDS:
+        for key in sorted(keys):
+            rules = [r for r in STEP_REFUSALS[kind] if r.key == key]
+            base = _kind_overrides(kind) + (["task.teacher=t.pt"] if key == "task.name" else [])
+            if not rules:  # honoured: its default and the config of this kind load
+                assert load_config(None, base).train is not None
+                continue
+            for rule in rules:  # refused: the example value is an error naming the key, for this kind only
+                with pytest.raises(ConfigError) as info:
+                    load_config(None, base + [f"{key}={rule.example}"])
+                assert info.value.key == key, (kind, key, str(info.value))
+                assert kind in str(info.value)
+                for other in STEP_KINDS:
+                    if other != kind and not any(r.key == key for r in STEP_REFUSALS[other]):
+                        extra = ["data.labeled_per_class=10"] if key == "task.name" else []
+                        load_config(None, _kind_overrides(other) + base[len(_kind_overrides(kind)):] + extra
+                                    + [f"{key}={rule.example}"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.iterations=0", "train.iterations"), ("train.iterations=-5", "train.iterations"),
+    ("train.batch_size=0", "train.batch_size"), ("train.log_every=0", "train.log_every"),
+    ("train.eval_every=0", "train.eval_every"), ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("optim.lr=nan", "optim.lr"), ("optim.lr=0", "optim.lr"), ("optim.momentum=2", "optim.momentum"),
+    ("optim.weight_decay=-1", "optim.weight_decay"), ("schedule.milestones=48000,32000", "schedule.milestones"),
+    ("data.val_size=-1", "data.val_size"), ("model.dropout=1.0", "model.dropout"),
+    ("task.label_smoothing=1.0", "task.label_smoothing"), ("task.alpha=1.5", "task.alpha"),
+    ("train.device=gpu", "train.device"), ("train.stop_at_accuracy=101", "train.stop_at_accuracy"),
+    ("finetune.backbone_lr_scale=-0.1", "finetune.backbone_lr_scale"), ("train.ema_decay=1.0", "train.ema_decay"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["task.name=distillation"], "task.teacher"),
+    (["task.name=pseudo_label", "task.teacher=t.pt"], "data.labeled_per_class"),
+    (["task.name=pseudo_label", "task.teacher=t.pt", "data.labeled_per_class=5", "task.pseudo_labels=soft",
+      "data.cutmix_alpha=1"], "task.pseudo_labels"),
+    (["task.name=distillation", "task.teacher=t.pt", "data.loader=workers"], "data.loader"),
+    (["data.unlabeled_subset=10"], "data.unlabeled_subset"),
+    (["data.preset=paper_imagenet", "data.loader=device"], "data.loader"),
+    (["model.init_head=new"], "model.init_head"),
+])
+def test_unsupported_combinations_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.key == key
+
+
+def test_cli_config_refuses_what_train_would_refuse():
+    """deepres config rejects an unsupported combination with exit 2 naming the key, before any data is read."""
+    for args, key in ((["--set", "train.cuda_graph=true", "--set", "train.ema_decay=0.999"], "train.ema_decay"),
+                      (["--set", "train.cuda_graph=true", "--set", "train.amp=fp16"], "train.amp")):
+        for command in ("config", "train"):
+            result = subprocess.run([sys.executable, "-m", "deepres", command, *(["--recipe", "demo"] if command ==
+                                    "train" else []), *args, "--set", "data.data_dir=/nonexistent"],
+                                    capture_output=True, text=True)
+            assert result.returncode == 2, (command, result.stderr)
+            assert f"'{key}'" in result.stderr and "graph" in result.stderr

@@ -325,3 +325,74 @@ def test_build_data_in_memory_source_with_workers(tmp_path):
     assert sum(len(yb) for _, yb in bundle.test) == 12
     device = build_data(DataConfig(loader="device"), batch_size=8, eval_batch_size=16, seed=0, dataset=dataset)
     assert torch.equal(device.normalizer.mean, bundle.normalizer.mean)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole-epoch gather (data.gather=epoch)
+
+
+def _crop_of(out: torch.Tensor, padded: torch.Tensor, size: int) -> tuple[int, int, bool] | None:
+    """The (row, column, flipped) of the crop of ``padded`` that equals ``out``, or None."""
+    span = padded.shape[-1] - size + 1
+    for dy in range(span):
+        for dx in range(span):
+            crop = padded[:, dy:dy + size, dx:dx + size]
+            if torch.equal(crop, out):
+                return dy, dx, False
+            if torch.equal(crop.flip(-1), out):
+                return dy, dx, True
+    return None
+
+
+def test_epoch_gather_gives_each_image_once_per_epoch_as_a_pad4_crop_or_its_flip():
+    """Section 4.2's augmentation, drawn for the whole epoch at once: every image once, a pad-4 crop of itself,
+    flipped about half the time, normalised as every batch is."""
+    torch.manual_seed(0)
+    n, size = 64, 8
+    images = torch.randint(1, 256, (n, 3, size, size), dtype=torch.uint8)  # no zeros: padding is recognisable
+    identity = Normalizer(torch.zeros(3, 1, 1), torch.full((3, 1, 1), 1 / 255))  # x -> x (as floats)
+    loader = DeviceLoader(Split(images, torch.arange(n)), 16, normalizer=identity, seed=3, gather="epoch")
+    seen, offsets, flips = [], set(), 0
+    for step in range(loader.steps_per_epoch):
+        x, y = loader.batch(step)
+        assert x.shape == (16, 3, size, size) and x.dtype == torch.float32
+        for img, label in zip(x, y):
+            where = _crop_of(img.round(), torch.nn.functional.pad(images[label].float(), (4,) * 4), size)
+            assert where is not None, f"image {int(label)} is not a pad-4 crop (or its flip) of itself"
+            offsets.add(where[:2])
+            flips += where[2]
+            seen.append(int(label))
+    assert sorted(seen) == list(range(n)) and seen != list(range(n))  # each image once, shuffled
+    assert len(offsets) > 20 and 16 <= flips <= 48  # 81 offsets possible; flips ~ Binomial(64, 0.5)
+    assert not torch.equal(torch.cat([loader.batch(s)[0] for s in range(4)]),
+                           torch.cat([loader.batch(s)[0] for s in range(4, 8)]))  # the next epoch draws anew
+
+
+@pytest.mark.parametrize("gather", ["epoch", "batch"])
+def test_batches_are_a_function_of_seed_epoch_and_step(gather):
+    """Any order of access, a fresh loader (a resumed run) or another loader give the same batches; both modes share
+    each epoch's order."""
+    split = _split(n=80)
+    split.labels = torch.arange(80)
+    a, b = _loader(split, seed=5, gather=gather), _loader(split, seed=5, gather=gather)
+    steps = [9, 0, 4, 5, 9, 1]  # 5 steps per epoch: crosses epochs both ways
+    first = {s: a.batch(s) for s in steps}
+    for s in reversed(steps):
+        x, y = b.batch(s)
+        assert torch.equal(x, first[s][0]) and torch.equal(y, first[s][1])
+    resumed = list(itertools.islice(_loader(split, seed=5, gather=gather).iterate(7), 3))
+    for k, (x, y) in enumerate(resumed):
+        assert torch.equal(x, a.batch(7 + k)[0]) and torch.equal(y, a.batch(7 + k)[1])
+    other = _loader(split, seed=5, gather="batch" if gather == "epoch" else "epoch")
+    assert all(torch.equal(other.batch(s)[1], a.batch(s)[1]) for s in range(10))  # the same order
+    assert not torch.equal(other.batch(0)[0], a.batch(0)[0])  # crops drawn per epoch vs per step
+
+
+def test_epoch_gather_ddp_ranks_are_disjoint_and_complete():
+    split = _split(n=96)
+    whole = _loader(split, batch=32, seed=1, gather="epoch")
+    ranks = [_loader(split, batch=32, seed=1, rank=r, world_size=2, gather="epoch") for r in range(2)]
+    for step in (0, 2, 4):
+        x, y = whole.batch(step)
+        parts = [r.batch(step) for r in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)

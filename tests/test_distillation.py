@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from deepres.config import ConfigError, load_config
 from deepres.data import build_data
 from deepres.engine import load_checkpoint, train
-from deepres.engine.loop import build_model
-from deepres.tasks import DistillationTask, build_task, kd_loss
+from deepres.runs import build_model, load_teacher
+from deepres.tasks import build_task, kd_loss
 from deepres.tasks.distillation import masked_cross_entropy
 
 from .efficient_helpers import _one_thread, idx_data, overrides, teacher  # noqa: F401
@@ -60,15 +60,17 @@ def test_unlabeled_rows_take_only_the_kl_term():
     assert torch.isfinite(none) and none.item() == 0.0
 
 
-def test_bad_settings_name_their_key():
+def test_bad_settings_name_their_key(tmp_path):
     with pytest.raises(ConfigError, match="task.teacher"):
-        build_task(load_config(None, ["task.name=distillation"]).task)
-    with pytest.raises(ConfigError, match="task.teacher.*not found: missing.pt"):
-        build_task(load_config(None, ["task.name=distillation", "task.teacher=missing.pt"]).task)
+        load_config(None, ["task.name=distillation"])
     with pytest.raises(ConfigError, match="task.alpha"):
-        DistillationTask("t.pt", alpha=1.5)
+        load_config(None, ["task.name=distillation", "task.teacher=t.pt", "task.alpha=1.5"])
     with pytest.raises(ConfigError, match="task.temperature"):
-        DistillationTask("t.pt", temperature=0)
+        load_config(None, ["task.name=distillation", "task.teacher=t.pt", "task.temperature=0"])
+    # A missing teacher file is found before any data is read (the data directory does not exist either).
+    config = load_config(None, ["task.name=distillation", "task.teacher=missing.pt", f"data.data_dir={tmp_path}/x"])
+    with pytest.raises(ConfigError, match="task.teacher.*not found: missing.pt"):
+        train(config, tmp_path / "run", quiet=True)
 
 
 def _prepared(idx_data, teacher, **extra):
@@ -77,7 +79,7 @@ def _prepared(idx_data, teacher, **extra):
     original = data.train
     model = build_model(config.model, data.dataset.num_classes, data.dataset.channels)
     task = build_task(config.task)
-    task.prepare(model, data, config, torch.device("cpu"))
+    task.prepare(model, data, config, torch.device("cpu"), load_teacher(teacher, data.dataset.classes, "cpu"))
     return task, data, original, model
 
 

@@ -1,5 +1,6 @@
 """DDP on CPU (gloo): 2 processes reach the weights of 1 process with the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from .test_engine import small_overrides
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _run(cmd, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parents[1]))
+def _run(cmd, tmp_path, **env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parents[1]), **env_extra)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -42,3 +43,33 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert test["test_top1_error"] == pytest.approx(single_test["test_top1_error"], abs=1e-6)
     losses = lambda rs: [r["train_loss"] for r in rs if "train_loss" in r]  # noqa: E731
     assert losses(rows["ddp"]) == pytest.approx(losses(rows["single"]), rel=1e-4)
+
+
+def test_error_driven_warmup_switches_every_rank_on_the_same_step(tmp_path):
+    """The paper's ResNet-110 rule (lr 0.01 until the training error is below a threshold) under DDP: rank 0's labels
+    are one class (its local error falls to 0 within steps), rank 1's are noise (its local error stays near 90%);
+    their local errors straddle the threshold.
+    The switch is decided from the error of the whole global batch, so both ranks switch on the same step and end
+    with identical weights (decided per rank, rank 0 alone would step at 0.1 and the replicas would part)."""
+    data = make_idx_dataset(tmp_path / "data", n_train=320, n_test=64)
+    threshold = 85.0
+    overrides = small_overrides(data, **{"model.name": "ddp_test_net", "train.iterations": 40, "data.val_size": 0,
+                                         "train.checkpoint_every": 40, "train.eval_every": 40, "train.log_every": 5,
+                                         "schedule.name": "constant", "optim.lr": 0.1, "schedule.warmup_lr": 0.01,
+                                         "schedule.warmup_until_train_error": threshold, "train.deterministic": False})
+    run = tmp_path / "ddp"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), str(run),
+          *overrides], tmp_path, DDP_STRADDLE="1")
+    local = {r: [json.loads(line)["local_error"] for line in (run / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)}
+    switch = len(local[0])  # errors are observed until the switch
+    assert len(local[1]) == switch < 40, "both ranks stopped observing (switched) on the same step, before the end"
+    window = 20
+    mean0, mean1 = (sum(local[r][switch - window:switch]) / window for r in (0, 1))
+    assert mean0 < threshold <= mean1, (mean0, mean1)  # the local errors straddle the threshold at the switch
+    assert (mean0 + mean1) / 2 < threshold  # the global batch's error crossed it
+    lrs = [r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r]
+    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.1)
+    a, b = torch.load(run / "rank0.pt"), torch.load(run / "rank1.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

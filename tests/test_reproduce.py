@@ -87,26 +87,32 @@ def test_zoo_and_imagenet_smoke(tiny_cifar, tmp_path):
     assert "| resnet34-C | 22.7M | 3.83 |" in imagenet  # option C: projections on every shortcut
 
 
-def test_fast_engine_runs_side_by_side_and_feeds_every_report(tiny_cifar, tmp_path):
-    """--engine fast on the CPU: two runs as concurrent processes; their metrics, summaries and final checkpoints
-    serve the degradation report, Table 6 and the layer responses, and `deepres eval` reads the checkpoint."""
+def test_parallel_runs_are_deepres_train_processes_that_feed_every_report(tiny_cifar, tmp_path):
+    """--parallel 2 on the CPU: two `deepres train` processes side by side; their run folders (metrics, summaries,
+    last.pt and best.pt) serve the degradation report, Table 6 and the layer responses, and `deepres eval` reads the
+    checkpoint. A second invocation trains nothing."""
     import json
     import subprocess
     import sys
 
-    options = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path, depths=[20], engine="fast", parallel=2)
+    options = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path, depths=[20], parallel=2)
     text = run_experiment("cifar-degradation", options).read_text()
     assert "| Plain-20 |" in text and "| ResNet-20 |" in text
-    assert "Engine: the fast path" in text and "for 2 of 2 runs" in text
+    assert "Engine: the training loop (`deepres train`), 2 runs, 2 processes at a time: eager step, fp32 (2)" in text
+    assert "Training on every training image, no validation split" in text
     for net in ["plain20", "resnet20"]:
         run = tmp_path / "runs" / f"cifar10-{net}-s0"
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["engine"] == "fast" and summary["iterations"] == 24
+        assert summary["iterations"] == 24 and summary["step"] == "eager" and summary["amp"] == "off"
+        assert {"last.pt", "best.pt"} <= {p.name for p in (run / "checkpoints").iterdir()}
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "test_top1_error" in r] == [12, 24]
         assert [r["step"] for r in rows if "train_top1_error" in r] == list(range(4, 25, 4))
+        assert "deepres train: " in (run / "train.log").read_text()
+    stamp = (tmp_path / "runs" / "cifar10-resnet20-s0" / "summary.json").stat().st_mtime_ns
     responses = run_experiment("layer-responses", options).read_text()
     assert "| plain-20 | 19 |" in responses and "| resnet-20 | 19 |" in responses
+    assert (tmp_path / "runs" / "cifar10-resnet20-s0" / "summary.json").stat().st_mtime_ns == stamp
 
     ckpt = tmp_path / "runs" / "cifar10-resnet20-s0" / "checkpoints" / "last.pt"
     out = subprocess.run([sys.executable, "-m", "deepres", "eval", str(ckpt), "--split", "test"],
@@ -116,29 +122,48 @@ def test_fast_engine_runs_side_by_side_and_feeds_every_report(tiny_cifar, tmp_pa
     assert f"{summary['test_top1_error']:.2f}" in out.stdout  # the same 200 test images, the same weights
 
 
-def test_fast_engine_leaves_a_loop_run_in_progress_to_the_loop(tiny_cifar, tmp_path):
-    """A run the loop started (checkpoint, no summary) resumes on the loop even under --engine fast."""
+def test_a_run_in_progress_resumes_in_its_process(tiny_cifar, tmp_path):
+    """A run with a checkpoint and no summary (killed) resumes from its last.pt under --parallel too."""
     import json
 
-    loop = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path, depths=[20], engine="loop")
-    run_experiment("cifar-table6", loop)
+    options = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path, depths=[20])
+    run_experiment("cifar-table6", options)
     run = tmp_path / "runs" / "cifar10-resnet20-s0"
     (run / "summary.json").unlink()
-    run_experiment("cifar-table6", Options(**{**loop.__dict__, "engine": "fast"}))
-    assert "engine" not in json.loads((run / "summary.json").read_text())  # finished by the loop
+    def rows():  # without the timings
+        return [{k: v for k, v in r.items() if k not in ("train_seconds", "elapsed_s")}
+                for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    before = rows()
+    run_experiment("cifar-table6", Options(**{**options.__dict__, "parallel": 2}))
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 24
+    assert rows() == before  # the final checkpoint was at step 24: nothing retrained, the final test row once
+
+
+def test_waves_put_a_student_after_its_teacher(tmp_path):
+    from deepres.experiments.base import EXPERIMENTS, Options as O, _waves, run_overrides
+
+    options = O(scale="smoke", out=tmp_path, seeds=1)
+    planned = [(s, tmp_path / "runs" / s.name, run_overrides(s, options, gpu=False))
+               for s in EXPERIMENTS["semi-supervised"].plan(options)]
+    waves = [[spec.name for spec, _, _ in wave] for wave in _waves(planned)]
+    assert waves == [["eff-semi-labeled-s0"], ["eff-semi-pseudo-s0", "eff-semi-noisy1-s0"], ["eff-semi-noisy2-s0"]]
 
 
 def test_shortened_schedule_keeps_the_paper_fractions(tmp_path):
     from deepres.config import load_config
     from deepres.experiments.base import EXPERIMENTS, command_line
 
-    options = Options(scale="full", out=tmp_path, depths=[56], iterations=1600, engine="fast")
+    options = Options(scale="full", out=tmp_path, depths=[56], iterations=1600, parallel=3,
+                      overrides=["train.amp=bf16"])
     (spec,) = [s for s in EXPERIMENTS["cifar-table6"].plan(options)]
     config = load_config(spec.recipe, spec.overrides)
     assert config.train.iterations == 1600 and list(config.schedule.milestones) == [800, 1200]
     assert config.train.test_every == 200 and config.train.checkpoint_every == 200
     assert config.optim.lr == 0.1 and config.train.batch_size == 128  # the paper's, unscaled at full scale
+    assert config.data.val_size == 0 and config.train.amp == "off"  # all 50k images, fp32: the paper
     assert command_line("cifar-table6", options) == \
-        "deepres reproduce cifar-table6 --scale full --seeds 1 --depths 56 --iterations 1600 --engine fast"
+        "deepres reproduce cifar-table6 --scale full --seeds 1 --depths 56 --iterations 1600 --parallel 3 " \
+        "--set train.amp=bf16"
     with pytest.raises(ValueError, match="CIFAR paper experiments"):
         run_experiment("zoo-cifar", Options(scale="smoke", out=tmp_path, iterations=1600))

@@ -9,9 +9,9 @@ import torchvision
 
 from deepres.config import ConfigError, load_config
 from deepres.engine import build_optimizer, load_checkpoint, train
-from deepres.engine.loop import build_model
+from deepres.runs import build_model
 from deepres.models import create_model
-from deepres.tasks.transfer import freeze_backbone, load_init
+from deepres.models.transfer import freeze_backbone, load_init
 
 from .efficient_helpers import _one_thread, idx_data, overrides, teacher  # noqa: F401
 

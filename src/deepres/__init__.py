@@ -1,3 +1,5 @@
 """deepres: deep residual learning, faithful to the paper and fast."""
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__"]

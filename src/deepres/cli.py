@@ -6,18 +6,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
 
 from .config import ConfigError
 
 EXIT_CONFIG_ERROR = 2
-
-_COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
-
-
-def _format_count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
-
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import describe_model, list_models, model_entry
@@ -65,13 +57,14 @@ def add_config_arguments(p: argparse.ArgumentParser, recipe_required: bool = Fal
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import NonFiniteLossError, TrainingInterrupted, train
+    from .engine.loop import EXIT_DIVERGED
 
     config = load_config(args.recipe, args.overrides)
     try:
-        summary = train(config, run_dir=args.run_dir, resume=args.resume)
+        summary = train(config, run_dir=args.run_dir, resume=args.resume, quiet=args.quiet)
     except NonFiniteLossError as exc:
         print(f"deepres: error: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
     except TrainingInterrupted as exc:
         print(f"deepres: {exc}; continue with --resume auto", file=sys.stderr)
         return 128 + int(exc.signum)
@@ -158,8 +151,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     options = Options(scale=args.scale, seeds=args.seeds, data_dir=args.data_dir, out=Path(args.out),
                       include_1202=args.include_1202, depths=args.depths, iterations=args.iterations,
-                      engine=args.engine,
-                      parallel=args.parallel)
+                      parallel=args.parallel, overrides=args.overrides)
     report = run_experiment(args.experiment, options)
     print(f"report: {report}")
     return 0
@@ -169,16 +161,18 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
     import torch
 
     from .config import load_config
-    from .engine.loop import load_run_dataset
-    from .tasks.pseudo_label import label_unlabeled
+    from .data import load_run_dataset
+    from .runs import load_teacher
+    from .tasks import label_unlabeled
 
     config = load_config(args.recipe, args.overrides)
     dataset = load_run_dataset(config.data)
     if dataset is None:
         raise ConfigError("data.labeled_per_class", "set it to divide the training images into labeled (the first N "
                                                     "of each class) and unlabeled ones")
-    labels = label_unlabeled(args.teacher, dataset, torch.device(args.device), args.threshold,
-                             "soft" if args.soft else "hard")
+    device = torch.device(args.device)
+    teacher = load_teacher(args.teacher, dataset.classes, device)
+    labels = label_unlabeled(teacher, dataset, device, args.threshold, "soft" if args.soft else "hard")
     stats = labels.stats(dataset.extra["unlabeled"].labels)
     kept_per_class = torch.bincount(labels.predicted[labels.indices].cpu(), minlength=dataset.num_classes)
     stats["kept_per_class"] = dict(zip(dataset.classes, kept_per_class.tolist()))
@@ -200,7 +194,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
 def cmd_noisy_student(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .tasks.noisy_student import Noise, noisy_student
+    from .experiments.noisy_student import Noise, noisy_student
 
     config = load_config(args.recipe, args.overrides)
     noise = Noise(args.randaugment_n, args.randaugment_m, args.dropout, args.stochastic_depth)
@@ -245,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepres",
         description="Deep residual learning: the ResNet paper's models, recipes and experiments, and a fast trainer.",
     )
-    from . import __version__
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"deepres {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -260,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, recipe_required=True)
     p.add_argument("--run-dir", help="run folder (default: runs/<name>)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the run folder's last.pt (auto) or a checkpoint")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines (the run folder's files are written as usual)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 error of a checkpoint")
@@ -301,12 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_positive_int, default=None,
                    help="CIFAR paper experiments: a shortened schedule of N iterations, learning-rate drops at N/2 "
                         "and 3N/4 (default: the scale's; 64000 at full scale)")
-    p.add_argument("--engine", default="auto", choices=["auto", "loop", "fast"],
-                   help="auto: the paper's CIFAR runs on the fast path (deepres.engine.fast) when a GPU is present, "
-                        "several at once; loop: always deepres train (checkpoints, exact resume); fast: the fast path "
-                        "for the runs that allow it, also on a CPU")
     p.add_argument("--parallel", type=_positive_int, default=None,
-                   help="fast-path runs at once (default: 5 on a GPU, 1 on a CPU)")
+                   help="runs at once, each a `deepres train` process (default: 5 on a GPU, where runs that allow it "
+                        "take the captured CUDA-graph step; 1 on a CPU, in this process)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key of every run, e.g. --set train.amp=bf16 (repeatable)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("pseudo-label", help="label the unlabeled images (data.labeled_per_class) with a teacher")
@@ -339,10 +334,112 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=cmd_benchmark)
 
-    from .data.commands import add_data_commands
-
     add_data_commands(sub)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# deepres data
+
+DATA_DESCRIPTION = """\
+- deepres data info SOURCE [--data-dir DIR] [--val-size N] [--json]: images per split and per class. --val-size
+  defaults to 0 here, so train shows the official training count; pass --val-size 5000 to see the split a run uses
+  (the recipe default). Image folders are counted from their files, without decoding.
+- deepres data prepare SRC DST [--size N] [--channels 1|3] [--on-bad-image skip] [--workers N]: decode an image
+  folder (or a .tar.gz of one) once into a prepared file, which data.source=imagefolder data.data_dir=DST loads in
+  about a second.
+"""
+
+
+def _print_summary(summary: dict) -> None:
+    splits = list(summary["splits"])
+    shape = "x".join(str(s) for s in summary["image_shape"]) if summary["image_shape"] else "as stored"
+    print(f"{summary['source']}: {summary['num_classes']} classes, images {shape}, from {summary['origin']}")
+    width = max([len("class"), len("total")] + [len(c["name"]) for c in summary["classes"]])
+    print(f"{'class':<{width}} " + " ".join(f"{s:>8}" for s in splits))
+    print("-" * (width + 9 * len(splits)))
+    for c in summary["classes"]:
+        print(f"{c['name']:<{width}} " + " ".join(f"{c[s]:>8,}" for s in splits))
+    print("-" * (width + 9 * len(splits)))
+    print(f"{'total':<{width}} " + " ".join(f"{summary['splits'][s]:>8,}" for s in splits))
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from .data.summary import dataset_summary
+
+    summary = dataset_summary(args.source, args.data_dir, args.val_size, args.cache_dir)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from .data import prepare_image_folder
+
+    start = time.perf_counter()
+    dataset = prepare_image_folder(args.src, args.dst, image_size=args.size, channels=args.channels,
+                                   on_bad_image=args.on_bad_image, workers=args.workers, cache_dir=args.cache_dir)
+    seconds = time.perf_counter() - start
+    shape = "x".join(str(s) for s in dataset.train.images.shape[1:])
+    skipped = len(dataset.extra.get("skipped", []))
+    print(f"wrote {args.dst}: {len(dataset.train):,} train / {len(dataset.test):,} test images ({shape}), "
+          f"{dataset.num_classes} classes, {skipped} skipped, in {seconds:.1f} s")
+    print(f"use it with: --set data.source=imagefolder --set data.data_dir={args.dst}")
+    return 0
+
+
+def _data_guarded(fn):
+    """Library errors (bad input, missing files) become one line on stderr and exit status 1."""
+
+    def run(args):
+        import logging
+
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return fn(args)
+        except (ValueError, FileNotFoundError, TypeError) as exc:
+            print(f"deepres data: error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def add_data_commands(sub) -> None:
+    from .data.summary import SOURCE_NAMES
+
+    p = sub.add_parser("data", help="inspect and prepare datasets", description=DATA_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=lambda args: p.print_help() or 0)
+    data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+
+    q = data_sub.add_parser("info", help="images per split and per class of a data source")
+    q.add_argument("source", choices=SOURCE_NAMES, help="data source")
+    q.add_argument("--data-dir", help="where the data is (imagefolder: the folder, .tar.gz or prepared file)")
+    q.add_argument("--val-size", type=int, default=0,
+                   help="images carved from train for validation (default 0: the official train count)")
+    q.add_argument("--cache-dir",
+                   help="cache for extracted archives (default: $DEEPRES_DATA/cache or ~/.cache/deepres)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=_data_guarded(cmd_data_info))
+
+    q = data_sub.add_parser("prepare", help="decode an image folder once into a file the imagefolder source loads fast")
+    q.add_argument("src", help="image folder root/<split>/<class>/<image>, or a .tar.gz of one")
+    q.add_argument("dst", help="the prepared file to write (e.g. data/cifar10-jpeg.pt)")
+    q.add_argument("--size", type=int, default=None,
+                   help="resize: shorter side to SIZE, centre square (default: keep; all images must share a size)")
+    q.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="1 or 3 (default: 1 when every image is grayscale, else 3)")
+    q.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                   help="a bad file is an error (default) or is skipped and logged")
+    q.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    q.add_argument("--cache-dir", help="where a .tar.gz source is extracted (default: $DEEPRES_DATA/cache or "
+                   "~/.cache/deepres)")
+    q.set_defaults(func=_data_guarded(cmd_data_prepare))
 
 
 def main(argv: list[str] | None = None) -> int:

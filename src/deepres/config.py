@@ -60,7 +60,7 @@ class ModelConfig:
     stride_on: Literal["1x1", "3x3"] | None = None
     # The paper does not zero-initialise; Goyal et al. 2017 found it helps large-batch training.
     zero_init_residual: bool | None = None
-    # Start from these weights (one of our checkpoints or a torchvision state-dict file); see deepres.tasks.transfer.
+    # Start from these weights (one of our checkpoints or a torchvision state-dict file); see deepres.models.transfer.
     init: str | None = None
     # The classifier when starting from model.init. auto: keep it when the checkpoint names the same classes (a
     # torchvision file: when its shape fits), else a new one; keep: always (must fit); new: always a fresh one.
@@ -99,6 +99,10 @@ class DataConfig:
     cache_dir: str | None = None
     # device: the whole split on the training device; workers: DataLoader worker processes; auto: by size.
     loader: Literal["auto", "device", "workers"] = "auto"
+    # The device loader's order, crops and flips: drawn and gathered for a whole epoch at once (epoch: one gather per
+    # epoch, no host-to-device copy per step) or for each batch (batch: no second copy of the split in memory). Both
+    # are functions of (seed, epoch, step), the same on every device. RandAugment and batch mixing act per batch.
+    gather: Literal["epoch", "batch"] = "epoch"
     num_workers: int = 4
     # Augmentations beyond the paper (0 disables).
     randaugment_n: int = 0
@@ -153,15 +157,24 @@ class TrainConfig:
     test_every: int = 0
     checkpoint_every: int = 2000
     log_every: int = 100
+    # auto: a CUDA GPU when there is one, else the CPU; or cpu, cuda, cuda:N.
     device: str = "auto"
-    # auto: bf16 autocast on GPU, off on CPU.
+    # Autocast precision. auto: bf16 on a CUDA GPU, fp32 (off) elsewhere; fp16 trains with a GradScaler (its state is
+    # checkpointed). The paper trained in fp32: its recipes set off.
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = False
-    compile: bool = False
+    # torch.compile the model with this mode (off: eager kernels).
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "off"
+    # Capture the whole step (forward, backward, fused SGD update) as one CUDA graph, replayed every step; the
+    # learning rate is a device tensor the graph reads. CUDA only: on a CPU the step runs eagerly (a notice says so).
+    cuda_graph: bool = False
     # Exponential moving average of the weights; None: off.
     ema_decay: float | None = None
     # Deterministic algorithms (bit-exact resume on CPU).
     deterministic: bool = False
+    # Stop at the first test evaluation (train.test_every) whose top-1 accuracy reaches this (percent), for
+    # time-to-accuracy benchmarks. It reads the test set: never a way to choose a model. None: run every iteration.
+    stop_at_accuracy: float | None = None
 
 
 @dataclass
@@ -202,6 +215,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def validate(self) -> Config:
+        """Raise :class:`ConfigError` naming the first out-of-range value or unsupported combination; every check
+        that needs no data lives here, so ``deepres config`` refuses exactly what ``deepres train`` would."""
+        validate(self)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,12 +272,20 @@ def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
         raise bad
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/true/false as booleans
+            for word in (("off", "false") if not value else ("on", "true", "default")):
+                if word in allowed:
+                    return word
+            raise bad
         if value in allowed:
             return value
         if from_text and isinstance(value, str):
             for a in allowed:
                 if str(a) == value.strip():
                     return a
+            word = value.strip().lower()
+            if word in _TRUE | _FALSE:
+                return _coerce(key, word in _TRUE, tp, from_text)
         raise bad
     if origin is list:
         (inner,) = typing.get_args(tp)
@@ -469,6 +496,193 @@ def load_recipe(name_or_path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -
 
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """The resolved Config of a recipe (or the defaults) with ``key=value`` overrides applied."""
+    """The resolved, validated Config of a recipe (or the defaults) with ``key=value`` overrides applied."""
     config = from_dict(load_recipe(recipe)) if recipe is not None else Config()
-    return apply_overrides(config, list(overrides or []))
+    return apply_overrides(config, list(overrides or [])).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation: out-of-range values and unsupported combinations, before any data is read
+
+
+# The step kinds of the one training loop: eager kernels, torch.compile'd, or captured as a CUDA graph. A kind is
+# chosen by train.cuda_graph (graph) and train.compile (compiled).
+STEP_KINDS = ("eager", "compiled", "graph")
+
+
+def step_kind(config: Config) -> str:
+    if config.train.cuda_graph:
+        return "graph"
+    return "compiled" if config.train.compile != "off" else "eager"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A setting a step kind cannot honour: ``when(config)`` is true for the refused values (``example`` is one)."""
+
+    key: str
+    when: Any
+    example: str
+    reason: str
+
+
+# What each step kind refuses. Every other key is honoured by every kind: HONOURED_BY_EVERY_STEP lists them, and
+# tests/test_config.py fails when a key of Config is in neither, so a new key needs a decision for every kind.
+STEP_REFUSALS: dict[str, list[Refusal]] = {
+    "eager": [],
+    "compiled": [],
+    "graph": [
+        Refusal("train.device", lambda c: c.train.device.startswith("cpu"), "cpu",
+                "a captured step needs a CUDA device (train.device=auto runs eagerly on a CPU, with a notice)"),
+        Refusal("train.compile", lambda c: c.train.compile in ("reduce-overhead", "max-autotune"), "reduce-overhead",
+                "these modes capture CUDA graphs themselves; use train.cuda_graph=false with them, or compile "
+                "default / max-autotune-no-cudagraphs inside the captured step"),
+        Refusal("train.amp", lambda c: c.train.amp == "fp16", "fp16",
+                "fp16 needs a GradScaler, whose overflow check reads the device every step; use bf16"),
+        Refusal("train.ema_decay", lambda c: bool(c.train.ema_decay), "0.999",
+                "the weight average is updated outside the captured step; use train.cuda_graph=false"),
+        Refusal("optim.grad_clip", lambda c: c.optim.grad_clip is not None, "1.0",
+                "gradient clipping is not captured; use train.cuda_graph=false"),
+        Refusal("task.name", lambda c: c.task.name != "classification", "distillation",
+                "a captured step runs the classification task only (a teacher's forward is not captured)"),
+        Refusal("data.cutmix_alpha", lambda c: c.data.cutmix_alpha > 0, "1.0",
+                "mixed batches change the targets' type; use train.cuda_graph=false"),
+        Refusal("data.mixup_alpha", lambda c: c.data.mixup_alpha > 0, "0.2",
+                "mixed batches change the targets' type; use train.cuda_graph=false"),
+        Refusal("model.dropout", lambda c: c.model.dropout > 0, "0.5",
+                "random masks inside the captured step are not supported; use train.cuda_graph=false"),
+        Refusal("model.stochastic_depth", lambda c: c.model.stochastic_depth > 0, "0.2",
+                "random masks inside the captured step are not supported; use train.cuda_graph=false"),
+    ],
+}
+
+HONOURED_BY_EVERY_STEP = frozenset({
+    "name",
+    "model.name", "model.num_classes", "model.in_channels", "model.shortcut", "model.stride_on",
+    "model.zero_init_residual", "model.init", "model.init_head", "model.options",
+    "data.source", "data.data_dir", "data.val_size", "data.train_subset", "data.test_subset", "data.preset",
+    "data.normalize", "data.image_size", "data.on_bad_image", "data.channels", "data.cache_dir", "data.loader",
+    "data.gather", "data.num_workers", "data.randaugment_n", "data.randaugment_m", "data.labeled_per_class",
+    "data.unlabeled_subset", "data.test_per_class",
+    "optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay", "optim.decay_norm_and_bias",
+    "schedule.name", "schedule.milestones", "schedule.gamma", "schedule.warmup_iterations", "schedule.warmup_lr",
+    "schedule.warmup_until_train_error", "schedule.min_lr",
+    "train.iterations", "train.batch_size", "train.eval_batch_size", "train.seed", "train.eval_every",
+    "train.test_every", "train.checkpoint_every", "train.log_every", "train.channels_last", "train.cuda_graph",
+    "train.deterministic", "train.stop_at_accuracy",
+    "task.label_smoothing", "task.teacher", "task.temperature", "task.alpha", "task.pseudo_labels", "task.threshold",
+    "finetune.mode", "finetune.backbone_lr_scale",
+})
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every leaf key of the schema, dotted (``train.iterations``)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += config_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _finite(value: float) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
+def _check_ranges(c: Config) -> None:
+    t, o, s, d, m, k = c.train, c.optim, c.schedule, c.data, c.model, c.task
+    for key, value in (("train.iterations", t.iterations), ("train.batch_size", t.batch_size),
+                       ("train.eval_batch_size", t.eval_batch_size), ("train.eval_every", t.eval_every),
+                       ("train.checkpoint_every", t.checkpoint_every), ("train.log_every", t.log_every)):
+        _require(value >= 1, key, f"must be at least 1; got {value}")
+    _require(t.test_every >= 0, "train.test_every", f"must be >= 0 (0: test at the end only); got {t.test_every}")
+    _require(t.seed >= 0, "train.seed", f"must be >= 0; got {t.seed}")
+    _require(t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay", f"must be in (0, 1); got {t.ema_decay}")
+    _require(t.stop_at_accuracy is None or 0.0 < t.stop_at_accuracy <= 100.0, "train.stop_at_accuracy",
+             f"must be a percentage in (0, 100]; got {t.stop_at_accuracy}")
+    _require(t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:") and t.device[5:].isdigit()),
+             "train.device", f"must be auto, cpu, cuda or cuda:N; got {t.device!r}")
+    _require(_finite(o.lr) and o.lr > 0, "optim.lr", f"must be a finite number > 0; got {o.lr}")
+    _require(0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1); got {o.momentum}")
+    _require(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay",
+             f"must be >= 0; got {o.weight_decay}")
+    _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
+    _require(o.grad_clip is None or (_finite(o.grad_clip) and o.grad_clip > 0), "optim.grad_clip",
+             f"must be > 0 (or null: no clipping); got {o.grad_clip}")
+    _require(_finite(s.gamma) and s.gamma > 0, "schedule.gamma", f"must be > 0; got {s.gamma}")
+    _require(all(ms >= 0 for ms in s.milestones), "schedule.milestones", f"must be >= 0; got {s.milestones}")
+    _require(list(s.milestones) == sorted(s.milestones), "schedule.milestones",
+             f"must be in increasing order; got {s.milestones}")
+    _require(s.warmup_iterations >= 0, "schedule.warmup_iterations", f"must be >= 0; got {s.warmup_iterations}")
+    _require(_finite(s.warmup_lr) and s.warmup_lr >= 0, "schedule.warmup_lr", f"must be >= 0; got {s.warmup_lr}")
+    _require(_finite(s.min_lr) and s.min_lr >= 0, "schedule.min_lr", f"must be >= 0; got {s.min_lr}")
+    _require(s.warmup_until_train_error is None or 0 < s.warmup_until_train_error <= 100,
+             "schedule.warmup_until_train_error", f"must be a percentage in (0, 100]; got {s.warmup_until_train_error}")
+    _require(d.val_size >= 0, "data.val_size", f"must be >= 0; got {d.val_size}")
+    for key, value in (("data.train_subset", d.train_subset), ("data.test_subset", d.test_subset),
+                       ("data.image_size", d.image_size), ("data.labeled_per_class", d.labeled_per_class),
+                       ("data.test_per_class", d.test_per_class)):
+        _require(value is None or value >= 1, key, f"must be at least 1 (or null: all); got {value}")
+    _require(d.unlabeled_subset is None or d.unlabeled_subset >= 0, "data.unlabeled_subset",
+             f"must be >= 0 (or null: all); got {d.unlabeled_subset}")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0; got {d.num_workers}")
+    _require(d.randaugment_n >= 0, "data.randaugment_n", f"must be >= 0; got {d.randaugment_n}")
+    _require(0 <= d.randaugment_m <= 30, "data.randaugment_m", f"must be in [0, 30]; got {d.randaugment_m}")
+    _require(d.cutmix_alpha >= 0, "data.cutmix_alpha", f"must be >= 0; got {d.cutmix_alpha}")
+    _require(d.mixup_alpha >= 0, "data.mixup_alpha", f"must be >= 0; got {d.mixup_alpha}")
+    _require(m.num_classes is None or m.num_classes >= 1, "model.num_classes", f"must be >= 1; got {m.num_classes}")
+    _require(m.in_channels is None or m.in_channels >= 1, "model.in_channels", f"must be >= 1; got {m.in_channels}")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {m.dropout}")
+    _require(0.0 <= m.stochastic_depth < 1.0, "model.stochastic_depth", f"must be in [0, 1); got {m.stochastic_depth}")
+    _require(0.0 <= k.label_smoothing < 1.0, "task.label_smoothing", f"must be in [0, 1); got {k.label_smoothing}")
+    _require(_finite(k.temperature) and k.temperature > 0, "task.temperature", f"must be > 0; got {k.temperature}")
+    _require(0.0 <= k.alpha <= 1.0, "task.alpha", f"must be in [0, 1]; got {k.alpha}")
+    _require(0.0 <= k.threshold <= 1.0, "task.threshold", f"must be in [0, 1]; got {k.threshold}")
+    _require(_finite(c.finetune.backbone_lr_scale) and c.finetune.backbone_lr_scale >= 0, "finetune.backbone_lr_scale",
+             f"must be >= 0; got {c.finetune.backbone_lr_scale}")
+
+
+def _check_combinations(c: Config) -> None:
+    d, k = c.data, c.task
+    mixing = d.cutmix_alpha > 0 or d.mixup_alpha > 0
+    _require(d.unlabeled_subset is None or d.labeled_per_class is not None, "data.unlabeled_subset",
+             "needs data.labeled_per_class (which defines the unlabeled set)")
+    _require(not (d.preset == "paper_imagenet" and d.loader == "device"), "data.loader",
+             "the paper_imagenet preset (scale augmentation of full-size images) needs data.loader=workers or auto")
+    if k.name in ("distillation", "pseudo_label"):
+        _require(bool(k.teacher), "task.teacher", f"task.name={k.name} needs a teacher checkpoint, e.g. "
+                                                  "--set task.teacher=runs/teacher/checkpoints/last.pt")
+        _require(d.loader != "workers", "data.loader", f"task.name={k.name} needs the device-resident loader; "
+                                                       "set data.loader=device or auto")
+    if k.name == "pseudo_label":
+        _require(d.labeled_per_class is not None, "data.labeled_per_class",
+                 "pseudo-labeling needs an unlabeled set: set data.labeled_per_class (the rest of each class is "
+                 "unlabeled)")
+        _require(not (k.pseudo_labels == "soft" and mixing), "task.pseudo_labels",
+                 "soft pseudo-labels cannot be combined with batch mixing (data.cutmix_alpha / data.mixup_alpha); "
+                 "use hard labels")
+    if k.name == "distillation":
+        _require(not (mixing and d.labeled_per_class is not None), "data.cutmix_alpha",
+                 "mixing batches needs every image labeled; distillation with an unlabeled set "
+                 "(data.labeled_per_class) does not mix")
+    _require(c.model.init is not None or c.model.init_head == "auto", "model.init_head",
+             "applies to weights loaded with model.init; set model.init too")
+
+
+def validate(config: Config) -> None:
+    """See :meth:`Config.validate`."""
+    _check_ranges(config)
+    _check_combinations(config)
+    kind = step_kind(config)
+    for refusal in STEP_REFUSALS[kind]:
+        if refusal.when(config):
+            raise ConfigError(refusal.key, f"not supported by the {kind} step (train.cuda_graph="
+                                           f"{str(config.train.cuda_graph).lower()}, train.compile="
+                                           f"{config.train.compile}): {refusal.reason}")

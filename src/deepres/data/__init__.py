@@ -11,9 +11,10 @@ from .datasets import Dataset, Split, carve_validation, validation_indices
 from .folders import FolderDataset, load_prepared, prepare_image_folder, scan_image_folder
 from .images import BadImageError, decode_image_bytes, read_image
 from .loaders import DeviceLoader, EvalLoader, Normalizer, random_crop_flip, step_generator
-from .pipeline import DataBundle, build_data, choose_loader, train_augmentation, train_mix
+from .pipeline import DataBundle, build_data, choose_loader, device_augmentation, train_loader_over, train_mix
 from .presets import CutMix, Mixup, RandAugmentBatch, pca_lighting
 from .sources import SOURCES, load_dataset, register_source
+from .subsets import first_per_class, load_run_dataset, split_labeled
 from .workers import WorkerEvalLoader, WorkerLoader
 
 __all__ = [
@@ -36,10 +37,14 @@ __all__ = [
     "carve_validation",
     "choose_loader",
     "decode_image_bytes",
+    "device_augmentation",
     "download",
     "extract_archive",
     "load_dataset",
     "load_prepared",
+    "load_run_dataset",
+    "first_per_class",
+    "split_labeled",
     "pca_lighting",
     "prepare_image_folder",
     "random_crop_flip",
@@ -47,7 +52,7 @@ __all__ = [
     "register_source",
     "scan_image_folder",
     "step_generator",
-    "train_augmentation",
+    "train_loader_over",
     "train_mix",
     "validation_indices",
 ]

@@ -136,9 +136,18 @@ class DeviceLoader:
     """Training batches from a split held on ``device``.
 
     Each epoch is a permutation drawn from (seed, epoch); step s takes the s-th global batch of its epoch (a partial
-    last batch is dropped). Under DDP every rank holds the split and takes its contiguous slice of the global batch,
-    so ranks are disjoint and together complete, and N ranks see exactly what one process with the same global batch
-    sees. Augmentation draws from (seed, step) for the whole global batch, then slices: again rank independent.
+    last batch is dropped). ``crop_flip`` is the paper's CIFAR augmentation (pad 4, random crop, flip; section 4.2);
+    ``augment`` (e.g. RandAugment) and ``mix`` (CutMix, Mixup) act per batch after it. ``gather``:
+
+    - ``epoch``: the epoch's order, crops and flips are drawn at its first step (from (seed, epoch)) and the whole
+      epoch is gathered at once into a second copy of the split; a step then slices its batch, with no
+      host-to-device copy (the fast path of small-image training on a GPU);
+    - ``batch``: each batch is gathered and cropped on its own (crops drawn from (seed, step)).
+
+    Either way batches are a pure function of (seed, epoch, step), drawn from CPU generators: the same on every
+    device and after any resume. Under DDP every rank holds the split and takes its contiguous slice of the global
+    batch, so ranks are disjoint and together complete, and N ranks see exactly what one process with the same
+    global batch sees.
     """
 
     def __init__(
@@ -149,15 +158,19 @@ class DeviceLoader:
         normalizer: Normalizer,
         device: torch.device | str = "cpu",
         seed: int = 0,
-        augment: Augment | None = random_crop_flip,
+        crop_flip: bool = True,
+        augment: Augment | None = None,
         mix: Mix | None = None,
         rank: int = 0,
         world_size: int = 1,
+        gather: str = "epoch",
     ):
         if batch_size % world_size:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world_size} processes")
         if batch_size > len(split):
             raise ValueError(f"train.batch_size={batch_size} is larger than the training split ({len(split)} images)")
+        if gather not in ("epoch", "batch"):
+            raise ValueError(f"data.gather must be epoch or batch; got {gather!r}")
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
@@ -166,27 +179,49 @@ class DeviceLoader:
         self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.normalizer = normalizer
+        self.crop_flip = crop_flip
         self.augment = augment
         self.mix = mix
+        self.gather = gather
         self.steps_per_epoch = len(split) // batch_size
         self._epoch, self._order = -1, None
+        self._epoch_images = self._epoch_labels = None
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def _indices(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._order = torch.randperm(len(self.labels), generator=step_generator(self.seed, 0, epoch))
-            self._epoch = epoch
-        return self._order[i * self.batch_size : (i + 1) * self.batch_size]
+    @property
+    def augmented(self) -> bool:
+        """Whether batches vary with the step beyond their order (augmentation or mixing)."""
+        return self.crop_flip or self.augment is not None or self.mix is not None
+
+    def _start_epoch(self, epoch: int) -> None:
+        if epoch == self._epoch:
+            return
+        self._order = torch.randperm(len(self.labels), generator=step_generator(self.seed, 0, epoch))
+        self._epoch = epoch
+        if self.gather == "epoch":
+            used = self._order[: self.steps_per_epoch * self.batch_size].to(self.device)
+            self._epoch_images = None  # the previous epoch's copy goes before the next is made
+            images = self.images[used]
+            if self.crop_flip:
+                images = random_crop_flip(images, step_generator(self.seed, 2, epoch))
+            self._epoch_images, self._epoch_labels = images, self.labels[used]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The global batch of ``step``, this rank's slice: (float images, targets) on the device."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
         with single_thread_on_cpu(self.device):
-            idx = self._indices(step).to(self.device)
-            images, labels = self.images[idx], self.labels[idx]
+            self._start_epoch(epoch)
             generator = step_generator(self.seed, 1, step)
+            if self.gather == "epoch":
+                images, labels = self._epoch_images[rows], self._epoch_labels[rows]
+            else:
+                idx = self._order[rows].to(self.device)
+                images, labels = self.images[idx], self.labels[idx]
+                if self.crop_flip:
+                    images = random_crop_flip(images, generator)
             if self.augment is not None:
                 images = self.augment(images, generator)
             local = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from .datasets import Dataset, validation_indices
-from .loaders import DeviceLoader, EvalLoader, Normalizer, random_crop_flip
+from .loaders import DeviceLoader, EvalLoader, Normalizer
 from .sources import load_dataset
 
-__all__ = ["DEVICE_LIMIT_BYTES", "DataBundle", "build_data", "choose_loader", "train_augmentation", "train_mix"]
+__all__ = ["DEVICE_LIMIT_BYTES", "DataBundle", "build_data", "choose_loader", "device_augmentation", "train_mix",
+           "train_loader_over"]
 
 DEVICE_LIMIT_BYTES = 4 * 2**30
 # Training images decoded to fit the worker loader's normalisation statistics (evenly spaced, deterministic).
@@ -45,16 +46,15 @@ class DataBundle:
     loader: str = "device"
 
 
-def train_augmentation(cfg):
-    """The batched, on-device augmentation of a preset (PAPER.md section 5), with RandAugment first when enabled."""
-    from .presets import Compose, RandAugmentBatch
+def device_augmentation(cfg) -> tuple[bool, object]:
+    """(paper crop and flip?, per-batch augmentation after it or None) of a preset on the device loader (PAPER.md
+    section 5): the crop and flip for ``paper_cifar``, then RandAugment when enabled."""
+    from .presets import RandAugmentBatch
 
+    if cfg.preset not in ("paper_cifar", "none"):
+        raise ValueError(f"data.preset={cfg.preset!r} has no device-resident implementation; use data.loader=workers")
     randaugment = RandAugmentBatch(cfg.randaugment_n, cfg.randaugment_m) if cfg.randaugment_n > 0 else None
-    if cfg.preset == "paper_cifar":
-        return Compose(randaugment, random_crop_flip) if randaugment else random_crop_flip
-    if cfg.preset == "none":
-        return randaugment
-    raise ValueError(f"data.preset={cfg.preset!r} has no device-resident implementation; use data.loader=workers")
+    return cfg.preset == "paper_cifar", randaugment
 
 
 def train_mix(cfg, num_classes: int):
@@ -71,6 +71,19 @@ def train_mix(cfg, num_classes: int):
     if not mixes:
         return None
     return mixes[0] if len(mixes) == 1 else MixChoice(mixes)
+
+
+def train_loader_over(split, data: DataBundle, cfg, augment: bool = True) -> DeviceLoader:
+    """A device-resident training loader over ``split`` (images a task assembled) with the run's batch, seed,
+    normalisation, device, DDP slice and gather mode; with the config's augmentation and batch mixing unless
+    ``augment`` is False."""
+    old = data.train
+    if not isinstance(old, DeviceLoader):
+        raise ValueError("data.loader: this task needs the device-resident loader; set data.loader=device")
+    crop_flip, extra = device_augmentation(cfg) if augment else (False, None)
+    return DeviceLoader(split, old.batch_size, normalizer=data.normalizer, device=old.device, seed=old.seed,
+                        crop_flip=crop_flip, augment=extra, mix=train_mix(cfg, data.dataset.num_classes) if augment
+                        else None, rank=old.rank, world_size=old.world_size, gather=old.gather)
 
 
 def choose_loader(cfg, dataset: Dataset | None = None) -> str:
@@ -120,14 +133,9 @@ def build_data(
     dataset = dataset if dataset is not None else load_dataset(cfg)
     normalizer = Normalizer.fit(dataset.train.images, cfg.normalize)
     common = dict(normalizer=normalizer, device=device, rank=rank, world_size=world_size)
-    train = DeviceLoader(
-        dataset.train,
-        batch_size,
-        seed=seed,
-        augment=train_augmentation(cfg),
-        mix=train_mix(cfg, dataset.num_classes),
-        **common,
-    )
+    crop_flip, augment = device_augmentation(cfg)
+    train = DeviceLoader(dataset.train, batch_size, seed=seed, crop_flip=crop_flip, augment=augment,
+                         mix=train_mix(cfg, dataset.num_classes), gather=cfg.gather, **common)
     val = EvalLoader(dataset.val, eval_batch_size, **common) if dataset.val is not None else None
     test = EvalLoader(dataset.test, eval_batch_size, **common)
     return DataBundle(dataset, normalizer, train, val, test, loader="device")
@@ -174,14 +182,14 @@ def _worker_transforms(cfg, first_image: torch.Tensor):
     size = cfg.image_size
     resize = ResizeSquare(size) if size else None
     ops = [resize] if resize else []
-    if randaugment:
-        ops.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
     if cfg.preset == "paper_cifar":
         # The paper's CIFAR augmentation per image: zero-pad 4, random crop back to the size, flip.
         side = size or tuple(first_image.shape[-2:])
         ops += [v2.RandomCrop(side, padding=4), v2.RandomHorizontalFlip()]
     elif cfg.preset != "none":
         raise ValueError(f"unknown data.preset {cfg.preset!r}")
+    if randaugment:  # after the crop, as on the device loader
+        ops.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
     train = v2.Compose(ops) if ops else None
     return train, resize, None, size
 

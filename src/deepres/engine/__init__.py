@@ -1,7 +1,8 @@
-"""Training engine: the loop, optimizer and schedules, checkpoints, distribution, logs."""
+"""Training engine: the one loop, its steps (eager, compiled, CUDA graph), optimizer and schedules, logs, and
+concurrent runs. Checkpoint I/O and run folders live in :mod:`deepres.runs` (re-exported here)."""
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .loop import NonFiniteLossError, TrainingInterrupted, build_model, load_for_inference, train
+from ..runs import CheckpointError, build_model, load_checkpoint, load_for_inference, save_checkpoint
+from .loop import NonFiniteLossError, TrainingInterrupted, train
 from .optim import Schedule, build_optimizer, param_groups
 
 __all__ = [

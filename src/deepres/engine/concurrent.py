@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Job", "JobResult", "fast_training_job", "run_concurrent"]
+__all__ = ["Job", "JobResult", "run_concurrent", "training_job"]
 
 
 @dataclass
@@ -59,7 +59,7 @@ def run_concurrent(jobs: list[Job], parallel: int, threads_per_job: int | None =
             while waiting and len(running) < parallel:
                 job = waiting.pop(0)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
-                log = open(job.log, "w")
+                log = open(job.log, "a")  # a resumed run appends: no log is lost
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), **job.env}
                 proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
                 running[job.name] = (proc, time.perf_counter(), log)
@@ -84,10 +84,10 @@ def run_concurrent(jobs: list[Job], parallel: int, threads_per_job: int | None =
     return [results[name] for name in names]
 
 
-def fast_training_job(name: str, recipe: str, overrides: list[str], run_dir: Path, cost: float = 1.0,
-                      extra_args: list[str] | None = None) -> Job:
-    """A :func:`deepres.engine.fast.train_fast` run of ``recipe`` as a Job (log: ``run_dir/train.log``)."""
-    argv = [sys.executable, "-m", "deepres.engine.fast", "--recipe", recipe, "--run-dir", str(run_dir), "--quiet"]
+def training_job(name: str, recipe: str, overrides: list[str], run_dir: Path, cost: float = 1.0) -> Job:
+    """``deepres train`` of ``recipe`` with ``overrides`` in ``run_dir`` as a Job, resuming the folder's checkpoint
+    if it has one (log: ``run_dir/train.log``)."""
+    argv = [sys.executable, "-m", "deepres", "train", "--recipe", recipe, "--run-dir", str(run_dir), "--resume", "auto"]
     for item in overrides:
         argv += ["--set", item]
-    return Job(name, argv + list(extra_args or []), Path(run_dir) / "train.log", cost)
+    return Job(name, argv, Path(run_dir) / "train.log", cost)

@@ -13,8 +13,7 @@ import torch.nn as nn
 from ..data import load_dataset
 from ..evaluation import RawLoader, evaluate, multiscale_predict, single_predict, ten_crop_predict
 from ..evaluation.crops import resize_shorter
-from .checkpoint import load_checkpoint
-from .loop import load_for_inference
+from ..runs import load_checkpoint, load_for_inference
 
 __all__ = [
     "NormalizedModel",

@@ -45,11 +45,12 @@ class MetricsWriter:
             except ImportError:
                 self._tb = None
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: keep rows up to ``step`` (the checkpoint); later ones are recomputed identically."""
+    def truncate_after(self, step: int, drop=None) -> None:
+        """On resume: keep rows up to ``step`` (the checkpoint), except those ``drop(row)`` is true for; later ones
+        are recomputed identically."""
         if not self.enabled:
             return
-        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step and not (drop and drop(r))]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, self.path)

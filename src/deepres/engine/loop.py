@@ -1,15 +1,16 @@
-"""The training loop: a function over (model, task, loader, optimizer, schedule), iteration based as the paper.
+"""The training loop: the one way deepres trains, iteration based as the paper.
 
-``train(config, run_dir)`` builds everything from a Config, trains for ``train.iterations`` steps, evaluates on the
-validation split every ``eval_every`` steps (``best.pt`` by validation error, never test error), tests at the end, and
-checkpoints atomically every ``checkpoint_every`` steps and on SIGTERM/SIGINT. Resuming from a checkpoint continues
-bit for bit (CPU, deterministic mode): the data order and augmentation are functions of (seed, step).
+``train(config, run_dir, resume)`` sets a run up (:func:`setup_run`: task, data, model, optimizer, schedule, EMA, the
+step), trains for ``train.iterations`` steps, evaluates on the validation split every ``eval_every`` steps
+(``best.pt`` by validation error, never test error), tests every ``test_every`` steps and at the end, and checkpoints
+atomically every ``checkpoint_every`` steps and on SIGTERM/SIGINT. What differs between a laptop CPU and a GPU is the
+step (:mod:`.steps`: eager, compiled or captured as a CUDA graph), the precision and the loader, all chosen in the
+config; every run writes the same files and resumes exactly: the data order and augmentation are functions of
+(seed, epoch, step) and the checkpoint holds everything else (CPU, deterministic mode: bit for bit).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import signal
@@ -20,21 +21,22 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import __version__
-from ..config import Config, ConfigError, from_dict, to_dict, to_yaml
-from ..data import Normalizer, build_data, load_dataset
-from ..evaluation import evaluate, topk_correct
-from ..models import create_model
+from .. import distributed
+from ..config import Config, from_dict, to_dict, to_yaml
+from ..data import build_data, load_run_dataset
+from ..evaluation import evaluate
+from ..models import count_parameters
+from ..models.transfer import freeze_backbone, load_init
+from ..runs import RunPaths, build_model, check_teacher, data_fingerprint, load_checkpoint, load_teacher, save_checkpoint
 from ..tasks import build_task
-from ..tasks.noise import add_noise
-from ..tasks.pseudo_label import first_per_class, split_labeled
-from ..tasks.transfer import freeze_backbone, load_init
-from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
-from .logging import MetricsWriter, Progress
+from ..version import __version__
+from .logging import MetricsWriter, Progress, read_metrics
 from .optim import Schedule, build_optimizer
+from .steps import EagerStep, build_step
 
-__all__ = ["NonFiniteLossError", "TrainingInterrupted", "build_model", "data_fingerprint", "train"]
+__all__ = ["EXIT_DIVERGED", "NonFiniteLossError", "Run", "TrainingInterrupted", "setup_run", "train"]
+
+EXIT_DIVERGED = 3  # exit status of `deepres train` when the loss became NaN/inf (its summary.json says "diverged")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,71 +49,6 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, signum: int, step: int):
         self.signum, self.step = signum, step
         super().__init__(f"interrupted by signal {signum} at step {step}; last.pt saved")
-
-
-def build_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
-    """The model of a ModelConfig; class count and channels default to the data's. ``model.init`` is not loaded
-    here (the loop loads it into a fresh run only); dropout and stochastic depth are added (training-only hooks)."""
-    options = dict(cfg.options)
-    options["num_classes"] = cfg.num_classes or num_classes
-    options["in_channels"] = cfg.in_channels or in_channels
-    for key in ("shortcut", "stride_on", "zero_init_residual"):
-        value = getattr(cfg, key)
-        if value is not None:
-            options[key] = value
-    return add_noise(create_model(cfg.name, **options), cfg.dropout, cfg.stochastic_depth)
-
-
-def load_run_dataset(cfg):
-    """The dataset of a run that divides its images by class (``data.labeled_per_class``, ``data.test_per_class``);
-    None otherwise (the loaders read the source themselves)."""
-    if cfg.labeled_per_class is None and cfg.unlabeled_subset is not None:
-        raise ConfigError("data.unlabeled_subset", "needs data.labeled_per_class (which defines the unlabeled set)")
-    if cfg.labeled_per_class is None and cfg.test_per_class is None:
-        return None
-    dataset = load_dataset(cfg)
-    if cfg.labeled_per_class is not None:
-        dataset = split_labeled(dataset, cfg.labeled_per_class, cfg.unlabeled_subset)
-    if cfg.test_per_class is not None:
-        dataset.test = first_per_class(dataset.test, cfg.test_per_class, dataset.num_classes, "data.test_per_class")[0]
-    return dataset
-
-
-def data_fingerprint(dataset) -> str:
-    """A short hash of what the run trains on: source, class list, split sizes, labels and a sample of pixels."""
-    h = hashlib.sha1()
-    h.update(json.dumps([dataset.name, dataset.classes]).encode())
-    for split in (dataset.train, dataset.val, dataset.test):
-        if split is None:
-            continue
-        h.update(split.labels.numpy().tobytes())
-        images = getattr(split, "images", None)
-        if images is not None:  # in memory: shape and a sample of pixels
-            h.update(str(tuple(images.shape)).encode())
-            h.update(images[:: max(1, len(split) // 64)].numpy().tobytes())
-        else:  # an image folder read by workers: its file list
-            h.update("\n".join(split.paths).encode())
-    return h.hexdigest()[:16]
-
-
-@dataclass
-class RunPaths:
-    root: Path
-    checkpoints: Path = field(init=False)
-    last: Path = field(init=False)
-    best: Path = field(init=False)
-
-    def __post_init__(self):
-        self.checkpoints = self.root / "checkpoints"
-        self.last = self.checkpoints / "last.pt"
-        self.best = self.checkpoints / "best.pt"
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class _SignalCatcher:
@@ -135,6 +72,61 @@ class _SignalCatcher:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _Clock:
+    """Wall time of a run, with evaluations paused out: ``train_seconds`` is the time the steps took."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = time.perf_counter()
+        self.paused = 0.0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def train_seconds(self) -> float:
+        return self.elapsed() - self.paused
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    config: Config
+    paths: RunPaths
+    dist: distributed.DistInfo
+    data: object
+    fingerprint: str
+    model: nn.Module
+    task: object
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    ema: object
+    step_fn: EagerStep
+    writer: MetricsWriter
+    progress: Progress
+    init_info: dict = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+    step: int = 0
+    best_val: float = math.inf
+    setup_seconds: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup
 
 
 def _resume_source(resume: str | None, paths: RunPaths) -> Path | None:
@@ -163,36 +155,50 @@ def _check_compatible(ckpt: dict, config: Config, classes: list[str], fingerprin
         raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
 
 
-def train(config: Config, run_dir: str | Path | None = None, resume: str | None = None, quiet: bool = False) -> dict:
-    """Train as ``config`` says; returns the summary (also written to ``summary.json``)."""
+def _ema(model: nn.Module, decay: float | None):
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def setup_run(config: Config, run_dir: str | Path | None = None, resume: str | None = None,
+              quiet: bool = False) -> Run:
+    """Build a run from its config: task (its teacher checked before any data is read), data, model (``model.init``
+    loaded into a fresh run, the backbone frozen for feature extraction), optimizer, schedule, EMA and step; restore
+    ``resume``'s checkpoint when given."""
+    t0 = time.perf_counter()
+    config.validate()
     dist = distributed.setup(config.train.device)
+    try:
+        run = _setup(config, dist, run_dir, resume, quiet)
+    except BaseException:
+        if dist.joined:
+            distributed.cleanup()
+        raise
+    run.setup_seconds = time.perf_counter() - t0
+    return run
+
+
+def _setup(config: Config, dist: distributed.DistInfo, run_dir, resume, quiet) -> Run:
     paths = RunPaths(Path(run_dir) if run_dir else Path("runs") / config.name)
-    main = dist.is_main
-    device = dist.device
-    tc = config.train
+    device, tc = dist.device, config.train
     if tc.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
     resume_path = _resume_source(resume, paths)
 
-    # Task (its settings checked before any data is read), data, model, optimizer, schedule.
     task = build_task(config.task)
+    if task.needs_teacher:
+        check_teacher(config.task.teacher)
     torch.manual_seed(tc.seed)
-    data = build_data(
-        config.data,
-        batch_size=tc.batch_size,
-        eval_batch_size=tc.eval_batch_size,
-        seed=tc.seed,
-        device=device,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        dataset=load_run_dataset(config.data),
-    )
+    data = build_data(config.data, batch_size=tc.batch_size, eval_batch_size=tc.eval_batch_size, seed=tc.seed,
+                      device=device, rank=dist.rank, world_size=dist.world_size,
+                      dataset=load_run_dataset(config.data))
     dataset = data.dataset
-    fingerprint = data_fingerprint(dataset)
     torch.manual_seed(tc.seed)
     model = build_model(config.model, dataset.num_classes, dataset.channels)
     init_info = {}
@@ -200,223 +206,329 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
         init_info = load_init(model, config.model.init, dataset.classes, config.model.init_head)
     if config.finetune.mode == "feature_extraction":
         freeze_backbone(model)
-    if config.finetune.backbone_lr_scale < 0:
-        raise ConfigError("finetune.backbone_lr_scale", f"must be >= 0; got {config.finetune.backbone_lr_scale}")
     model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # A task may build a teacher (whose initialisation draws random numbers): the run's own stream stays untouched.
+    # A teacher's construction draws random numbers: the run's own stream stays untouched.
     with torch.random.fork_rng(devices=[]):
-        task.prepare(model, data, config, device)
+        teacher = load_teacher(config.task.teacher, dataset.classes, device) if task.needs_teacher else None
+        task.prepare(model, data, config, device, teacher)
     optimizer = build_optimizer(model, config.optim, device, config.finetune.backbone_lr_scale)
     schedule = Schedule(config.schedule, config.optim.lr, tc.iterations)
-    ema = None
-    if tc.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
-
-    start_step, best_val = 0, math.inf
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        _check_compatible(ckpt, config, dataset.classes, fingerprint, resume_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        start_step, best_val = int(ckpt["step"]), float(ckpt["best_val_error"])
-
+    ema = _ema(model, tc.ema_decay)
+    writer = MetricsWriter(paths.root, enabled=dist.is_main)
+    progress = Progress(tc.iterations, 0, enabled=dist.is_main and not quiet)
     train_model = model
     if dist.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    step_model = torch.compile(train_model) if tc.compile else train_model
-    autocast = _autocast(device, tc.amp)
-
-    if main:
+    run = Run(config, paths, dist, data, data_fingerprint(dataset), model, task, optimizer, schedule, ema,
+              step_fn=None, writer=writer, progress=progress, init_info=init_info)
+    resume_state = None
+    if resume_path is not None:
+        resume_state = load_checkpoint(resume_path)
+        restore(run, resume_state, resume_path)
+    # The step is built after any restore: a captured step puts device tensors in the optimizer's learning rates.
+    run.step_fn = build_step(config, model, train_model, task, optimizer, ema, device, dist.world_size,
+                             notice=lambda text: _notice(run, text))
+    if resume_state is not None:
+        run.step_fn.load_state_dict(resume_state.get("step_state") or {})
+    progress.start_step = run.step
+    if dist.is_main:
         paths.root.mkdir(parents=True, exist_ok=True)
         (paths.root / "config.yaml").write_text(to_yaml(config))
-    writer = MetricsWriter(paths.root, enabled=main)
-    if resume_path is not None:
-        writer.truncate_after(start_step)
-    progress = Progress(tc.iterations, start_step, enabled=main and not quiet)
+        if resume_path is not None:
+            # The final test row comes after the final checkpoint: a finished run resumed writes it again.
+            final = run.step >= tc.iterations
+            writer.truncate_after(run.step, drop=lambda row: final and row["step"] == run.step and "test_loss" in row)
+    return run
 
-    def checkpoint_state(step: int) -> dict:
-        return {
-            "step": step,
-            "config": to_dict(config),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "rng": {"torch": torch.get_rng_state()},
-            "classes": list(dataset.classes),
-            "normalization": data.normalizer.state_dict(),
-            # The size the model sees (a folder read by workers is cropped to data.image_size, default 224).
-            "image_size": list(dataset.image_size) if all(dataset.image_size) else [config.data.image_size or 224] * 2,
-            "in_channels": dataset.channels,
-            "data_fingerprint": fingerprint,
-            "best_val_error": best_val,
-            "deepres_version": __version__,
-        }
 
-    def save(step: int, path: Path) -> None:
-        if main:
-            save_checkpoint(checkpoint_state(step), path)
+def _notice(run: Run, text: str) -> None:
+    run.notices.append(text)
+    run.progress.write(f"notice: {text}")
 
-    eval_model = lambda: ema.module if ema is not None else model  # noqa: E731
 
-    def test_row(at_step: int) -> dict:
-        result = evaluate(eval_model(), data.test, device=device, autocast=autocast)
-        return {"step": at_step, "test_loss": result["loss"], "test_top1_error": result["top1_error"],
-                "test_top5_error": result["top5_error"], "elapsed_s": time.time() - t_start}
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: state and restore in one place
 
-    # Window accumulators stay on the device: no host sync per step.
-    window_loss = torch.zeros((), dtype=torch.float64, device=device)
-    window_wrong = torch.zeros((), dtype=torch.float64, device=device)
-    window_count = window_steps = 0
-    nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
-    window_t0, t_start = time.time(), time.time()
-    summary: dict = {}
-    step = start_step
-    batches = data.train.iterate(start_step)
-    train_model.train()
 
-    def check_finite(at_step: int, weights: bool = False) -> None:
-        """Halt on a non-finite loss (and, before any checkpoint, non-finite weights): never save a broken state."""
-        bad = int(nonfinite_step.item())
-        if bad < 0 and weights:
-            norms = torch._foreach_norm([p.detach() for p in model.parameters()])
-            if not torch.isfinite(torch.stack(norms)).all():
-                bad = at_step
-        if distributed.any_rank(bad >= 0, device):
-            where = f"step {bad}" if bad >= 0 else "another rank"
-            last = f"; the last good checkpoint is {paths.last}" if paths.last.exists() else ""
-            raise NonFiniteLossError(f"the training loss became NaN/inf at {where} (checked at step {at_step}){last}")
+def checkpoint_state(run: Run) -> dict:
+    """Everything an exact resume needs, as plain tensors and numbers."""
+    dataset, config = run.data.dataset, run.config
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return {
+        "step": run.step,
+        "config": to_dict(config),
+        "model": run.model.state_dict(),
+        "optimizer": run.step_fn.optimizer_state(),
+        "schedule": run.schedule.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "step_state": run.step_fn.state_dict(),
+        "rng": rng,
+        "classes": list(dataset.classes),
+        "normalization": run.data.normalizer.state_dict(),
+        # The size the model sees (a folder read by workers is cropped to data.image_size, default 224).
+        "image_size": list(dataset.image_size) if all(dataset.image_size) else [config.data.image_size or 224] * 2,
+        "in_channels": dataset.channels,
+        "data_fingerprint": run.fingerprint,
+        "best_val_error": run.best_val,
+        "deepres_version": __version__,
+    }
 
+
+def restore(run: Run, ckpt: dict, path: Path) -> None:
+    """Load a checkpoint written by :func:`checkpoint_state` into a freshly set-up run (the step's own state, e.g.
+    the fp16 loss scale, is restored once the step exists)."""
+    _check_compatible(ckpt, run.config, run.data.dataset.classes, run.fingerprint, path)
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.schedule.load_state_dict(ckpt["schedule"])
+    if run.ema is not None and ckpt.get("ema") is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if run.device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    run.step, run.best_val = int(ckpt["step"]), float(ckpt["best_val_error"])
+
+
+def _save(run: Run, path: Path) -> None:
+    if run.dist.is_main:
+        save_checkpoint(checkpoint_state(run), path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging, evaluation, finiteness
+
+
+class _Window:
+    """Training statistics since the last log row, kept on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.wrong = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = self.steps = 0
+        self.nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, wrong: torch.Tensor, count: int, step: int) -> None:
+        self.loss += loss.double()
+        self.wrong += wrong.double()
+        self.count += count
+        self.steps += 1
+        bad = (self.nonfinite_step < 0) & ~torch.isfinite(loss)
+        self.nonfinite_step = torch.where(bad, torch.full_like(self.nonfinite_step, step), self.nonfinite_step)
+
+    def row(self, step: int, lr: float, world_size: int, elapsed: float) -> dict:
+        """The log row of the window, summed over every rank; the window starts again."""
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=self.device)
+        stats = distributed.all_reduce_sum(torch.stack([self.loss, self.wrong, count]))
+        seconds = time.perf_counter() - self.t0
+        row = {"step": step, "lr": lr, "train_loss": stats[0].item() / (self.steps * world_size),
+               "train_top1_error": 100.0 * stats[1].item() / max(1.0, stats[2].item()),
+               "images_per_s": stats[2].item() / max(seconds, 1e-9), "elapsed_s": elapsed}
+        self.loss.zero_(), self.wrong.zero_()
+        self.count = self.steps = 0
+        self.t0 = time.perf_counter()
+        return row
+
+
+def _check_finite(run: Run, window: _Window, at_step: int, weights: bool = False) -> None:
+    """Halt on a non-finite loss (and, before any checkpoint, non-finite weights or BN statistics): never save a
+    broken state."""
+    bad = int(window.nonfinite_step.item())
+    if bad < 0 and weights:
+        tensors = [t.detach() for t in run.model.state_dict().values() if t.is_floating_point()]
+        if not torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all():
+            bad = at_step
+    if distributed.any_rank(bad >= 0, run.device):
+        where = f"step {bad}" if bad >= 0 else "another rank"
+        last = f"; the last good checkpoint is {run.paths.last}" if run.paths.last.exists() else ""
+        raise NonFiniteLossError(f"the training loss became NaN/inf at {where} (checked at step {at_step}){last}")
+
+
+def _evaluate(run: Run, loader, clock: _Clock) -> dict:
+    """Loss, top-1 and top-5 error on a split; the time it takes is not training time."""
+    clock.sync()
+    t0 = time.perf_counter()
+    result = evaluate(run.eval_model, loader, device=run.device, autocast=run.step_fn.precision.autocast)
+    clock.paused += time.perf_counter() - t0
+    return result
+
+
+def _test_row(run: Run, clock: _Clock) -> dict:
+    result = _evaluate(run, run.data.test, clock)
+    return {"step": run.step, "test_loss": result["loss"], "test_top1_error": result["top1_error"],
+            "test_top5_error": result["top5_error"], "train_seconds": clock.train_seconds(),
+            "elapsed_s": clock.elapsed()}
+
+
+def _validate(run: Run, clock: _Clock) -> None:
+    result = _evaluate(run, run.data.val, clock)
+    run.writer.write({"step": run.step, "val_loss": result["loss"], "val_top1_error": result["top1_error"],
+                      "val_top5_error": result["top5_error"], "elapsed_s": clock.elapsed()})
+    run.progress.write(f"step {run.step}: val top-1 error {result['top1_error']:.2f}%")
+    if result["top1_error"] < run.best_val:
+        run.best_val = result["top1_error"]
+        _save(run, run.paths.best)
+
+
+def _observe_warmup(run: Run, wrong: torch.Tensor, count: int) -> None:
+    """The paper's ResNet-110 warm-up (lr 0.01 until the training error is below 80%), decided from the error of
+    the whole global batch, summed over every rank, so all replicas switch on the same step."""
+    counts = torch.stack([wrong.double(), torch.tensor(float(count), dtype=torch.float64, device=run.device)])
+    wrong_all, count_all = distributed.all_reduce_sum(counts).tolist()
+    if run.schedule.observe_train_error(100.0 * wrong_all / count_all):
+        run.progress.write(f"step {run.step + 1}: training error below "
+                           f"{run.config.schedule.warmup_until_train_error}%, lr {run.config.optim.lr}")
+
+
+def _start_line(run: Run) -> str:
+    d, c = run.data.dataset, run.config
+    splits = ", ".join(f"{name} {len(split):,}" for name, split in d.splits().items())
+    describe = run.step_fn.describe()
+    return (f"deepres train: {c.model.name} ({count_parameters(run.model):,} parameters) on {d.name} ({splits}; "
+            f"{run.data.loader} loader), {run.device} x {run.dist.world_size}, step {describe['step']}, precision "
+            f"{'fp32' if describe['amp'] == 'off' else describe['amp']}"
+            f"{', channels_last' if c.train.channels_last else ''}; from step {run.step} of "
+            f"{c.train.iterations:,}; run folder {run.paths.root}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _train_steps(run: Run, clock: _Clock, signals: _SignalCatcher) -> dict | None:
+    """Train from ``run.step`` to the end (or to ``train.stop_at_accuracy``); returns the test row that stopped it
+    early, if any."""
+    tc = run.config.train
+    window = _Window(run.device)
+    batches = run.data.train.iterate(run.step)
+    run.model.train()
+    lr = None
+    while run.step < tc.iterations:
+        new_lr = run.schedule.lr_at(run.step)
+        if new_lr != lr:
+            run.step_fn.set_lr(new_lr)
+            lr = new_lr
+        images, targets = next(batches)
+        if tc.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        loss, wrong, count = run.step_fn(images, targets)
+        window.add(loss, wrong, count, run.step)
+        if not run.schedule.error_warmup_done:
+            _observe_warmup(run, wrong, count)
+        run.step += 1
+        step, last = run.step, run.step == tc.iterations
+
+        if step % tc.log_every == 0 or last:
+            _check_finite(run, window, step)
+            row = window.row(step, lr, run.dist.world_size, clock.elapsed())
+            run.writer.write(row)
+            run.progress.update(step, row)
+        else:
+            run.progress.update(step)
+        if run.data.val is not None and (step % tc.eval_every == 0 or last):
+            _check_finite(run, window, step, weights=True)
+            _validate(run, clock)
+        if tc.test_every and step % tc.test_every == 0 and not last:
+            row = _test_row(run, clock)
+            run.writer.write(row)
+            if tc.stop_at_accuracy is not None and 100.0 - row["test_top1_error"] >= tc.stop_at_accuracy:
+                _check_finite(run, window, step, weights=True)
+                _save(run, run.paths.last)
+                return row
+        if step % tc.checkpoint_every == 0 or last:
+            _check_finite(run, window, step, weights=True)
+            _save(run, run.paths.last)
+        if distributed.any_rank(signals.signum is not None, run.device):
+            _check_finite(run, window, step, weights=True)
+            _save(run, run.paths.last)
+            raise TrainingInterrupted(signals.signum or signal.SIGTERM, step)
+    return None
+
+
+def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
+    config, dataset = run.config, run.data.dataset
+    tests = [r for r in read_metrics(run.writer.path) if "test_top1_error" in r]
+    device = run.device
+    return {
+        "run_dir": str(run.paths.root),
+        "model": config.model.name,
+        "data": dataset.name,
+        "iterations": run.step,
+        "test_top1_error": final["test_top1_error"],
+        "test_top5_error": final["test_top5_error"],
+        "test_accuracy": 100.0 - final["test_top1_error"],
+        "best_val_top1_error": None if math.isinf(run.best_val) else run.best_val,
+        # best.pt: the weights of the best validation error, or the final weights when there is no validation split.
+        "best_checkpoint": "best validation error" if run.data.val is not None else "final weights (no validation)",
+        "reached_accuracy": config.train.stop_at_accuracy if stopped else None,
+        "test_curve": [{"step": r["step"], "train_seconds": r.get("train_seconds"),
+                        "test_accuracy": 100.0 - r["test_top1_error"]} for r in tests],
+        "device": str(device),
+        "world_size": run.dist.world_size,
+        **run.step_fn.describe(),
+        "channels_last": config.train.channels_last,
+        "tf32_convolutions": bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None,
+        "setup_seconds": run.setup_seconds,
+        "train_seconds": clock.train_seconds(),
+        "eval_seconds": clock.paused,
+        "seconds_per_step": clock.train_seconds() / max(1, run.step - run.progress.start_step),
+        "elapsed_s": clock.elapsed(),
+        "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "notices": run.notices,
+        **run.init_info,
+        **run.task.summary(),
+    }
+
+
+def _write_summary(run: Run, summary: dict) -> None:
+    if run.dist.is_main:
+        (run.paths.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def train(config: Config, run_dir: str | Path | None = None, resume: str | None = None, quiet: bool = False) -> dict:
+    """Train as ``config`` says; returns the summary (also written to ``summary.json``).
+
+    ``resume``: None (a fresh run; a folder that holds a checkpoint is refused), ``"auto"`` (continue the folder's
+    ``last.pt`` if there is one) or a checkpoint path. A loss that becomes NaN/inf raises
+    :class:`NonFiniteLossError` after writing ``{"diverged": true, ...}`` as the summary; SIGTERM/SIGINT save
+    ``last.pt`` and raise :class:`TrainingInterrupted`.
+    """
+    run = setup_run(config, run_dir, resume, quiet)
+    run.progress.write(_start_line(run))
+    clock = _Clock(run.device)
     try:
         with _SignalCatcher() as signals:
-            while step < tc.iterations:
-                lr = schedule.lr_at(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                images, targets = next(batches)
-                if tc.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    targets = task.targets(images, targets)
-                    outputs = step_model(images)
-                    loss, logits = task.loss(outputs, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-
-                labels = task.labels(targets)
-                detached = loss.detach()
-                nonfinite_step = torch.where(
-                    (nonfinite_step < 0) & ~torch.isfinite(detached), torch.tensor(step, device=device), nonfinite_step
-                )
-                wrong = len(labels) - topk_correct(logits.detach(), labels, ks=(1,))[0]
-                window_loss += detached.double()
-                window_wrong += wrong.double()
-                window_count += len(labels)
-                window_steps += 1
-                if not schedule.error_warmup_done:
-                    if schedule.observe_train_error(100.0 * wrong.item() / len(labels)) and main:
-                        progress.write(f"step {step + 1}: training error below "
-                                       f"{config.schedule.warmup_until_train_error}%, lr {config.optim.lr}")
-                step += 1
-
-                if step % tc.log_every == 0 or step == tc.iterations:
-                    check_finite(step)
-                    stats = torch.stack([window_loss, window_wrong, torch.tensor(float(window_count), device=device,
-                                                                                 dtype=torch.float64)])
-                    stats = distributed.all_reduce_sum(stats)
-                    elapsed = time.time() - window_t0
-                    row = {
-                        "step": step,
-                        "lr": lr,
-                        "train_loss": stats[0].item() / (window_steps * dist.world_size),
-                        "train_top1_error": 100.0 * stats[1].item() / max(1.0, stats[2].item()),
-                        "images_per_s": stats[2].item() / max(elapsed, 1e-9),
-                        "elapsed_s": time.time() - t_start,
-                    }
-                    writer.write(row)
-                    progress.update(step, row)
-                    window_loss.zero_(), window_wrong.zero_()
-                    window_count, window_steps, window_t0 = 0, 0, time.time()
-                else:
-                    progress.update(step)
-
-                if data.val is not None and (step % tc.eval_every == 0 or step == tc.iterations):
-                    check_finite(step, weights=True)
-                    result = evaluate(eval_model(), data.val, device=device, autocast=autocast)
-                    row = {"step": step, "val_loss": result["loss"], "val_top1_error": result["top1_error"],
-                           "val_top5_error": result["top5_error"], "elapsed_s": time.time() - t_start}
-                    writer.write(row)
-                    progress.write(f"step {step}: val top-1 error {result['top1_error']:.2f}%")
-                    if result["top1_error"] < best_val:
-                        best_val = result["top1_error"]
-                        save(step, paths.best)
-
-                if tc.test_every and step % tc.test_every == 0 and step < tc.iterations:
-                    writer.write(test_row(step))
-
-                if step % tc.checkpoint_every == 0 or step == tc.iterations:
-                    check_finite(step, weights=True)
-                    save(step, paths.last)
-
-                if distributed.any_rank(signals.signum is not None, device):
-                    check_finite(step, weights=True)
-                    save(step, paths.last)
-                    raise TrainingInterrupted(signals.signum or signal.SIGTERM, step)
-
-        row = test_row(step)
-        writer.write(row)
-        summary = {
-            "run_dir": str(paths.root),
-            "model": config.model.name,
-            "data": dataset.name,
-            "iterations": step,
-            "test_top1_error": row["test_top1_error"],
-            "test_top5_error": row["test_top5_error"],
-            "test_accuracy": 100.0 - row["test_top1_error"],
-            "best_val_top1_error": None if math.isinf(best_val) else best_val,
-            "elapsed_s": time.time() - t_start,
-            "device": str(device),
-            "world_size": dist.world_size,
-            **init_info,
-            **task.summary(),
-        }
-        if main:
-            (paths.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            stopped = _train_steps(run, clock, signals)
+        clock.sync()
+        final = stopped or _test_row(run, clock)
+        if stopped is None:
+            run.writer.write(final)
+        if run.data.val is None:  # no validation to choose by: best.pt holds the final weights
+            _save(run, run.paths.best)
+        summary = _summary(run, final, clock, stopped is not None)
+        _write_summary(run, summary)
+        return summary
+    except NonFiniteLossError as exc:
+        _write_summary(run, {"run_dir": str(run.paths.root), "model": config.model.name, "diverged": True,
+                             "message": str(exc), **run.step_fn.describe()})
+        raise
     except torch.cuda.OutOfMemoryError as exc:
-        smaller = max(dist.world_size, tc.batch_size // 2 // dist.world_size * dist.world_size)
+        tc, world = config.train, run.dist.world_size
+        smaller = max(world, tc.batch_size // 2 // world * world)
         raise RuntimeError(
-            f"CUDA out of memory at train.batch_size={tc.batch_size} on {device}: try --set train.batch_size={smaller} "
-            f"(and scale optim.lr by the same factor), or --set train.amp=bf16 --set train.channels_last=true"
+            f"CUDA out of memory at train.batch_size={tc.batch_size} on {run.device}: try --set "
+            f"train.batch_size={smaller} (and scale optim.lr by the same factor), or --set train.amp=bf16 --set "
+            f"train.channels_last=true"
         ) from exc
     finally:
-        progress.close()
-        writer.close()
-        if dist.joined:
+        run.progress.close()
+        run.writer.close()
+        if run.dist.joined:
             distributed.cleanup()
-    return summary
-
-
-def load_for_inference(checkpoint: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Normalizer, dict]:
-    """The model of a checkpoint in eval mode (EMA weights when the run kept them), its normalizer and config."""
-    config = from_dict(checkpoint["config"])
-    model = build_model(config.model, len(checkpoint["classes"]), int(checkpoint["in_channels"]))
-    state = checkpoint["model"]
-    if checkpoint.get("ema") is not None:
-        state = {k[len("module."):]: v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
-    model.load_state_dict(state)
-    return model.to(device).eval(), Normalizer.from_state_dict(checkpoint["normalization"]), config

@@ -7,6 +7,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..distributed import all_reduce_sum
 from ..tasks.classification import main_logits
 
 __all__ = ["evaluate", "topk_correct"]
@@ -27,8 +28,6 @@ def evaluate(model, loader, *, device=None, autocast=None, predict=None) -> dict
     ``predict(model, images) -> logits`` replaces the plain forward (10-crop, multi-scale). Under DDP every rank
     evaluates its shard and the sums are all-reduced.
     """
-    from ..engine.distributed import all_reduce_sum
-
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device

@@ -4,11 +4,10 @@ Runs live in ``OUT/runs/<run name>``; a run with a ``summary.json`` is complete 
 from its ``last.pt``, so a killed reproduction continues where it stopped. Runs are shared between experiments with
 the same ``--out`` (Table 6 and Fig. 6 train the same residual nets).
 
-Engines: the training loop (:func:`deepres.engine.train`, checkpoints every ``train.checkpoint_every`` steps) or, for
-runs that allow it (the paper's CIFAR recipes), the fast path (:mod:`deepres.engine.fast`: data on the device, CUDA
-graph, bf16, channels_last), several runs side by side as separate processes (:mod:`deepres.engine.concurrent`).
-``--engine auto`` takes the fast path when a GPU is present. A fast run keeps only its final checkpoint, so an
-interrupted one starts again from step 0; a run that already has a loop checkpoint is always finished by the loop.
+Every run is an ordinary ``deepres train`` run (:func:`deepres.engine.train`). ``--parallel N`` runs N of them at a
+time as separate processes (:mod:`deepres.engine.concurrent`; default 5 on a GPU, whose capacity the paper's narrow
+CIFAR nets leave mostly idle, and 1 on a CPU, in this process). On a CUDA GPU a run whose settings allow it takes the
+captured step (``train.cuda_graph=true``); ``--set`` overrides every run's config last (e.g. ``train.amp=bf16``).
 """
 
 from __future__ import annotations
@@ -23,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from .. import __version__
-from ..config import load_config
+from ..config import ConfigError, load_config
 from ..engine.logging import read_metrics
+from ..version import __version__
 
 __all__ = ["EXPERIMENTS", "Experiment", "Options", "RunResult", "RunSpec", "register_experiment", "run_experiment"]
 
@@ -44,12 +43,12 @@ class Options:
     # CIFAR paper experiments: a shortened schedule of this many iterations (learning-rate drops at the paper's
     # fractions, 1/2 and 3/4); None: the scale's schedule (64,000 at full scale).
     iterations: int | None = None
-    engine: str = "auto"  # "auto" (fast path on a GPU), "loop" or "fast" (also on a CPU)
-    parallel: int | None = None  # fast-path runs at once; None: 5 on a GPU, 1 on a CPU
+    parallel: int | None = None  # runs at once, each its own process; None: 5 on a GPU, 1 on a CPU (in-process)
+    # key=value overrides applied to every run's config, after the experiment's own.
+    overrides: list[str] = field(default_factory=list)
 
 
-ENGINES = ("auto", "loop", "fast")
-GPU_PARALLEL = 5  # the paper's CIFAR nets leave most of an H100 idle: five side by side (benchmark cifar-table)
+GPU_PARALLEL = 5  # the paper's CIFAR nets leave most of a large GPU idle: five side by side (benchmark cifar-table)
 
 
 @dataclass
@@ -58,7 +57,6 @@ class RunSpec:
     recipe: str
     overrides: list[str]
     meta: dict = field(default_factory=dict)
-    fast: bool = False  # the fast path may train it (classification on in-memory data; see deepres.engine.fast)
 
 
 @dataclass
@@ -122,7 +120,7 @@ def cifar_data_overrides(data_dir: str | None) -> tuple[list[str], str]:
 # Smoke scale: the whole path (train, resume, analysis, report) on a CPU in minutes; numbers mean nothing.
 SMOKE = [
     "train.iterations=24", "train.batch_size=32", "train.eval_batch_size=200", "data.train_subset=800",
-    "data.val_size=200", "data.test_subset=200", "train.eval_every=12", "train.test_every=12", "train.log_every=4",
+    "data.test_subset=200", "train.eval_every=12", "train.test_every=12", "train.log_every=4",
     "train.checkpoint_every=12", "schedule.milestones=12,18",
     "optim.lr=0.025",  # the paper's 0.1 at batch 128, scaled linearly to batch 32
 ]
@@ -157,83 +155,86 @@ def command_line(name: str, options: Options) -> str:
         parts.append("--include-1202")
     if options.iterations:
         parts.append(f"--iterations {options.iterations}")
-    if options.engine != "auto":
-        parts.append(f"--engine {options.engine}")
     if options.parallel:
         parts.append(f"--parallel {options.parallel}")
+    parts += [f"--set {item}" for item in options.overrides]
     return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _run_config(spec: RunSpec):
-    return load_config(spec.recipe, spec.overrides + [f"name={spec.name}"])
+def run_overrides(spec: RunSpec, options: Options, gpu: bool) -> list[str]:
+    """The overrides a run trains with: the experiment's, the captured step on a GPU when the run allows it, then
+    the user's ``--set``."""
+    overrides = spec.overrides + [f"name={spec.name}"]
+    if gpu:
+        try:
+            load_config(spec.recipe, overrides + ["train.cuda_graph=true"] + options.overrides)
+            overrides.append("train.cuda_graph=true")
+        except ConfigError:
+            pass  # a setting the captured step refuses: this run stays eager
+    return overrides + list(options.overrides)
 
 
-def _run_one(spec: RunSpec, run_dir: Path) -> dict:
+def train_or_resume(config, run_dir: Path, quiet: bool = True) -> dict:
+    """Train a run in this process: a complete one (``summary.json``) is skipped, an interrupted one resumed; a run
+    whose loss became NaN/inf is a result (plain nets can diverge): its summary says ``diverged``."""
     from ..engine import NonFiniteLossError, train
 
     done = run_dir / "summary.json"
     if done.is_file():
         return json.loads(done.read_text())
-    config = _run_config(spec)
     resume = "auto" if (run_dir / "checkpoints" / "last.pt").exists() else None
-    print(f"[reproduce] {spec.name}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
+    print(f"[reproduce] {run_dir.name}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
     try:
-        return train(config, run_dir, resume=resume, quiet=True)
+        return train(config, run_dir, resume=resume, quiet=quiet)
     except NonFiniteLossError as exc:
-        # A diverged run is a result (plain nets can diverge), not a reason to stop the reproduction.
-        summary = {"run_dir": str(run_dir), "model": config.model.name, "diverged": True, "message": str(exc)}
-        done.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"[reproduce] {spec.name}: diverged ({exc})", flush=True)
-        return summary
+        print(f"[reproduce] {run_dir.name}: diverged ({exc})", flush=True)
+        return json.loads(done.read_text())
 
 
-def _fast_config(spec: RunSpec, run_dir: Path, options: Options, gpu: bool):
-    """The run's config when it goes to the fast path (the engine asks for it, the run allows it, and no loop run is
-    under way in its folder: that one resumes from its checkpoint); None when the loop trains it."""
-    from ..config import ConfigError
-    from ..engine.fast import check_fast_supported
-
-    if options.engine == "loop" or (options.engine == "auto" and not gpu) or not spec.fast:
-        return None
-    if (run_dir / "summary.json").is_file() or (run_dir / "checkpoints" / "last.pt").exists():
-        return None
-    config = _run_config(spec)
-    try:
-        check_fast_supported(config)
-    except ConfigError:
-        return None
-    return config
-
-
-def _run_fast(runs: list[tuple[RunSpec, Path, object]], options: Options, gpu: bool) -> None:
-    """Train ``runs`` (spec, folder, config) on the fast path, ``options.parallel`` processes at a time, largest
-    nets first."""
+def _run_concurrently(runs: list[tuple[RunSpec, Path, list[str]]], parallel: int) -> None:
+    """Train ``runs`` (spec, folder, overrides) as ``deepres train`` processes, ``parallel`` at a time, largest
+    first. Each data source is decoded here once before they start: first decodes side by side would race on the
+    extraction cache."""
     from ..data import load_dataset
-    from ..engine.concurrent import fast_training_job, run_concurrent
-    from ..engine.fast import DIVERGED_EXIT
+    from ..engine.concurrent import run_concurrent, training_job
+    from ..engine.loop import EXIT_DIVERGED
 
-    parallel = options.parallel or (GPU_PARALLEL if gpu else 1)
     jobs, sources = [], set()
-    for spec, run_dir, config in runs:
+    for spec, run_dir, overrides in runs:
+        config = load_config(spec.recipe, overrides)
         source = (config.data.source, config.data.data_dir, config.data.cache_dir)
-        if source not in sources:  # extract and decode once here: first decodes side by side would race on the cache
+        if source not in sources:
             sources.add(source)
             load_dataset(config.data)
-        extra = ["--eval-every", str(config.train.test_every), "--log-every", str(config.train.log_every)]
         cost = float(spec.meta.get("depth", 1)) * config.train.iterations
-        jobs.append(fast_training_job(spec.name, spec.recipe, spec.overrides + [f"name={spec.name}"], run_dir, cost,
-                                      extra))
-    print(f"[reproduce] {len(jobs)} runs on the fast path, {parallel} at a time", flush=True)
+        jobs.append(training_job(spec.name, spec.recipe, overrides, run_dir, cost))
+    print(f"[reproduce] {len(jobs)} runs as `deepres train` processes, {parallel} at a time", flush=True)
     failed = [r for r in run_concurrent(jobs, parallel)
-              if not (r.returncode in (0, DIVERGED_EXIT) and (r.log.parent / "summary.json").is_file())]
+              if not (r.returncode in (0, EXIT_DIVERGED) and (r.log.parent / "summary.json").is_file())]
     if failed:
         tails = "\n".join(f"--- {r.name} (exit {r.returncode}), last lines of {r.log}:\n"
                           + "".join(r.log.read_text().splitlines(True)[-15:]) for r in failed)
-        raise RuntimeError(f"{len(failed)} fast-path run(s) failed; completed runs are kept and skipped when the "
-                           f"command is run again.\n{tails}")
+        raise RuntimeError(f"{len(failed)} run(s) failed; completed runs are kept and skipped when the command is "
+                           f"run again.\n{tails}")
+
+
+def _waves(planned: list[tuple[RunSpec, Path, list[str]]]) -> list[list]:
+    """The planned runs in waves that can train side by side: a run that starts from another's checkpoint (a
+    teacher, ``model.init``) goes in a wave after that run's (plans list a run's dependencies before it)."""
+    waves: list[list] = []
+    for item in planned:
+        needs = [o.split("=", 1)[1] for o in item[2] if o.split("=", 1)[0] in ("task.teacher", "model.init")]
+        wave = 0
+        for i, previous in enumerate(waves):
+            if any(str(p[1] / "checkpoints") in path for p in previous for path in needs):
+                wave = i + 1
+        while len(waves) <= wave:
+            waves.append([])
+        waves[wave].append(item)
+    return waves
 
 
 def environment() -> dict:
@@ -241,16 +242,24 @@ def environment() -> dict:
     return {"device": device, "torch": torch.__version__, "python": platform.python_version(), "deepres": __version__}
 
 
-def _engine_line(results: list[RunResult]) -> str:
-    fast = sum(1 for r in results if r.summary.get("engine") == "fast")
-    if not fast:
-        return f"Engine: the training loop (`deepres train`) for all {len(results)} runs."
-    modes = sorted({f"{r.summary.get('amp', 'off')} autocast" + (", CUDA graph" if r.summary.get("cuda_graph") else "")
-                    + (", channels_last" if r.summary.get("channels_last") else "")
-                    for r in results if r.summary.get("engine") == "fast" and not r.summary.get("diverged")})
-    return (f"Engine: the fast path (`deepres.engine.fast`: data on the device, {'; '.join(modes) or 'diverged'}) "
-            f"for {fast} of {len(results)} runs, the training loop for the rest. Its batches are drawn from its own "
-            f"random stream, so its numbers match the loop's in distribution, not bit for bit.")
+def _precision(summary: dict) -> str:
+    return {"off": "fp32", None: "fp32"}.get(summary.get("amp"), summary.get("amp"))
+
+
+def engine_line(results: list[RunResult], parallel: int) -> str:
+    """How the runs trained: the step kinds, precisions and memory formats their summaries record."""
+    settings: dict[str, int] = {}
+    for r in results:
+        s = r.summary
+        if s.get("diverged"):
+            key = "diverged"
+        else:
+            key = (f"{s.get('step', 'eager')} step, {_precision(s)}" + (", channels_last" if s.get("channels_last")
+                                                                         else ""))
+        settings[key] = settings.get(key, 0) + 1
+    how = "one after another in this process" if parallel == 1 else f"{parallel} processes at a time"
+    return (f"Engine: the training loop (`deepres train`), {len(results)} runs, {how}: "
+            + "; ".join(f"{key} ({count})" for key, count in settings.items()) + ".")
 
 
 def run_experiment(name: str, options: Options) -> Path:
@@ -260,19 +269,22 @@ def run_experiment(name: str, options: Options) -> Path:
     experiment = EXPERIMENTS[name]
     if options.iterations and not experiment.shortens:
         raise ValueError(f"--iterations applies to the CIFAR paper experiments, not to '{name}'")
-    if options.engine not in ENGINES:
-        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}; got {options.engine!r}")
     out = Path(options.out)
     t0 = time.time()
     gpu = torch.cuda.is_available()
-    planned = [(spec, out / "runs" / spec.name) for spec in experiment.plan(options)]
-    fast = [(spec, run_dir, config) for spec, run_dir in planned
-            if (config := _fast_config(spec, run_dir, options, gpu)) is not None]
-    if fast:
-        _run_fast(fast, options, gpu)
+    parallel = options.parallel or (GPU_PARALLEL if gpu else 1)
+    planned = [(spec, out / "runs" / spec.name, run_overrides(spec, options, gpu))
+               for spec in experiment.plan(options)]
+    for spec, _, overrides in planned:  # every config checked before anything trains
+        load_config(spec.recipe, overrides)
+    if parallel > 1:
+        for wave in _waves(planned):
+            todo = [item for item in wave if not (item[1] / "summary.json").is_file()]
+            if todo:
+                _run_concurrently(todo, parallel)
     results = []
-    for spec, run_dir in planned:
-        summary = _run_one(spec, run_dir)
+    for spec, run_dir, overrides in planned:
+        summary = train_or_resume(load_config(spec.recipe, overrides), run_dir)
         results.append(RunResult(spec, run_dir, summary, read_metrics(run_dir / "metrics.jsonl")))
     report_dir = out / name
     (report_dir / "plots").mkdir(parents=True, exist_ok=True)
@@ -288,7 +300,7 @@ def run_experiment(name: str, options: Options) -> Path:
         f"Python {env['python']}. Wall time of the runs: {train_seconds / 60:.1f} min "
         f"({len(results)} runs; this invocation {(time.time() - t0) / 60:.1f} min).",
         "",
-        _engine_line(results),
+        engine_line(results, parallel),
         "",
     ]
     if options.scale == "smoke":

@@ -170,7 +170,7 @@ def _data_line(options: Options) -> str:
 
 
 def plan_semi(options: Options) -> list[RunSpec]:
-    from ..tasks.noisy_student import Noise, student_overrides
+    from .noisy_student import Noise, chain
 
     data = _cifar(options) + _scale(options, subset=False)
     data += SMOKE_SEMI if options.scale == "smoke" else [f"data.labeled_per_class={SEMI_LABELS_PER_CLASS}"]
@@ -181,12 +181,11 @@ def plan_semi(options: Options) -> list[RunSpec]:
         specs.append(_spec(f"eff-semi-pseudo-s{seed}", data + [
             "task.name=pseudo_label", f"task.teacher={_checkpoint(options, teacher)}",
             f"task.threshold={PSEUDO_THRESHOLD}"], "pseudo-labeling", seed))
-        previous = teacher
-        for i in range(1, NOISY_ITERATIONS + 1):
-            name = f"eff-semi-noisy{i}-s{seed}"
-            overrides = data + student_overrides(_checkpoint(options, previous), Noise()) + ["task.pseudo_labels=soft"]
-            specs.append(_spec(name, overrides, f"Noisy Student, iteration {i}", seed, iteration=i))
-            previous = name
+        names = lambda i, s=seed: teacher if i == 0 else f"eff-semi-noisy{i}-s{s}"  # noqa: E731
+        for i, (name, overrides) in enumerate(chain(NOISY_ITERATIONS, names, lambda run: _checkpoint(options, run),
+                                                    Noise()), start=1):
+            specs.append(_spec(name, data + overrides + ["task.pseudo_labels=soft"], f"Noisy Student, iteration {i}",
+                               seed, iteration=i))
     return specs
 
 

@@ -2,16 +2,17 @@
 
 - ``classification``: cross-entropy (hard or mixed labels, label smoothing, auxiliary heads);
 - ``distillation``: Hinton et al. 2015, a teacher checkpoint's softened outputs (:mod:`.distillation`);
-- ``pseudo_label``: a teacher labels the unlabeled set and the model trains on both (:mod:`.pseudo_label`);
-  Noisy Student repeats it with a noised student (:mod:`.noisy_student`).
+- ``pseudo_label``: a teacher labels the unlabeled set and the model trains on both (:mod:`.pseudo_label`).
 
-Transfer learning (:mod:`.transfer`) and the Noisy Student noise (:mod:`.noise`) act on the model and live here too.
+Tasks are losses only: a task that needs a teacher is given one (the loop loads ``task.teacher``). Transfer learning
+and the Noisy Student noise act on the model (:mod:`deepres.models.transfer`, :mod:`deepres.models.noise`); Noisy
+Student's iterations are an experiment (:mod:`deepres.experiments.noisy_student`).
 """
 
 from .base import Task
 from .classification import ClassificationTask, main_logits
 from .distillation import DistillationTask, kd_loss
-from .pseudo_label import PseudoLabelTask, select_pseudo_labels, split_labeled
+from .pseudo_label import PseudoLabelTask, label_unlabeled, select_pseudo_labels
 
 __all__ = [
     "ClassificationTask",
@@ -20,9 +21,9 @@ __all__ = [
     "Task",
     "build_task",
     "kd_loss",
+    "label_unlabeled",
     "main_logits",
     "select_pseudo_labels",
-    "split_labeled",
 ]
 
 
@@ -31,7 +32,7 @@ def build_task(cfg) -> Task:
     if cfg.name == "classification":
         return ClassificationTask(label_smoothing=cfg.label_smoothing)
     if cfg.name == "distillation":
-        return DistillationTask(cfg.teacher, cfg.temperature, cfg.alpha, cfg.label_smoothing)
+        return DistillationTask(cfg.temperature, cfg.alpha, cfg.label_smoothing, cfg.teacher)
     if cfg.name == "pseudo_label":
-        return PseudoLabelTask(cfg.teacher, cfg.pseudo_labels, cfg.threshold, cfg.label_smoothing)
+        return PseudoLabelTask(cfg.pseudo_labels, cfg.threshold, cfg.label_smoothing, cfg.teacher)
     raise ValueError(f"task.name={cfg.name!r} is unknown")

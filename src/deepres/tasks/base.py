@@ -2,8 +2,10 @@
 
 The loop knows nothing of losses: it asks its task, in this order,
 
-- ``prepare(model, data, config, device)`` once before the first step: a task may load a teacher, label an unlabeled
-  set, or replace ``data.train`` with a loader over other images (the data bundle is its to change);
+- ``prepare(model, data, config, device, teacher)`` once before the first step: a task may label an unlabeled set with
+  the teacher it is given, or replace ``data.train`` with a loader over other images (the data bundle is its to
+  change). A task whose ``needs_teacher`` is true gets ``(teacher model, its normalizer)``: the loop loads
+  ``task.teacher``; a task never loads one;
 - ``targets(images, targets)`` on every batch, inside autocast: what the loss compares against (e.g. the labels and
   the teacher's logits);
 - ``loss(outputs, targets) -> (loss, main logits)``;
@@ -21,7 +23,9 @@ __all__ = ["Task"]
 class Task:
     """The do-nothing parts of the task protocol; subclasses define :meth:`loss`."""
 
-    def prepare(self, model, data, config, device: torch.device) -> None:
+    needs_teacher = False
+
+    def prepare(self, model, data, config, device: torch.device, teacher=None) -> None:
         """Called once before training (also on resume, so it must be deterministic)."""
 
     def targets(self, images: torch.Tensor, targets):

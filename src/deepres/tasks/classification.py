@@ -20,8 +20,6 @@ def main_logits(outputs) -> torch.Tensor:
 
 class ClassificationTask(Task):
     def __init__(self, label_smoothing: float = 0.0, aux_weight: float = AUX_WEIGHT):
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"task.label_smoothing must be in [0, 1); got {label_smoothing}")
         self.label_smoothing = label_smoothing
         self.aux_weight = aux_weight
 

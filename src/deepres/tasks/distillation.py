@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
 from .classification import ClassificationTask, main_logits
-from .teacher import Renormalize, check_teacher, is_augmented, load_teacher, teacher_logits, train_loader
+from .teacher import Renormalize, teacher_logits
 
 __all__ = ["DistillationTask", "kd_loss", "masked_cross_entropy"]
 
@@ -50,38 +49,36 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, al
 class DistillationTask(ClassificationTask):
     """Targets are (labels, teacher logits): labels int64 (-1 for an unlabeled image) or soft (mixed batches)."""
 
-    def __init__(self, teacher: str | None, temperature: float = 4.0, alpha: float = 0.9, label_smoothing: float = 0.0):
+    needs_teacher = True
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, label_smoothing: float = 0.0,
+                 teacher_name: str | None = None):
         super().__init__(label_smoothing)
-        if not temperature > 0:
-            raise ConfigError("task.temperature", f"must be > 0; got {temperature}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError("task.alpha", f"must be in [0, 1]; got {alpha}")
-        check_teacher(teacher)
-        self.teacher_path = teacher
+        self.teacher_name = teacher_name  # for the summary
         self.temperature, self.alpha = temperature, alpha
         self.teacher = self.renormalize = None
         # Cached mode: the loader yields image indices; these tables give each one's label and teacher logits.
         self.cached_labels = self.cached_logits = None
 
-    def prepare(self, model, data, config, device) -> None:
-        from ..data import Split
+    def prepare(self, model, data, config, device, teacher=None) -> None:
+        from ..data import Split, train_loader_over
 
-        self.teacher, normalizer = load_teacher(self.teacher_path, data.dataset.classes, device)
+        if teacher is None:
+            raise ValueError("distillation needs a teacher: (model, normalizer)")
+        self.teacher, normalizer = teacher
         self.renormalize = Renormalize(data.normalizer, normalizer)
         unlabeled = data.dataset.extra.get("unlabeled")
         train = data.dataset.train
-        if unlabeled is not None and len(unlabeled):
-            if config.data.cutmix_alpha > 0 or config.data.mixup_alpha > 0:
-                raise ConfigError("data.cutmix_alpha", "mixing batches needs every image labeled; distillation with "
-                                                       "an unlabeled set (data.labeled_per_class) does not mix")
+        if unlabeled is not None and len(unlabeled):  # (Config.validate refuses mixing here: unlabeled rows)
             train = Split(torch.cat([train.images, unlabeled.images]),
                           torch.cat([train.labels, torch.full((len(unlabeled),), UNLABELED, dtype=torch.int64)]))
-            data.train = train_loader(train, data, config)
-        if not is_augmented(data.train):
+            data.train = train_loader_over(train, data, config.data)
+        if not getattr(data.train, "augmented", True):
             # Unaugmented batches are the training images themselves: the teacher's logits are computed once.
             self.cached_logits = teacher_logits(self.teacher, normalizer, train.images, device)
             self.cached_labels = train.labels.to(device)
-            data.train = train_loader(Split(train.images, torch.arange(len(train))), data, config, augment=False)
+            indices = Split(train.images, torch.arange(len(train)))
+            data.train = train_loader_over(indices, data, config.data, augment=False)
 
     def targets(self, images: torch.Tensor, targets):
         if self.cached_logits is not None:
@@ -101,5 +98,5 @@ class DistillationTask(ClassificationTask):
         return torch.where(hard >= 0, hard, teacher.argmax(dim=1))
 
     def summary(self) -> dict:
-        return {"teacher": str(self.teacher_path), "temperature": self.temperature, "alpha": self.alpha,
+        return {"teacher": self.teacher_name, "temperature": self.temperature, "alpha": self.alpha,
                 "teacher_logits_cached": self.cached_logits is not None}

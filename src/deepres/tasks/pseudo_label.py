@@ -10,7 +10,6 @@ probability reaches it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,45 +17,9 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from .classification import ClassificationTask
-from .teacher import check_teacher, load_teacher, teacher_logits, train_loader
+from .teacher import teacher_logits
 
-__all__ = ["PseudoLabelTask", "PseudoLabels", "first_per_class", "label_unlabeled", "select_pseudo_labels",
-           "split_labeled"]
-
-# The unlabeled sample (data.unlabeled_subset) is a function of the dataset alone, never of the run's seed.
-UNLABELED_SEED = 20200101
-
-
-def split_labeled(dataset, per_class: int, unlabeled_subset: int | None = None):
-    """A copy of ``dataset`` whose train split holds the first ``per_class`` images of each class, in their original
-    order; the others go to ``extra["unlabeled"]`` (all, or a fixed sample of ``unlabeled_subset``)."""
-    from ..data import Split
-
-    train = dataset.train
-    labeled, rest = first_per_class(train, per_class, dataset.num_classes, "data.labeled_per_class")
-    if unlabeled_subset is not None:
-        if unlabeled_subset < 0:
-            raise ConfigError("data.unlabeled_subset", f"must be >= 0; got {unlabeled_subset}")
-        order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(UNLABELED_SEED))
-        rest = rest[order[:unlabeled_subset].sort().values]
-    extra = dict(dataset.extra, unlabeled=Split(train.images[rest], train.labels[rest]))
-    return dataclasses.replace(dataset, train=labeled, extra=extra)
-
-
-def first_per_class(split, per_class: int, num_classes: int, key: str):
-    """The first ``per_class`` images of each class, in their original order."""
-    from ..data import Split
-
-    if per_class <= 0:
-        raise ConfigError(key, f"must be positive; got {per_class}")
-    keep = torch.zeros(len(split), dtype=torch.bool)
-    for k in range(num_classes):
-        members = (split.labels == k).nonzero().flatten()
-        if len(members) < per_class:
-            raise ConfigError(key, f"class {k} has only {len(members)} images; asked for {per_class}")
-        keep[members[:per_class]] = True
-    chosen = keep.nonzero().flatten()
-    return Split(split.images[chosen], split.labels[chosen]), (~keep).nonzero().flatten()
+__all__ = ["PseudoLabelTask", "PseudoLabels", "label_unlabeled", "select_pseudo_labels"]
 
 
 @dataclass
@@ -91,51 +54,51 @@ def select_pseudo_labels(logits: torch.Tensor, threshold: float = 0.0, mode: str
     return PseudoLabels(indices, targets, confidence, predicted)
 
 
-def label_unlabeled(teacher_path: str, dataset, device, threshold: float = 0.0, mode: str = "hard") -> PseudoLabels:
-    """Run a teacher checkpoint over ``dataset.extra["unlabeled"]`` (see :func:`split_labeled`)."""
+def label_unlabeled(teacher, dataset, device, threshold: float = 0.0, mode: str = "hard") -> PseudoLabels:
+    """Run ``teacher`` (model, normalizer) over ``dataset.extra["unlabeled"]`` (see
+    :func:`deepres.data.subsets.split_labeled`)."""
     unlabeled = dataset.extra.get("unlabeled")
     if unlabeled is None or len(unlabeled) == 0:
         raise ConfigError("data.labeled_per_class", "pseudo-labeling needs an unlabeled set: set "
                                                     "data.labeled_per_class (the rest of each class is unlabeled)")
-    teacher, normalizer = load_teacher(teacher_path, dataset.classes, device)
+    teacher, normalizer = teacher
     return select_pseudo_labels(teacher_logits(teacher, normalizer, unlabeled.images, device), threshold, mode)
 
 
 class PseudoLabelTask(ClassificationTask):
     """Cross-entropy over the labeled images plus the kept pseudo-labeled ones (soft targets: soft cross-entropy)."""
 
-    def __init__(self, teacher: str | None, mode: str = "hard", threshold: float = 0.0, label_smoothing: float = 0.0):
+    needs_teacher = True
+
+    def __init__(self, mode: str = "hard", threshold: float = 0.0, label_smoothing: float = 0.0,
+                 teacher_name: str | None = None):
         super().__init__(label_smoothing)
-        check_teacher(teacher)
-        if not 0.0 <= threshold <= 1.0:
-            raise ConfigError("task.threshold", f"must be in [0, 1]; got {threshold}")
-        self.teacher_path, self.mode, self.threshold = teacher, mode, threshold
+        self.teacher_name, self.mode, self.threshold = teacher_name, mode, threshold
         self.table = None  # soft mode: the loader yields indices into this (N, K) table of targets
         self.stats: dict = {}
 
-    def prepare(self, model, data, config, device) -> None:
-        from ..data import Split
+    def prepare(self, model, data, config, device, teacher=None) -> None:
+        from ..data import Split, train_loader_over
 
+        if teacher is None:
+            raise ValueError("pseudo-labeling needs a teacher: (model, normalizer)")
         dataset = data.dataset
-        labels = label_unlabeled(self.teacher_path, dataset, device, self.threshold, self.mode)
+        labels = label_unlabeled(teacher, dataset, device, self.threshold, self.mode)
         unlabeled = dataset.extra["unlabeled"]
         self.stats = labels.stats(unlabeled.labels)
         chosen = labels.indices.cpu()
         images = torch.cat([dataset.train.images, unlabeled.images[chosen]])
         if self.mode == "hard":
-            data.train = train_loader(Split(images, torch.cat([dataset.train.labels, labels.targets.cpu()])), data,
-                                      config)
+            hard = Split(images, torch.cat([dataset.train.labels, labels.targets.cpu()]))
+            data.train = train_loader_over(hard, data, config.data)
             return
-        if config.data.cutmix_alpha > 0 or config.data.mixup_alpha > 0:
-            raise ConfigError("task.pseudo_labels", "soft pseudo-labels cannot be combined with batch mixing "
-                                                    "(data.cutmix_alpha / data.mixup_alpha); use hard labels")
         own = F.one_hot(dataset.train.labels, dataset.num_classes).float()
         self.table = torch.cat([own, labels.targets.cpu().float()]).to(device)
-        data.train = train_loader(Split(images, torch.arange(len(images))), data, config)
+        data.train = train_loader_over(Split(images, torch.arange(len(images))), data, config.data)
 
     def targets(self, images: torch.Tensor, targets):
         return targets if self.table is None else self.table[targets]
 
     def summary(self) -> dict:
-        return {"teacher": str(self.teacher_path), "pseudo_labels": self.mode, "threshold": self.threshold,
+        return {"teacher": self.teacher_name, "pseudo_labels": self.mode, "threshold": self.threshold,
                 **self.stats}

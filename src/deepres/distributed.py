@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_sum", "any_rank", "barrier", "cleanup", "setup"]
+__all__ = ["DistInfo", "all_reduce_sum", "any_rank", "cleanup", "resolve_device", "setup"]
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,6 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def cleanup() -> None:

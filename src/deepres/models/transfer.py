@@ -25,9 +25,16 @@ import torch.nn as nn
 
 from ..config import ConfigError
 
-__all__ = ["classifier_parameters", "freeze_backbone", "load_init", "read_weights"]
+__all__ = ["checkpoint_weights", "classifier_parameters", "freeze_backbone", "load_init", "read_weights"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase,)
+
+
+def checkpoint_weights(checkpoint: dict) -> dict:
+    """The weights of one of our checkpoints a model is used with: its EMA weights when the run kept them."""
+    if checkpoint.get("ema") is not None:
+        return {k[len("module."):]: v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
+    return checkpoint["model"]
 
 
 def read_weights(path: str | Path) -> tuple[dict, list[str] | None, str]:
@@ -42,10 +49,7 @@ def read_weights(path: str | Path) -> tuple[dict, list[str] | None, str]:
     if not isinstance(data, dict):
         raise ConfigError("model.init", f"{path} does not hold a state dict")
     if "config" in data and isinstance(data.get("model"), dict):
-        state = data["model"]
-        if data.get("ema") is not None:
-            state = {k[len("module."):]: v for k, v in data["ema"].items() if k.startswith("module.")}
-        return state, list(data.get("classes") or []) or None, "checkpoint"
+        return checkpoint_weights(data), list(data.get("classes") or []) or None, "checkpoint"
     for key in ("state_dict", "model"):
         if isinstance(data.get(key), dict):
             data = data[key]
@@ -55,7 +59,7 @@ def read_weights(path: str | Path) -> tuple[dict, list[str] | None, str]:
 
 
 def _paper_bottleneck(model: nn.Module) -> bool:
-    from ..models.resnet import Bottleneck
+    from .resnet import Bottleneck
 
     return getattr(model, "stride_on", None) == "1x1" and getattr(model, "block", None) is Bottleneck
 

@@ -13,10 +13,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..config import Config, ConfigError, apply_overrides
 
-__all__ = ["Noise", "noisy_student", "student_overrides"]
+__all__ = ["Noise", "chain", "noisy_student", "student_overrides"]
 
 
 @dataclass
@@ -40,9 +41,24 @@ def student_overrides(teacher_checkpoint: str | Path, noise: Noise, model: str |
     return out + ([f"model.name={model}"] if model else [])
 
 
+def chain(iterations: int, name_of: Callable[[int], str], checkpoint_of: Callable[[str], Path], noise: Noise,
+          students: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """(run name, overrides) of iterations 1..``iterations``: iteration i is a noised student taught by iteration
+    i - 1's final weights (``checkpoint_of(name_of(i - 1))``); ``students``: the model of each iteration (the last one
+    repeats; default: the recipe's). The one definition of the Noisy Student chain, for ``deepres noisy-student`` and
+    the semi-supervised experiment."""
+    if iterations < 1:
+        raise ConfigError("--iterations", f"must be at least 1; got {iterations}")
+    out = []
+    for i in range(1, iterations + 1):
+        model = students[min(i, len(students)) - 1] if students else None
+        out.append((name_of(i), student_overrides(checkpoint_of(name_of(i - 1)), noise, model)))
+    return out
+
+
 def _parameters(config: Config, num_classes: int = 10, in_channels: int = 3) -> int:
-    from ..engine.loop import build_model
     from ..models import count_parameters
+    from ..runs import build_model
 
     return count_parameters(build_model(config.model, num_classes, in_channels))
 
@@ -63,19 +79,16 @@ def noisy_student(config: Config, iterations: int, run_dir: str | Path, students
     ``students``: the model of each iteration (the last one repeats; default: the recipe's model). Complete runs are
     skipped and interrupted ones resumed. Returns the report's path and one row per iteration.
     """
-    if iterations < 1:
-        raise ConfigError("--iterations", f"must be at least 1; got {iterations}")
     if config.data.labeled_per_class is None:
         raise ConfigError("data.labeled_per_class", "Noisy Student needs an unlabeled set: set data.labeled_per_class "
                                                     "(the rest of each class is unlabeled)")
     noise = noise or Noise()
     run_dir = Path(run_dir)
     configs = [dataclasses.replace(config, name=f"{config.name}-iter0")]
-    for i in range(1, iterations + 1):
-        model = students[min(i, len(students)) - 1] if students else None
-        teacher_ckpt = run_dir / f"iter{i - 1}" / "checkpoints" / "last.pt"
-        configs.append(apply_overrides(config, student_overrides(teacher_ckpt, noise, model)
-                                       + [f"name={config.name}-iter{i}"]))
+    steps = chain(iterations, lambda i: f"iter{i}", lambda name: run_dir / name / "checkpoints" / "last.pt", noise,
+                  students)
+    for i, (name, overrides) in enumerate(steps, start=1):
+        configs.append(apply_overrides(config, overrides + [f"name={config.name}-{name}"]))
         # Checked before anything trains: each student at least as large as its teacher.
         if _parameters(configs[i]) < _parameters(configs[i - 1]):
             raise ConfigError("--student", f"the student {configs[i].model.name} is smaller than its teacher "

@@ -1,0 +1,207 @@
+"""Training steps: forward, loss, backward and update for one batch, in the three kinds the loop can run.
+
+- ``eager``: PyTorch's kernels launched one by one (any device, any setting);
+- ``compiled``: the same step through ``torch.compile(model, mode=train.compile)``;
+- ``graph`` (``train.cuda_graph``): after three eager warm-up steps (cuDNN autotuning, optimizer state), forward,
+  backward and the fused SGD update are captured as one CUDA graph and replayed every step. Batches are copied into
+  the graph's static input tensors; the learning rate lives in device tensors the fused update reads, so the graph
+  serves every learning rate of the schedule. The paper's CIFAR nets are narrow: at batch 128 a step is a few hundred
+  small kernels that a GPU finishes faster than Python launches them, and a replay launches them all at once.
+
+A step returns the batch's loss and number of misclassified images as device tensors (no host sync) and the batch
+size; the loop accumulates them. Precision (``train.amp``) is an autocast dtype; fp16 adds a GradScaler whose state
+is checkpointed so a resumed run stays exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, step_kind
+
+__all__ = ["CapturedStep", "EagerStep", "Precision", "build_step", "resolve_amp"]
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``train.amp`` on this device: auto is bf16 on a CUDA GPU that has it, off elsewhere."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "off"
+
+
+class Precision:
+    """Autocast dtype of a run and, for fp16, its GradScaler (gradients of fp16 activations underflow without one)."""
+
+    def __init__(self, amp: str, device: torch.device):
+        self.name = resolve_amp(amp, device)
+        self.device = device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+        self.scaler = torch.amp.GradScaler(device.type) if self.name == "fp16" else None
+
+    def autocast(self, cache_enabled: bool = True):
+        """The autocast context (a no-op in fp32). ``cache_enabled=False`` inside a captured graph: the graph must
+        recompute the casts of the live fp32 weights on every replay."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=cache_enabled)
+
+
+def _wrong(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.detach().argmax(dim=1) != labels).sum().float()
+
+
+class EagerStep:
+    """One training step with eager (or ``torch.compile``d) kernels."""
+
+    kind = "eager"
+
+    def __init__(self, model: nn.Module, step_model: nn.Module, task, optimizer: torch.optim.Optimizer,
+                 precision: Precision, grad_clip: float | None = None, ema=None, compile_mode: str = "off"):
+        self.model = model  # the parameters (unwrapped)
+        self.step_model = step_model  # what the batch goes through: the model, its DDP wrapper, compiled or not
+        self.task = task
+        self.optimizer = optimizer
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.ema = ema
+        self.compile_mode = compile_mode
+        if compile_mode != "off":
+            self.kind = "compiled"
+
+    def set_lr(self, lr: float) -> None:
+        """The schedule's learning rate, times each parameter group's ``lr_scale`` (fine-tuning)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def __call__(self, images: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Train on one batch; returns (loss, misclassified count) as fp32 device scalars, and the batch size."""
+        scaler = self.precision.scaler
+        with self.precision.autocast():
+            targets = self.task.targets(images, targets)
+            outputs = self.step_model(images)
+            loss, logits = self.task.loss(outputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if self.grad_clip:
+            if scaler:
+                scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if scaler:
+            scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        labels = self.task.labels(targets)
+        return loss.detach().float(), _wrong(logits, labels), len(labels)
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state dict with plain-number learning rates."""
+        state = self.optimizer.state_dict()
+        for group in state["param_groups"]:
+            group["lr"] = float(group["lr"])
+        return state
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.precision.scaler.state_dict()} if self.precision.scaler else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+
+    def describe(self) -> dict:
+        return {"step": self.kind, "compile": self.compile_mode, "amp": self.precision.name, "cuda_graph": False}
+
+
+class CapturedStep(EagerStep):
+    """The step captured as one CUDA graph after ``WARMUP_STEPS`` eager steps on a side stream.
+
+    Every call is one real training step: the warm-up steps train too, the capture call replays its graph at once.
+    Batches must keep one shape and dtype (the loaders drop the last partial batch, so they do).
+    """
+
+    kind = "graph"
+    WARMUP_STEPS = 3
+
+    def __init__(self, model, step_model, task, optimizer, precision, compile_mode: str = "off"):
+        super().__init__(model, step_model, task, optimizer, precision, compile_mode=compile_mode)
+        self.kind = "graph"
+        device = next(model.parameters()).device
+        for group in optimizer.param_groups:  # the fused update reads its lr from device memory: one graph for all
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.wrong = torch.zeros((), device=device)
+        self.images = self.targets = None
+        self.graph = None
+        self.calls = 0
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
+
+    def _body(self) -> None:
+        with self.precision.autocast(cache_enabled=False):
+            targets = self.task.targets(self.images, self.targets)
+            outputs = self.step_model(self.images)
+            loss, logits = self.task.loss(outputs, targets)
+        loss.backward()
+        self.optimizer.step()
+        self.loss.copy_(loss.detach().float())
+        self.wrong.copy_(_wrong(logits, self.task.labels(targets)))
+
+    def __call__(self, images: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self.images is None:
+            self.images, self.targets = torch.empty_like(images), torch.empty_like(targets)
+        elif images.shape != self.images.shape or targets.shape != self.targets.shape \
+                or targets.dtype != self.targets.dtype:
+            raise ValueError(f"train.cuda_graph: the captured step needs batches of one shape; got images "
+                             f"{tuple(images.shape)} after {tuple(self.images.shape)}")
+        self.images.copy_(images)
+        self.targets.copy_(targets)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.calls < self.WARMUP_STEPS:
+            current = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._body()
+            current.wait_stream(side)
+        else:
+            # Gradients are freed so that backward allocates them from the graph's own memory pool; replays then
+            # overwrite them (PyTorch's whole-network capture recipe).
+            self.optimizer.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._body()
+            self.graph = graph
+            graph.replay()
+        self.calls += 1
+        return self.loss, self.wrong, len(images)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "cuda_graph": True}
+
+
+def build_step(config, model: nn.Module, train_model: nn.Module, task, optimizer, ema, device: torch.device,
+               world_size: int = 1, notice=print) -> EagerStep:
+    """The step kind the config asks for on this device. ``train.cuda_graph`` without a CUDA device runs eagerly
+    (``notice`` says so); with several processes (DDP) it is refused."""
+    tc = config.train
+    precision = Precision(tc.amp, device)
+    step_model = torch.compile(train_model, mode=tc.compile) if tc.compile != "off" else train_model
+    if step_kind(config) == "graph":
+        if world_size > 1:
+            raise ConfigError("train.cuda_graph", f"not supported with {world_size} processes (DDP); "
+                                                  "use train.cuda_graph=false")
+        if device.type == "cuda":
+            return CapturedStep(model, step_model, task, optimizer, precision, compile_mode=tc.compile)
+        notice(f"train.cuda_graph: {device} is not a CUDA device; the step runs eagerly")
+    return EagerStep(model, step_model, task, optimizer, precision, config.optim.grad_clip, ema, tc.compile)

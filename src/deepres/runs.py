@@ -1,0 +1,150 @@
+"""Run folders: their paths, checkpoint read/write, and the model a run or checkpoint describes.
+
+A run folder (``runs/<name>/``) holds ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``tensorboard/`` and
+``checkpoints/{last,best}.pt``. Checkpoints are plain dicts of tensors and numbers, written atomically and read
+with ``weights_only=True``. Everything here sits below the training loop, the tasks and the experiments, which all
+read runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, from_dict
+from .data import Normalizer
+from .models import create_model
+from .models.noise import add_noise
+from .models.transfer import checkpoint_weights
+
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "RunPaths",
+    "build_model",
+    "check_teacher",
+    "data_fingerprint",
+    "load_checkpoint",
+    "load_for_inference",
+    "load_teacher",
+    "save_checkpoint",
+]
+
+FORMAT = "deepres-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable deepres checkpoint."""
+
+
+@dataclass
+class RunPaths:
+    root: Path
+    checkpoints: Path = field(init=False)
+    last: Path = field(init=False)
+    best: Path = field(init=False)
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self.checkpoints = self.root / "checkpoints"
+        self.last = self.checkpoints / "last.pt"
+        self.best = self.checkpoints / "best.pt"
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write ``state`` to a temporary file beside ``path``, fsync it, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a deepres checkpoint (format {FORMAT})")
+    return state
+
+
+def build_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
+    """The model of a ModelConfig; class count and channels default to the data's. ``model.init`` is not loaded
+    here (the loop loads it into a fresh run only); dropout and stochastic depth are added (training-only hooks)."""
+    options = dict(cfg.options)
+    options["num_classes"] = cfg.num_classes or num_classes
+    options["in_channels"] = cfg.in_channels or in_channels
+    for key in ("shortcut", "stride_on", "zero_init_residual"):
+        value = getattr(cfg, key)
+        if value is not None:
+            options[key] = value
+    return add_noise(create_model(cfg.name, **options), cfg.dropout, cfg.stochastic_depth)
+
+
+def load_for_inference(checkpoint: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Normalizer, object]:
+    """The model of a checkpoint in eval mode (EMA weights when the run kept them), its normalizer and config."""
+    config = from_dict(checkpoint["config"])
+    model = build_model(config.model, len(checkpoint["classes"]), int(checkpoint["in_channels"]))
+    model.load_state_dict(checkpoint_weights(checkpoint))
+    return model.to(device).eval(), Normalizer.from_state_dict(checkpoint["normalization"]), config
+
+
+def check_teacher(path: str | Path | None, key: str = "task.teacher") -> None:
+    """A ConfigError unless ``path`` names an existing file (checked before any data is read)."""
+    if not path:
+        raise ConfigError(key, "this task needs a teacher checkpoint, e.g. "
+                               "--set task.teacher=runs/teacher/checkpoints/last.pt")
+    if not Path(path).is_file():
+        raise ConfigError(key, f"teacher checkpoint not found: {path}")
+
+
+def load_teacher(path: str | Path | None, classes: list[str], device: torch.device, key: str = "task.teacher"):
+    """(model, normalizer) of a checkpoint: eval mode, parameters frozen, on ``device``; its classes must be ours."""
+    check_teacher(path, key)
+    ckpt = load_checkpoint(path)
+    if list(ckpt["classes"]) != list(classes):
+        raise ConfigError(key, f"the teacher {path} was trained on classes {ckpt['classes'][:5]}..., the data has "
+                               f"{classes[:5]}...")
+    model, normalizer, _ = load_for_inference(ckpt, device)
+    model.requires_grad_(False)
+    return model.eval(), normalizer
+
+
+def data_fingerprint(dataset) -> str:
+    """A short hash of what the run trains on: source, class list, split sizes, labels and a sample of pixels."""
+    h = hashlib.sha1()
+    h.update(json.dumps([dataset.name, dataset.classes]).encode())
+    for split in (dataset.train, dataset.val, dataset.test):
+        if split is None:
+            continue
+        h.update(split.labels.numpy().tobytes())
+        images = getattr(split, "images", None)
+        if images is not None:  # in memory: shape and a sample of pixels
+            h.update(str(tuple(images.shape)).encode())
+            h.update(images[:: max(1, len(split) // 64)].numpy().tobytes())
+        else:  # an image folder read by workers: its file list
+            h.update("\n".join(split.paths).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,147 @@
+"""The step kinds of the one loop on the CPU: the captured step's logic (with CUDA's graph primitives stood in for),
+the compiled step against the eager one, fp16 with its GradScaler through a resume, and a captured step asked for
+on a CPU."""
+
+import contextlib
+
+import pytest
+import torch
+
+from deepres.config import load_config
+from deepres.engine import load_checkpoint, train
+from deepres.engine import steps as steps_module
+from deepres.engine.logging import read_metrics
+from deepres.engine.optim import build_optimizer
+from deepres.engine.steps import CapturedStep, EagerStep, Precision
+from deepres.models import create_model
+from deepres.tasks import ClassificationTask
+
+from .helpers import make_idx_dataset
+from .test_engine import small_overrides
+
+
+@pytest.fixture(scope="module")
+def idx_data(tmp_path_factory):
+    return make_idx_dataset(tmp_path_factory.mktemp("idx-steps"))
+
+
+def _losses(run):
+    return [r["train_loss"] for r in read_metrics(run / "metrics.jsonl") if "train_loss" in r]
+
+
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+
+def test_captured_step_logic_matches_eager_steps(monkeypatch):
+    """CapturedStep on the CPU with CUDA's graph primitives stood in for (capture runs the body once, as capture plus
+    the first replay do; each later replay runs it again, writing fresh gradients as a replayed backward does, since
+    they were None at capture): static input copies, the learning rate as a tensor the update reads, three warm-up
+    steps, then replays. 12 steps with an lr change equal 12 eager steps."""
+    replays = []
+
+    class FakeGraph:
+        def replay(self):
+            replays.append(1)
+            if len(replays) > 1:
+                captured.optimizer.zero_grad(set_to_none=True)
+                captured._body()
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    def make(kind):
+        torch.manual_seed(0)
+        model = create_model("resnet20", num_classes=4)
+        optimizer = build_optimizer(model, load_config(None, ["optim.lr=0.05"]).optim, torch.device("cpu"))
+        precision = Precision("off", torch.device("cpu"))
+        return kind(model, model, ClassificationTask(), optimizer, precision), model
+
+    captured, model_c = make(CapturedStep)
+    eager, model_e = make(EagerStep)
+    g = torch.Generator().manual_seed(1)
+    for step in range(12):
+        lr = 0.05 if step < 6 else 0.005
+        captured.set_lr(lr)
+        eager.set_lr(lr)
+        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
+        loss_c, wrong_c, n_c = captured(x, y)
+        loss_e, wrong_e, n_e = eager(x, y)
+        assert n_c == n_e == 8 and float(wrong_c) == float(wrong_e)
+        assert float(loss_c) == pytest.approx(float(loss_e), rel=1e-5), step
+    assert captured.graph is not None and len(replays) == 12 - CapturedStep.WARMUP_STEPS
+    for a, b in zip(model_c.state_dict().values(), model_e.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    state = captured.optimizer_state()
+    assert all(isinstance(group["lr"], float) and group["lr"] == pytest.approx(0.005) for group in
+               state["param_groups"])
+    with pytest.raises(ValueError, match="one shape"):
+        captured(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))
+
+
+def test_captured_step_on_a_cpu_runs_eagerly_with_a_notice(idx_data, tmp_path):
+    config = load_config(None, small_overrides(idx_data, **{"train.cuda_graph": True, "train.iterations": 4}))
+    summary = train(config, tmp_path / "run", quiet=True)
+    assert summary["step"] == "eager" and summary["cuda_graph"] is False
+    assert any("train.cuda_graph" in n and "eagerly" in n for n in summary["notices"])
+
+
+def test_fp16_scaler_state_round_trip(idx_data, tmp_path):
+    """fp16 trains with a GradScaler; its state is in the checkpoint, so a resumed run equals an uninterrupted one."""
+    extra = {"train.amp": "fp16", "train.iterations": 20, "train.checkpoint_every": 10, "schedule.milestones": "15"}
+    straight = train(load_config(None, small_overrides(idx_data, **extra)), tmp_path / "straight", quiet=True)
+    assert straight["amp"] == "fp16"
+    train(load_config(None, small_overrides(idx_data, **{**extra, "train.iterations": 10})), tmp_path / "resumed",
+          quiet=True)
+    half = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    scaler = half["step_state"]["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 10  # ten finite steps since the start
+    train(load_config(None, small_overrides(idx_data, **extra)), tmp_path / "resumed", resume="auto", quiet=True)
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert a["step_state"] == b["step_state"] and b["step_state"]["scaler"]["_growth_tracker"] == 20
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_fp16_without_a_scaler_state_in_an_old_checkpoint_still_resumes(idx_data, tmp_path):
+    """A checkpoint without ``step_state`` (written before fp16 had a scaler) resumes with a fresh scaler."""
+    extra = {"train.amp": "fp16", "train.iterations": 6, "train.checkpoint_every": 3}
+    train(load_config(None, small_overrides(idx_data, **{**extra, "train.iterations": 3})), tmp_path / "r", quiet=True)
+    path = tmp_path / "r" / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(path)
+    del ckpt["step_state"]
+    torch.save(ckpt, path)
+    assert train(load_config(None, small_overrides(idx_data, **extra)), tmp_path / "r", resume="auto",
+                 quiet=True)["iterations"] == 6
+
+
+def test_compiled_step_sees_the_eager_batches_and_honours_init_and_feature_extraction(idx_data, tmp_path):
+    """torch.compile changes kernels, not the run: the same seed gives the same batches and, to float rounding, the
+    same losses; model.init and finetune.mode=feature_extraction take effect under it too."""
+    net = {"model.name": "speedrun_resnet9", "model.options": "{widths: [8, 16, 16, 32]}", "data.preset": "paper_cifar",
+           "train.iterations": 6, "train.deterministic": False, "train.eval_every": 6, "train.checkpoint_every": 6}
+    eager = train(load_config(None, small_overrides(idx_data, **net)), tmp_path / "eager", quiet=True)
+    compiled = train(load_config(None, small_overrides(idx_data, **net, **{"train.compile": "default"})),
+                     tmp_path / "compiled", quiet=True)
+    assert eager["step"] == "eager" and compiled["step"] == "compiled"
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-3)
+
+    init = tmp_path / "eager" / "checkpoints" / "last.pt"
+    frozen = train(load_config(None, small_overrides(idx_data, **net, **{
+        "train.compile": "default", "model.init": str(init), "finetune.mode": "feature_extraction"})),
+        tmp_path / "frozen", quiet=True)
+    assert frozen["step"] == "compiled" and frozen["init"] == str(init)
+    before = load_checkpoint(init)["model"]
+    after = load_checkpoint(tmp_path / "frozen" / "checkpoints" / "last.pt")["model"]
+    head = {k for k in after if k.startswith("fc.") or k.startswith("head.") or k.startswith("classifier.")}
+    assert head, sorted(after)[-4:]
+    for key, value in after.items():
+        if key in head:
+            continue
+        assert torch.equal(value, before[key]), f"{key} moved under feature extraction"  # weights and BN statistics
+    assert any(not torch.equal(after[k], before[k]) for k in head if after[k].is_floating_point())
