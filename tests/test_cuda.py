@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepres.benchmarks.common import tiny_image_folder
 from deepres.config import load_config
 from deepres.data import DeviceLoader, Normalizer, Split
 from deepres.engine import load_checkpoint, train
@@ -28,9 +29,6 @@ RUN_DEVICE = "auto" if DEVICE == "cpu" else DEVICE
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for the exact-resume test
 ROOT = Path(__file__).resolve().parents[1]
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import tiny_image_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -209,28 +209,20 @@ def cmd_noisy_student(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARK_ALIASES = {"data": "data_pipeline"}
-
-
-def benchmarks_dir():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parents[2] / "benchmarks"
+BENCHMARK_ALIASES = {"data": "data-pipeline"}
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    """Run benchmarks/<name>.py's ``main(argv)``; benchmarks live beside the package, not inside it."""
-    import importlib.util
+    """Run ``deepres.benchmarks.<name>``'s ``main(argv)``."""
+    import importlib
 
-    name = BENCHMARK_ALIASES.get(args.name, args.name).replace("-", "_")
-    path = benchmarks_dir() / f"{name}.py"
-    if not path.is_file():
-        known = sorted(p.stem for p in benchmarks_dir().glob("*.py") if not p.stem.startswith("_"))
-        print(f"deepres: error: unknown benchmark '{args.name}'; known: {', '.join(known)}", file=sys.stderr)
+    from .benchmarks import available
+
+    name = BENCHMARK_ALIASES.get(args.name, args.name).replace("_", "-")
+    if name not in available():
+        print(f"deepres: error: unknown benchmark '{args.name}'; known: {', '.join(available())}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    spec = importlib.util.spec_from_file_location(f"deepres_benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"deepres.benchmarks.{name.replace('-', '_')}")
     return int(module.main(args.args) or 0)
 
 
@@ -330,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("benchmark", help="run a benchmark of benchmarks/ (ours against a reference, same run)")
-    p.add_argument("name", help="benchmark name, e.g. data")
+    from .benchmarks import available
+
+    p.add_argument("name", help="one of: " + ", ".join(available()) + " (data: data-pipeline)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=cmd_benchmark)
 

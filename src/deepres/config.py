@@ -438,9 +438,12 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 
 def recipe_dirs() -> list[Path]:
-    """Folders searched for recipes by name: $DEEPRES_RECIPES (os.pathsep separated), then the project's recipes/."""
+    """Folders searched for recipes by name: $DEEPRES_RECIPES (os.pathsep separated), then the recipes shipped inside
+    the package (``deepres/recipes``: package data, found the same way in a source checkout and an installation)."""
+    from importlib.resources import files
+
     dirs = [Path(p) for p in os.environ.get("DEEPRES_RECIPES", "").split(os.pathsep) if p]
-    dirs.append(Path(__file__).resolve().parents[2] / "recipes")
+    dirs.append(Path(str(files("deepres") / "recipes")))
     return dirs
 
 

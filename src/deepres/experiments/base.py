@@ -93,17 +93,20 @@ def register_experiment(experiment: Experiment) -> Experiment:
 # ---------------------------------------------------------------------------------------------------------------
 # Data: the CIFAR-10 JPEG folder when we can find it, else the official CIFAR-10 release.
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[3]
+def find_cifar10_jpeg() -> Path | None:
+    """The CIFAR-10 JPEG set (``cifar10-jpeg.tar.gz`` or its extracted folder) in $DEEPRES_DATA, ``../shared/data``
+    or ``./data`` (relative to the working directory), or None."""
+    for root in (os.environ.get("DEEPRES_DATA"), Path.cwd().parent / "shared" / "data", Path("data")):
+        for name in ("cifar10-jpeg.tar.gz", "cifar10-jpeg"):
+            if root and (Path(root) / name).exists():
+                return Path(root) / name
+    return None
 
 
 def cifar_data_overrides(data_dir: str | None) -> tuple[list[str], str]:
     """Overrides selecting the CIFAR-10 data, and a sentence naming it for the report."""
-    candidates = [Path(data_dir)] if data_dir else []
-    if not data_dir:
-        for root in (os.environ.get("DEEPRES_DATA"), _repo_root().parent / "shared" / "data", Path("data")):
-            if root:
-                candidates += [Path(root) / "cifar10-jpeg.tar.gz", Path(root) / "cifar10-jpeg"]
+    found = find_cifar10_jpeg() if not data_dir else None
+    candidates = [Path(data_dir)] if data_dir else [found] if found else []
     for path in candidates:
         if path.exists():
             if (path / "cifar-10-batches-py").exists() or path.name == "cifar-10-python.tar.gz" or \

@@ -17,7 +17,6 @@ from .base import (
     Options,
     RunResult,
     RunSpec,
-    _repo_root,
     cifar_data_overrides,
     register_experiment,
     SCALES,
@@ -245,7 +244,7 @@ def fashion_mnist_dir() -> str | None:
     candidates = []
     if os.environ.get("DEEPRES_DATA"):
         candidates += [Path(os.environ["DEEPRES_DATA"]) / "fashion-mnist", Path(os.environ["DEEPRES_DATA"])]
-    candidates += [_repo_root().parent / "shared" / "data" / "fashion-mnist", Path("data") / "fashion-mnist"]
+    candidates += [Path.cwd().parent / "shared" / "data" / "fashion-mnist", Path("data") / "fashion-mnist"]
     for path in candidates:
         if (path / "train-images-idx3-ubyte.gz").is_file():
             return str(path)

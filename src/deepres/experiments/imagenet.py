@@ -15,6 +15,8 @@ import math
 import statistics
 from pathlib import Path
 
+import torch
+
 from ..data.presets import imagenet_scales
 from ..engine.inference import evaluate_checkpoint_modes
 from ..models import count_macs, count_parameters, create_model
@@ -126,7 +128,8 @@ def analyze_imagenet(options: Options, results: list[RunResult], out: Path) -> s
                 continue
             best = r.run_dir / "checkpoints" / "best.pt"
             path = best if best.exists() else r.run_dir / "checkpoints" / "last.pt"
-            single, ten, multi = evaluate_checkpoint_modes(path, [(False, None), (True, None), (False, scales)])
+            single, ten, multi = evaluate_checkpoint_modes(path, [(False, None), (True, None), (False, scales)],
+                                                           device=_eval_device(r.summary))
             evals["single"].append(single)
             evals["ten"].append(ten)
             evals["multi"].append(multi)
@@ -140,6 +143,14 @@ def analyze_imagenet(options: Options, results: list[RunResult], out: Path) -> s
               "and 4. ResNet-101/152: `deepres train --recipe paper/imagenet_resnet101` (or 152) with the same data, "
               "then `deepres eval RUN/checkpoints/best.pt --ten-crop`."]
     return "\n".join(lines)
+
+
+def _eval_device(summary: dict) -> str:
+    """The device the run trained on, when this process has it (a GPU run's tests run on the GPU), else the CPU."""
+    device = str(summary.get("device", "cpu"))
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return device
+    return "cpu"
 
 
 register_experiment(Experiment("imagenet", "ImageNet: plain vs residual, shortcut options, 10-crop and multi-scale "

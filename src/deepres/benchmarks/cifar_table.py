@@ -26,16 +26,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _reference import train_reference  # noqa: E402
-from common import gpu_or_cpu, tiny_image_folder, write_result  # noqa: E402
+from ..config import load_config
+from ..data import load_dataset
+from ..data.folders import resolve_image_source
+from ..engine.concurrent import run_concurrent, training_job
+from ._reference import train_reference
+from .common import default_cifar_data, gpu_or_cpu, tiny_image_folder, write_result
 
-from deepres.config import load_config  # noqa: E402
-from deepres.data import load_dataset  # noqa: E402
-from deepres.data.folders import resolve_image_source  # noqa: E402
-from deepres.engine.concurrent import run_concurrent, training_job  # noqa: E402
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 DEPTHS = (20, 32, 44, 56, 110)
 PAPER_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}  # Table 6, residual nets (plain: Fig. 6 only)
 TARGET_SECONDS = 20 * 60.0  # one H100 (issue 8)
@@ -73,7 +70,7 @@ def main(argv=None) -> int:
     ref_steps = args.reference_steps or (2 if args.smoke else 200)
     workers = args.workers if args.workers is not None else (1 if args.smoke else min(16, os.cpu_count() or 1))
     tmp = tempfile.TemporaryDirectory(prefix="deepres-bench-") if args.smoke else None
-    data = args.data or (str(tiny_image_folder(Path(tmp.name) / "data")) if tmp else str(DEFAULT_DATA))
+    data = args.data or (str(tiny_image_folder(Path(tmp.name) / "data")) if tmp else default_cifar_data())
     cache_dir = args.cache_dir or (str(Path(tmp.name) / "cache") if tmp else None)
     runs = Path(args.runs) if args.runs else (Path(tmp.name) / "runs" if tmp else
                                               Path(f"runs/bench-cifar-table-{time.strftime('%Y%m%d-%H%M%S')}"))

@@ -8,17 +8,14 @@ CPU smoke (CI): ``deepres benchmark imagenet-throughput --smoke`` (ResNet-18, 64
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import model_arguments, peak_memory_mib, resolve_model_arguments, time_steps, write_result  # noqa: E402
-
-from deepres.models import create_model  # noqa: E402
+from ..models import create_model
+from .common import model_arguments, peak_memory_mib, resolve_model_arguments, time_steps, write_result
 
 
 def train_step_fn(model, optimizer, x, y, autocast_dtype):

@@ -10,7 +10,20 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Result files go to benchmarks/results/ under the working directory (in a source checkout, run from its root: the
+# committed results folder); --out names another folder.
+RESULTS = Path("benchmarks") / "results"
+
+
+def default_cifar_data() -> str:
+    """The CIFAR-10 JPEG set where deepres looks for it ($DEEPRES_DATA, ../shared/data, ./data)."""
+    from ..experiments.base import find_cifar10_jpeg
+
+    found = find_cifar10_jpeg()
+    if found is None:
+        raise FileNotFoundError("the CIFAR-10 JPEG set (cifar10-jpeg.tar.gz) is not in $DEEPRES_DATA, ../shared/data "
+                                "or ./data; pass --data PATH")
+    return str(found)
 
 
 def device_name(device: torch.device) -> str:

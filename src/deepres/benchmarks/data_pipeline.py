@@ -16,27 +16,23 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, device_name, sync  # noqa: E402
+from ..config import DataConfig
+from ..data import DeviceLoader, Normalizer, load_dataset
+from ..data.folders import resolve_image_source
+from .common import RESULTS, default_cifar_data, device_name, sync
 
-from deepres.config import DataConfig  # noqa: E402
-from deepres.data import DeviceLoader, Normalizer, load_dataset, random_crop_flip  # noqa: E402
-from deepres.data.folders import resolve_image_source  # noqa: E402
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 TARGET = 10.0
 
 
 def measure_ours(dataset, device: torch.device, batch_size: int, batches: int, warmup: int) -> float:
     normalizer = Normalizer.fit(dataset.train.images, "pixel_mean")
-    loader = DeviceLoader(dataset.train, batch_size, normalizer=normalizer, device=device, seed=0,
-                          augment=random_crop_flip)
+    loader = DeviceLoader(dataset.train, batch_size, normalizer=normalizer, device=device, seed=0, crop_flip=True,
+                          gather="epoch")
     for step in range(warmup):
         loader.batch(step)
     sync(device)
@@ -75,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepres benchmark data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="image folder root/{train,test}/<class>/ or .tar.gz")
+    parser.add_argument("--data", default=None, help="image folder root/{train,test}/<class>/ or .tar.gz (default: "
+                        "the CIFAR-10 JPEG set in $DEEPRES_DATA, ../shared/data or ./data)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=None, help="timed batches of ours (default 400; smoke 5)")
     parser.add_argument("--reference-batches", type=int, default=None, help="timed batches of the reference "
@@ -85,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny run for CI (few batches, small data allowed)")
     parser.add_argument("--out", default=None, help="result folder, or a .json path (default benchmarks/results/)")
     args = parser.parse_args(argv)
+    args.data = args.data or default_cifar_data()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gpu_or_cpu, tiny_image_folder, write_result  # noqa: E402
-
-from deepres.config import load_config  # noqa: E402
-from deepres.engine import train  # noqa: E402
+from ..config import load_config
+from ..engine import train
+from .common import default_cifar_data, gpu_or_cpu, tiny_image_folder, write_result
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 TARGET_SECONDS = 10.0  # one H100 (issue 8)
 
 
@@ -69,7 +65,7 @@ def main(argv=None) -> int:
     device = gpu_or_cpu(args.smoke)
     accuracy = args.target_accuracy if args.target_accuracy is not None else (50.0 if args.smoke else 90.0)
     tmp = tempfile.TemporaryDirectory(prefix="deepres-bench-") if args.smoke and args.data is None else None
-    data = args.data or (str(tiny_image_folder(Path(tmp.name) / "data")) if tmp else str(DEFAULT_DATA))
+    data = args.data or (str(tiny_image_folder(Path(tmp.name) / "data")) if tmp else default_cifar_data())
     cache_dir = args.cache_dir or (str(Path(tmp.name) / "cache") if tmp else None)
     ours_sets, ref_sets = list(args.overrides), []
     if args.smoke:  # a tiny folder: a few small batches; each side stops as soon as it reaches the accuracy

@@ -21,23 +21,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _reference import train_reference  # noqa: E402
-from common import gpu_or_cpu, tiny_image_folder, write_result  # noqa: E402
-
-from deepres.config import load_config  # noqa: E402
-from deepres.data.folders import resolve_image_source  # noqa: E402
-from deepres.engine import train  # noqa: E402
+from ..config import load_config
+from ..data.folders import resolve_image_source
+from ..engine import train
+from ._reference import train_reference
+from .common import default_cifar_data, gpu_or_cpu, tiny_image_folder, write_result
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 # One H100 (issue 8): seconds for the whole schedule, and at least 8x the reference.
 TARGET_SECONDS = {"resnet20": 40.0, "resnet56": 90.0, "resnet110": 180.0}
 TARGET_RATIO = 8.0
@@ -85,7 +81,7 @@ def main(argv=None) -> int:
     ref_steps = args.reference_steps or (3 if args.smoke else 1000)
     workers = args.workers if args.workers is not None else (1 if args.smoke else min(16, os.cpu_count() or 1))
     tmp = tempfile.TemporaryDirectory(prefix="deepres-bench-") if args.smoke and args.data is None else None
-    data = args.data or (str(tiny_image_folder(Path(tmp.name) / "data")) if tmp else str(DEFAULT_DATA))
+    data = args.data or (str(tiny_image_folder(Path(tmp.name) / "data")) if tmp else default_cifar_data())
     cache_dir = args.cache_dir or (str(Path(tmp.name) / "cache") if tmp else None)
     small = tmp is not None
     batch_size, val_size = (8, 0) if args.smoke else (128, 0)  # the paper's recipe: all 50k training images

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, device_name, gpu_or_cpu, sync, write_result  # noqa: E402
-
-from deepres.data.loaders import single_thread_on_cpu  # noqa: E402
-from deepres.data.presets import IMAGENET_EIGVAL, IMAGENET_EIGVEC  # noqa: E402
+from ..data.loaders import single_thread_on_cpu
+from ..data.presets import IMAGENET_EIGVAL, IMAGENET_EIGVEC
+from .common import RESULTS, device_name, gpu_or_cpu, sync, write_result
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -4,16 +4,13 @@ same device, same run; peak GPU memory of each. ``--smoke``: ResNet-18, 64x64, b
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import model_arguments, peak_memory_mib, resolve_model_arguments, time_steps, write_result  # noqa: E402
-
-from deepres.models import create_model  # noqa: E402
+from ..models import create_model
+from .common import model_arguments, peak_memory_mib, resolve_model_arguments, time_steps, write_result
 
 
 @torch.no_grad()
