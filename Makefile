@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deepres-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# The GPU evidence pass (deepres.benchmarks.gpu_pass): on the GPU machine with its own python3 (PyTorch there, no
+# registry, nothing installed), from the source tree:  make gpu-check ARGS="--data .gpu/cifar10-jpeg.tar.gz --out $$OUT"
+# Here, `make gpu-check ARGS=--smoke` runs the whole pass on the CPU at tiny sizes with the project's .venv.
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) -m deepres.benchmarks.gpu_pass $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -219,11 +219,11 @@ def test_unsupported_combinations_are_refused_naming_the_key(overrides, key):
 
 def test_cli_config_refuses_what_train_would_refuse():
     """deepres config rejects an unsupported combination with exit 2 naming the key, before any data is read."""
-    for args, key in ((["--set", "train.cuda_graph=true", "--set", "train.ema_decay=0.999"], "train.ema_decay"),
-                      (["--set", "train.cuda_graph=true", "--set", "train.amp=fp16"], "train.amp")):
-        for command in ("config", "train"):
-            result = subprocess.run([sys.executable, "-m", "deepres", command, *(["--recipe", "demo"] if command ==
-                                    "train" else []), *args, "--set", "data.data_dir=/nonexistent"],
-                                    capture_output=True, text=True)
-            assert result.returncode == 2, (command, result.stderr)
-            assert f"'{key}'" in result.stderr and "graph" in result.stderr
+    for command, args, key in (
+            ("config", ["--set", "train.cuda_graph=true", "--set", "train.ema_decay=0.999"], "train.ema_decay"),
+            ("train", ["--set", "train.cuda_graph=true", "--set", "train.amp=fp16"], "train.amp")):
+        result = subprocess.run([sys.executable, "-m", "deepres", command, *(["--recipe", "demo"] if command ==
+                                "train" else []), *args, "--set", "data.data_dir=/nonexistent"],
+                                capture_output=True, text=True)
+        assert result.returncode == 2, (command, result.stderr)
+        assert f"'{key}'" in result.stderr and "graph" in result.stderr

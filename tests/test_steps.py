@@ -3,6 +3,7 @@ the compiled step against the eager one, fp16 with its GradScaler through a resu
 on a CPU."""
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -90,9 +91,13 @@ def test_captured_step_on_a_cpu_runs_eagerly_with_a_notice(idx_data, tmp_path):
     assert any("train.cuda_graph" in n and "eagerly" in n for n in summary["notices"])
 
 
+TINY = {"model.name": "speedrun_resnet9", "model.options": "{widths: [8, 16, 16, 32]}"}
+
+
 def test_fp16_scaler_state_round_trip(idx_data, tmp_path):
     """fp16 trains with a GradScaler; its state is in the checkpoint, so a resumed run equals an uninterrupted one."""
-    extra = {"train.amp": "fp16", "train.iterations": 20, "train.checkpoint_every": 10, "schedule.milestones": "15"}
+    extra = {"train.amp": "fp16", "train.iterations": 20, "train.checkpoint_every": 10, "schedule.milestones": "15",
+             **TINY}
     straight = train(load_config(None, small_overrides(idx_data, **extra)), tmp_path / "straight", quiet=True)
     assert straight["amp"] == "fp16"
     train(load_config(None, small_overrides(idx_data, **{**extra, "train.iterations": 10})), tmp_path / "resumed",
@@ -110,7 +115,7 @@ def test_fp16_scaler_state_round_trip(idx_data, tmp_path):
 
 def test_fp16_without_a_scaler_state_in_an_old_checkpoint_still_resumes(idx_data, tmp_path):
     """A checkpoint without ``step_state`` (written before fp16 had a scaler) resumes with a fresh scaler."""
-    extra = {"train.amp": "fp16", "train.iterations": 6, "train.checkpoint_every": 3}
+    extra = {"train.amp": "fp16", "train.iterations": 6, "train.checkpoint_every": 3, **TINY}
     train(load_config(None, small_overrides(idx_data, **{**extra, "train.iterations": 3})), tmp_path / "r", quiet=True)
     path = tmp_path / "r" / "checkpoints" / "last.pt"
     ckpt = load_checkpoint(path)
@@ -123,7 +128,11 @@ def test_fp16_without_a_scaler_state_in_an_old_checkpoint_still_resumes(idx_data
 def test_compiled_step_sees_the_eager_batches_and_honours_init_and_feature_extraction(idx_data, tmp_path):
     """torch.compile changes kernels, not the run: the same seed gives the same batches and, to float rounding, the
     same losses; model.init and finetune.mode=feature_extraction take effect under it too."""
-    net = {"model.name": "speedrun_resnet9", "model.options": "{widths: [8, 16, 16, 32]}", "data.preset": "paper_cifar",
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        # Inductor still emits vectorised C++ there, without the headers it needs (torch 2.14: "at::vec has not been
+        # declared"): a build failure of the compiler under that override, not of the step.
+        pytest.skip("torch.compile's C++ build fails under ATEN_CPU_CAPABILITY=default")
+    net = {**TINY, "data.preset": "paper_cifar",
            "train.iterations": 6, "train.deterministic": False, "train.eval_every": 6, "train.checkpoint_every": 6}
     eager = train(load_config(None, small_overrides(idx_data, **net)), tmp_path / "eager", quiet=True)
     compiled = train(load_config(None, small_overrides(idx_data, **net, **{"train.compile": "default"})),

@@ -171,9 +171,13 @@ def measure_reference(paths: list[Path], device: torch.device, batch_size: int, 
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def resnet50_rate(device: torch.device) -> float | None:
-    path = RESULTS / f"imagenet-throughput-resnet50-{device_name(device)}.json"
-    return json.loads(path.read_text())["ours"] if path.exists() else None
+def resnet50_rate(device: torch.device, folder: Path | None = None) -> float | None:
+    """ResNet-50's training rate from imagenet-throughput's result file (in ``folder``, else benchmarks/results)."""
+    for root in ([Path(folder)] if folder else []) + [RESULTS]:
+        path = root / f"imagenet-throughput-resnet50-{device_name(device)}.json"
+        if path.exists():
+            return json.loads(path.read_text())["ours"]
+    return None
 
 
 def main(argv=None) -> int:
@@ -202,7 +206,7 @@ def main(argv=None) -> int:
 
     ours = measure_ours(paths, device, batch_size, batches)
     reference = measure_reference(paths, device, batch_size, ref_batches, workers)
-    rate = resnet50_rate(device) if device.type == "cuda" else None
+    rate = resnet50_rate(device, args.out) if device.type == "cuda" else None
     feed = rate if rate is not None else RESNET50_MIN
     gpu = device.type == "cuda"
     metric = (f"training images/s, decode + paper ImageNet augmentation (shorter side in [256, 480], 224 crop, flip, "

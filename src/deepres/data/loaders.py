@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -35,6 +35,8 @@ class Normalizer:
 
     mean: torch.Tensor
     std: torch.Tensor
+    # The statistics on each device they were used on: no host-to-device copy per batch.
+    _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, images: torch.Tensor, mode: str = "pixel_mean") -> Normalizer:
@@ -78,8 +80,9 @@ class Normalizer:
 
     def normalize01(self, x: torch.Tensor) -> torch.Tensor:
         """Float images already in [0, 1] (e.g. after PCA lighting) -> normalised, in place."""
-        mean = self.mean.to(x.device)
-        std = self.std.to(x.device)
+        if x.device not in self._on:
+            self._on[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        mean, std = self._on[x.device]
         if mean.shape[-2:] != x.shape[-2:] and mean.shape[-1] != 1:  # a per-pixel mean at another size
             mean = F.interpolate(mean[None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
         return x.sub_(mean).div_(std)

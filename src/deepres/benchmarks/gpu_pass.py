@@ -1,0 +1,486 @@
+"""The GPU evidence pass: one prepared command that turns a lent GPU's few minutes into committed results.
+
+On the GPU machine (its own ``python3`` with PyTorch; nothing is installed: the project runs from the tree)::
+
+    make gpu-check ARGS="--data .gpu/cifar10-jpeg.tar.gz --out $OUT"
+
+Items run in priority order, each a subprocess with its own timeout, inside ``--budget-s`` (default 480 s): an item
+that will not fit is skipped and recorded, a failing or timed-out one is recorded with its error and the next one
+runs. After every item the pass folder is packed again into ``OUT/gpu-pass.tar.gz`` (one archive, under 16 MiB), so
+a pass killed at its limit still returns what it finished. A summary table is printed last.
+
+1. ``env``: GPU, driver, clocks, torch / torchvision / CUDA / cuDNN versions, CPU;
+2. ``cuda-tests``: ``tests/test_cuda.py`` (captured step against eager steps, bf16 + channels_last, compiled step,
+   exact resume, NCCL DDP through torchrun, the loader's batches on the GPU);
+3. ``cifar-full``: the paper's CIFAR recipe at full length (64k iterations) for ResNet-20, ResNet-56, plain-20 and
+   plain-56 with the fast settings (bf16, captured step, channels_last), and ResNet-20 with the paper's fp32 beside
+   them, as concurrent ``deepres train`` processes, test error every 2,000 iterations; then the reference trainer's
+   step time. Run folders resume: a pass cut short returns checkpoints (every 2,000 iterations) that the next pass
+   continues from (``--resume-from``, default ``docs/results/full/runs``, where ``unpack`` puts them);
+4. ``imagenet-throughput`` (ResNet-50, ours against torchvision eager AMP) and ``inference``;
+5. ``cifar-speedrun``, ``jpeg-pipeline``;
+6. ``cifar-rest``: the other Table 6 depths (32, 44, 110) and their plain nets, with what budget is left.
+
+The full-length CIFAR runs come before the throughput benchmarks (the issue's order has them after): they are the
+evidence no other item gives (Fig. 6 and Table 6 at the paper's scale, the recipe's wall time), the longest item, and
+resumable; each throughput benchmark first compiles ResNet-50 and fits in a minute or two of whatever is left.
+
+Back here, ``python -m deepres.benchmarks.gpu_pass unpack gpu-pass.tar.gz`` puts the result files into
+``benchmarks/results/``, the runs and the pass's logs into ``docs/results/full/``, and regenerates the Fig. 6 and
+Table 6 reports there from the returned runs when they are complete. ``--smoke`` runs the whole pass on a CPU at tiny
+sizes (the test suite does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARCHIVE = "gpu-pass.tar.gz"
+EXTRA = "gpu-pass-weights.tar"  # checkpoints that did not fit into the archive
+ARCHIVE_LIMIT = 16 * 2**20  # bytes: the largest file that comes back from the GPU machine
+SCRATCH = Path(tempfile.gettempdir()) / "deepres-gpu-pass"  # decoded-data cache, smoke data: never packed
+PACK_RESERVE_S = 20.0  # kept back from the budget for the last packing
+FAST = ["train.amp=bf16", "train.cuda_graph=true", "train.channels_last=true"]
+FULL_NETS = ["resnet20", "resnet56", "plain20", "plain56"]
+REST_NETS = ["resnet32", "resnet44", "resnet110", "plain32", "plain44", "plain110"]
+FP32_RUN = "cifar10-resnet20-fp32-s0"
+
+
+@dataclass
+class Item:
+    """One step of the pass: ``argv`` runs as a subprocess for at most ``timeout_s`` (``smoke_s`` in smoke mode);
+    it is started only when at least ``min_s`` of the budget is left."""
+
+    name: str
+    argv: list[str]
+    timeout_s: float
+    min_s: float = 10.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _python() -> list[str]:
+    return [sys.executable]
+
+
+def _run_name(net: str) -> str:
+    family, depth = ("plain", net[5:]) if net.startswith("plain") else ("resnet", net[6:])
+    return f"cifar10-{family}{depth}-s0"
+
+
+def plan(args, work: Path) -> list[Item]:
+    """The items of the pass, in priority order."""
+    py, results, smoke = _python(), work / "results", args.smoke
+    smoke_args = ["--smoke"] if smoke else []
+    bench = lambda name, *extra: py + ["-m", "deepres", "benchmark", name, *smoke_args, "--out", str(results),  # noqa
+                                       *extra]
+    cifar = py + ["-m", "deepres.benchmarks.gpu_pass", "cifar", "--runs", str(work / "runs"), "--results",
+                  str(results), "--resume-from", args.resume_from] + (["--data", args.data] if args.data else []) \
+        + smoke_args
+    tests = py + ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py", "--junitxml",
+                  str(results / "test_cuda.xml")]
+    test_env = {}
+    if smoke:  # the CPU check of the CUDA tests: the loader test only (the others train; the suite runs them)
+        tests += ["-k", "device_loader"]
+        test_env = {"DEEPRES_TEST_DEVICE": "cpu"}
+    items = [
+        Item("env", py + ["-m", "deepres.benchmarks.gpu_pass", "env", "--out", str(results / "env.json")], 60, 5),
+        Item("cuda-tests", tests, 60 if smoke else 200, 30, test_env),
+        Item("cifar-full", cifar + ["--nets", ",".join(FULL_NETS), "--fp32"], 120 if smoke else 300, 60),
+        Item("imagenet-throughput", bench("imagenet-throughput"), 60 if smoke else 150, 30),
+        Item("inference", bench("inference"), 60 if smoke else 90, 20),
+        Item("cifar-speedrun", bench("cifar-speedrun"), 60 if smoke else 90, 30),
+        Item("jpeg-pipeline", bench("jpeg-pipeline"), 60 if smoke else 90, 30),
+        Item("cifar-rest", cifar + ["--nets", ",".join(REST_NETS[:1] if smoke else REST_NETS)],
+             120 if smoke else 600, 60),
+    ]
+    if args.inject_slow:  # the budget logic's own check: an item that outlives its timeout
+        items.insert(1, Item("slow", py + ["-c", "import time; time.sleep(600)"], args.inject_slow, 1))
+    wanted = set(args.items.split(",")) if args.items else None
+    return [item for item in items if wanted is None or item.name in wanted]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running items within the budget
+
+
+def run_item(item: Item, timeout: float, log: Path, cwd: Path) -> tuple[str, str]:
+    """(status, error) of running ``item`` for at most ``timeout`` seconds; its whole process group is stopped at the
+    timeout. Output goes to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **item.env}
+    src = str(cwd / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with open(log, "a") as out:
+        out.write(f"$ {' '.join(item.argv)}  (timeout {timeout:.0f} s)\n")
+        out.flush()
+        proc = subprocess.Popen(item.argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)  # runs save their checkpoints on SIGTERM
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return "timeout", f"stopped after {timeout:.0f} s"
+    if code != 0:
+        tail = log.read_text(errors="replace").splitlines()[-6:]
+        return "failed", f"exit {code}: " + " | ".join(line.strip() for line in tail)[-600:]
+    return "ok", ""
+
+
+def run_pass(args) -> list[dict]:
+    out = Path(args.out)
+    work = out / "pass"
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "results").mkdir(parents=True)
+    root = Path.cwd()
+    if not (root / "tests" / "test_cuda.py").is_file():
+        raise SystemExit("run the GPU pass from the root of a deepres source checkout (it runs tests/test_cuda.py)")
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    rows: list[dict] = []
+    for item in plan(args, work):
+        left = deadline - time.perf_counter() - PACK_RESERVE_S
+        row = {"item": item.name, "timeout_s": item.timeout_s}
+        if left < item.min_s:
+            row.update(status="skipped", seconds=0.0, error=f"{left:.0f} s of the budget left, needs {item.min_s:.0f}")
+        else:
+            timeout = min(item.timeout_s, left)
+            t0 = time.perf_counter()
+            status, error = run_item(item, timeout, work / "logs" / f"{item.name}.log", root)
+            row.update(status=status, seconds=time.perf_counter() - t0, error=error, timeout_s=timeout)
+        rows.append(row)
+        print(f"[gpu-pass] {item.name}: {row['status']} ({row['seconds']:.0f} s) {row['error'][:200]}", flush=True)
+        (work / "items.json").write_text(json.dumps({"budget_s": args.budget_s, "smoke": args.smoke,
+                                                      "items": rows}, indent=2) + "\n")
+        pack(work, out / ARCHIVE)
+    print_table(rows, time.perf_counter() - start, out / ARCHIVE)
+    return rows
+
+
+def print_table(rows: list[dict], seconds: float, archive: Path) -> None:
+    print(f"\n{'item':<22}{'status':<10}{'seconds':>9}  error")
+    for r in rows:
+        print(f"{r['item']:<22}{r['status']:<10}{r['seconds']:>9.1f}  {r['error'][:90]}")
+    size = archive.stat().st_size / 2**20 if archive.exists() else 0.0
+    print(f"pass: {seconds:.0f} s; archive {archive} ({size:.1f} MiB)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing: what comes back
+
+
+def _slim_checkpoint(src: Path, dst: Path) -> None:
+    """A finished run's checkpoint without its optimizer state (the weights, config, classes and normalisation:
+    what eval, export and the layer-response analysis read); an unfinished run's is copied whole, so the next pass
+    resumes it."""
+    import torch
+
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    if (src.parents[1] / "summary.json").is_file():
+        state = {k: v for k, v in state.items() if k not in ("optimizer", "step_state")}
+        state["optimizer"] = None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, dst)
+
+
+def _tar(folder: Path, path: Path, compress: bool) -> int:
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w:gz" if compress else "w") as tar:
+        tar.add(folder, arcname="pass")
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def pack(work: Path, archive: Path) -> Path:
+    """``work`` (results, logs, run folders: metrics, summaries, configs, last.pt) into ``archive``, under
+    ARCHIVE_LIMIT: checkpoints go in while they fit (the full-length runs first), the rest into ``EXTRA`` beside it
+    (also under the limit; what still does not fit is left out, largest first, with a note in its run folder)."""
+    staging = Path(tempfile.mkdtemp(prefix="gpu-pass-"))
+    extra = Path(tempfile.mkdtemp(prefix="gpu-pass-extra-"))
+    try:
+        for path in sorted(work.rglob("*")):
+            rel = path.relative_to(work)
+            if path.is_dir() or "tensorboard" in rel.parts or rel.name == "best.pt" or rel.suffix == ".tmp":
+                continue
+            dst = staging / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if rel.name == "last.pt":
+                _slim_checkpoint(path, dst)
+            else:
+                shutil.copy2(path, dst)
+        full = {_run_name(net) for net in FULL_NETS} | {FP32_RUN}
+        checkpoints = sorted(staging.rglob("last.pt"), key=lambda p: (p.parents[1].name not in full,
+                                                                       p.stat().st_size))
+        moved = []
+        while _tar(staging, archive, compress=True) > ARCHIVE_LIMIT and checkpoints:
+            last = checkpoints.pop()
+            target = extra / last.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(last, target)
+            moved.append(target)
+        extra_path = archive.with_name(EXTRA)
+        if moved:
+            moved.sort(key=lambda p: p.stat().st_size)
+            while _tar(extra, extra_path, compress=False) > ARCHIVE_LIMIT and moved:
+                dropped = moved.pop()
+                (staging / dropped.relative_to(extra).parent / "DROPPED").write_text(
+                    f"{dropped.name} left out: the archives passed 16 MiB\n")
+                dropped.unlink()
+            _tar(staging, archive, compress=True)
+        elif extra_path.exists():
+            extra_path.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(extra, ignore_errors=True)
+    return archive
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Items implemented here: env, cifar
+
+
+def env_info(out: Path) -> dict:
+    import platform
+
+    import torch
+    import torchvision
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "cpu_cores": os.cpu_count(),
+            "cuda_available": torch.cuda.is_available(), "tf32_convolutions": torch.backends.cudnn.allow_tf32,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}",
+                    memory_gib=p.total_memory / 2**30, multiprocessors=p.multi_processor_count)
+        query = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,power.limit,temperature.gpu"
+        try:
+            smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], capture_output=True,
+                                 text=True, timeout=30)
+            info["nvidia_smi"] = smi.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            info["nvidia_smi"] = f"unavailable: {exc}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info, indent=2))
+    return info
+
+
+def _cifar_settings(args, runs: Path) -> tuple[list[str], int, int, str]:
+    """(overrides every run shares, iterations, reference steps timed, the data)."""
+    from ..experiments.base import FULL
+    from .common import default_cifar_data, tiny_image_folder
+
+    if args.smoke:
+        tiny = SCRATCH / "tiny-data"
+        if not tiny.is_dir():
+            tiny_image_folder(tiny, classes=4, per_class=16, test_per_class=8)
+        data = args.data or str(tiny)
+        sizes = ["train.iterations=12", "train.batch_size=8", "train.eval_batch_size=16", "train.test_every=4",
+                 "train.checkpoint_every=4", "train.log_every=2", "schedule.milestones=6,9", "optim.lr=0.025"]
+        iterations, reference_steps = 12, 2
+    else:
+        data = args.data or default_cifar_data()
+        sizes, iterations, reference_steps = list(FULL), 64000, 200
+    shared = ["data.source=imagefolder", f"data.data_dir={data}", f"data.cache_dir={SCRATCH / 'cache'}"]
+    return shared + sizes, iterations, reference_steps, data
+
+
+def _resume_left_runs(names: list[str], source: Path, runs: Path) -> list[str]:
+    """Copy the run folders an earlier, cut-short pass left unfinished (a checkpoint, no summary) from ``source``."""
+    resumed = []
+    for name in names:
+        old = source / name
+        if (old / "checkpoints" / "last.pt").is_file() and not (old / "summary.json").is_file() \
+                and not (runs / name).exists():
+            shutil.copytree(old, runs / name)
+            resumed.append(name)
+    return resumed
+
+
+def cifar(args) -> int:
+    """Train the nets with the paper's recipe as concurrent ``deepres train`` runs (the fast settings on a GPU; with
+    ``--fp32`` also ResNet-20 with the paper's fp32), time the reference trainer, and write the ``cifar-full`` result
+    file, plus the ``cifar-recipe`` files of ResNet-20 and ResNet-56 when they finished."""
+    import torch
+
+    from ..config import load_config
+    from ..data import load_dataset
+    from ..data.folders import resolve_image_source
+    from ..engine.concurrent import run_concurrent, training_job
+    from ._reference import train_reference
+    from .common import device_name, gpu_or_cpu, write_result
+
+    device = gpu_or_cpu(args.smoke)
+    runs, results = Path(args.runs), Path(args.results)
+    runs.mkdir(parents=True, exist_ok=True)
+    base, iterations, reference_steps, data = _cifar_settings(args, runs)
+    gpu = device.type == "cuda"
+    nets = args.nets.split(",")
+    settings = {_run_name(net): (f"paper/cifar10_{net}", FAST if gpu else ["train.amp=off"]) for net in nets}
+    if args.fp32:  # the paper's numerics beside the fast ones (the captured step changes launches, not arithmetic)
+        settings[FP32_RUN] = ("paper/cifar10_resnet20", ["train.amp=off"] + (["train.cuda_graph=true"] if gpu else []))
+    resumed = _resume_left_runs(list(settings), Path(args.resume_from), runs)
+    load_dataset(load_config(settings[_run_name(nets[0])][0], base).data)  # decoded once, before the processes
+    jobs = [training_job(name, recipe, base + extra + [f"name={name}"], runs / name,
+                         cost=float("".join(ch for ch in name.split("-")[1] if ch.isdigit())))
+            for name, (recipe, extra) in settings.items()]
+    parallel = min(len(jobs), args.parallel)
+    t0 = time.perf_counter()
+    outcome = run_concurrent(jobs, parallel)
+    wall = time.perf_counter() - t0
+    table = {}
+    for r in outcome:
+        path = runs / r.name / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        keys = ("iterations", "test_top1_error", "train_seconds", "setup_seconds", "step", "amp", "channels_last",
+                "peak_memory_mib", "diverged")
+        table[r.name] = {"returncode": r.returncode, "process_seconds": r.seconds, "resumed": r.name in resumed,
+                         **{k: summary.get(k) for k in keys}}
+    image_root = resolve_image_source(data, str(SCRATCH / "cache"))
+    reference = {}
+    for net in ("resnet20", "resnet56"):
+        if net in nets:
+            ref = train_reference(net, image_root, device, iterations=iterations, timed_steps=reference_steps,
+                                  batch_size=8 if args.smoke else 128,
+                                  workers=1 if args.smoke else min(16, os.cpu_count() or 1), val_size=0)
+            reference[net] = {k: ref[k] for k in ("seconds", "seconds_per_step", "measured_steps", "extrapolated")}
+    for net, ref in reference.items():
+        row = table[_run_name(net)]
+        if row.get("iterations") != iterations or row.get("resumed") or not row.get("train_seconds"):
+            continue  # a wall time is reported only for a run trained start to end in this pass
+        limit = {"resnet20": 40.0, "resnet56": 90.0}[net]
+        write_result(f"cifar-recipe-{net}", device,
+                     f"wall seconds of the paper's CIFAR-10 recipe ({iterations} iterations, batch "
+                     f"{8 if args.smoke else 128}, all training images); ours: deepres train ({row['step']} step, "
+                     f"{row['amp']}, channels_last {row['channels_last']}) with {len(jobs)} runs side by side on one "
+                     f"device, from its first step to its last (capture included, evaluation excluded); reference: "
+                     f"ImageFolder + PIL in a DataLoader, eager fp32, {ref['measured_steps']} steps extrapolated; "
+                     f"lower is better, ratio = reference / ours",
+                     row["train_seconds"], ref["seconds"], higher_is_better=False,
+                     target={"seconds_max": limit, "ratio_min": 8.0}, out=results,
+                     meets_target=(gpu and iterations == 64000 and row["train_seconds"] <= limit
+                                   and ref["seconds"] / row["train_seconds"] >= 8.0),
+                     iterations=iterations, concurrent_runs=len(jobs), test_top1_error_ours=row["test_top1_error"],
+                     reference_seconds_per_step=ref["seconds_per_step"], reference_extrapolated=ref["extrapolated"])
+    name = "cifar-full" if args.fp32 else "cifar-rest"
+    out = {"benchmark": name, "device": device_name(device), "torch": torch.__version__, "iterations": iterations,
+           "wall_seconds": wall, "parallel": parallel, "runs": table, "reference": reference}
+    if args.fp32:
+        out["resnet20_test_error"] = {"bf16 (fast settings)": table[_run_name("resnet20")].get("test_top1_error"),
+                                      "fp32 (paper)": table[FP32_RUN].get("test_top1_error")}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}-{device_name(device)}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    return 0 if all(r.returncode in (0, 3) for r in outcome) else 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unpacking here
+
+
+def unpack(archive: Path, root: Path) -> dict:
+    """Put a pass's archive (and the weights archive beside it, if any) into the tree: result files into
+    ``benchmarks/results/``, runs, logs and the item table into ``docs/results/full/``; regenerate the Fig. 6 and Table 6 reports (depths 20 and 56) from the runs when they
+    are complete (no training happens here)."""
+    from ..experiments import Options, run_experiment
+
+    staging = Path(tempfile.mkdtemp(prefix="gpu-pass-unpack-"))
+    try:
+        for path in (archive, archive.with_name(EXTRA)):
+            if path.is_file():
+                with tarfile.open(path) as tar:
+                    tar.extractall(staging, filter="data")
+        src = staging / "pass"
+        full = root / "docs" / "results" / "full"
+        results = root / "benchmarks" / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        copied = []
+        for path in sorted((src / "results").glob("*.json")):
+            if path.name != "env.json":
+                shutil.copy2(path, results / path.name)
+                copied.append(path.name)
+        (full / "gpu-pass").mkdir(parents=True, exist_ok=True)
+        for name in ("items.json", "results/env.json", "results/test_cuda.xml"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, full / "gpu-pass" / Path(name).name)
+        if (src / "logs").is_dir():
+            shutil.copytree(src / "logs", full / "gpu-pass" / "logs", dirs_exist_ok=True)
+        if (src / "runs").is_dir():
+            shutil.copytree(src / "runs", full / "runs", dirs_exist_ok=True)
+        reports = []
+        complete = lambda nets: all((full / "runs" / _run_name(n) / "summary.json").is_file() for n in nets)  # noqa
+        if complete(FULL_NETS):
+            options = Options(scale="full", depths=[20, 56], out=full, parallel=1, overrides=list(FAST))
+            reports.append(str(run_experiment("cifar-degradation", options)))
+            reports.append(str(run_experiment("cifar-table6", options)))
+        return {"results": copied, "runs": sorted(p.name for p in (full / "runs").glob("*")) if (full / "runs").is_dir()
+                else [], "reports": reports}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deepres.benchmarks.gpu_pass", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("run", help="the pass (the default)")
+    for q in (parser, p):
+        q.add_argument("--data", default=None, help="the CIFAR-10 JPEG archive (default: found as the benchmarks do)")
+        q.add_argument("--out", default=None, help="folder for the archive (default: $OUT, else ./gpu-pass-out)")
+        q.add_argument("--budget-s", type=float, default=480.0, help="seconds for the whole pass (default 480)")
+        q.add_argument("--smoke", action="store_true", help="the whole pass on a CPU at tiny sizes")
+        q.add_argument("--items", default=None, help="only these items, comma-separated")
+        q.add_argument("--resume-from", default="docs/results/full/runs",
+                       help="where unfinished runs of an earlier pass are (default docs/results/full/runs)")
+        q.add_argument("--inject-slow", type=float, default=0.0, help=argparse.SUPPRESS)
+    p = sub.add_parser("env", help="item 1 alone")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("cifar", help="the CIFAR runs of items 4 and 6")
+    p.add_argument("--nets", required=True)
+    p.add_argument("--runs", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--fp32", action="store_true", help="also ResNet-20 with the paper's fp32")
+    p.add_argument("--resume-from", default="docs/results/full/runs", help="run folders an earlier pass left")
+    p.add_argument("--parallel", type=int, default=5)
+    p.add_argument("--smoke", action="store_true")
+    p = sub.add_parser("unpack", help="put a returned archive into the tree")
+    p.add_argument("archive")
+    p.add_argument("--root", default=".", help="the source checkout (default: here)")
+    args = parser.parse_args(argv)
+    if args.command == "env":
+        env_info(Path(args.out))
+        return 0
+    if args.command == "cifar":
+        return cifar(args)
+    if args.command == "unpack":
+        print(json.dumps(unpack(Path(args.archive), Path(args.root)), indent=2))
+        return 0
+    args.out = args.out or os.environ.get("OUT") or "gpu-pass-out"
+    rows = run_pass(args)
+    return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""The GPU evidence pass end to end on the CPU (``make gpu-check ARGS=--smoke``): every item at tiny sizes, the budget
+(an item past its timeout is recorded and the next one runs; an item that will not fit is skipped), the one archive,
+and unpacking it into the tree with the reports regenerated from the returned runs."""
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from deepres.benchmarks.gpu_pass import ARCHIVE, ARCHIVE_LIMIT, EXTRA, FP32_RUN, unpack
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", "target"}
+
+
+@pytest.fixture(scope="module")
+def smoke_pass(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-pass")
+    proc = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}",
+                           f"ARGS=--smoke --out {out} --budget-s 600 --inject-slow 3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    return out, proc
+
+
+def test_every_item_runs_and_a_slow_one_is_stopped(smoke_pass):
+    out, proc = smoke_pass
+    assert proc.returncode != 0, proc.stderr[-3000:]  # not every item ok: the injected slow one timed out
+    items = json.loads((out / "pass" / "items.json").read_text())["items"]
+    status = {row["item"]: row["status"] for row in items}
+    assert status.pop("slow") == "timeout"
+    assert set(status.values()) == {"ok"}, items
+    assert list(status) == ["env", "cuda-tests", "cifar-full", "imagenet-throughput", "inference", "cifar-speedrun",
+                            "jpeg-pipeline", "cifar-rest"]
+    assert "item" in proc.stdout.splitlines()[-len(items) - 2] and "archive" in proc.stdout.splitlines()[-1]
+
+
+def test_one_archive_under_the_limit_holding_every_result(smoke_pass):
+    out, _ = smoke_pass
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) in ([ARCHIVE], sorted([ARCHIVE, EXTRA]))
+    names = set()
+    for path in (out / ARCHIVE, out / EXTRA):
+        if path.exists():
+            assert path.stat().st_size < ARCHIVE_LIMIT
+            with tarfile.open(path) as tar:
+                names |= set(tar.getnames())
+    for name in ("pass/items.json", "pass/results/env.json", "pass/results/test_cuda.xml",
+                 f"pass/runs/{FP32_RUN}/summary.json", "pass/runs/cifar10-resnet56-s0/checkpoints/last.pt",
+                 "pass/logs/cifar-full.log"):
+        assert name in names, name
+    assert not any("tensorboard" in n or n.endswith("best.pt") for n in names)
+
+
+def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path):
+    out, _ = smoke_pass
+    done = unpack(out / ARCHIVE, tmp_path)
+    results = tmp_path / "benchmarks" / "results"
+    # The benchmarks the pass runs, each a complete result file (these are their smoke tests).
+    higher_is_better = {"imagenet-throughput-resnet18": True, "inference-resnet18": True, "cifar-speedrun": False,
+                        "jpeg-pipeline": True, "cifar-recipe-resnet20": False, "cifar-recipe-resnet56": False}
+    for prefix, higher in higher_is_better.items():
+        (path,) = results.glob(f"{prefix}-cpu*.json")
+        result = json.loads(path.read_text())
+        assert KEYS <= set(result) and result["device"].startswith("cpu")
+        assert result["ours"] > 0 and result["reference"] > 0
+        ratio = result["ours"] / result["reference"] if higher else result["reference"] / result["ours"]
+        assert result["ratio"] == pytest.approx(ratio)
+        assert result.get("meets_target") in (False, None)  # targets are met only on the GPU at full size
+    speedrun = json.loads(next(results.glob("cifar-speedrun-cpu*.json")).read_text())
+    assert speedrun["curve_ours"] and all(0 <= p["test_accuracy"] <= 100 for p in speedrun["curve_ours"])
+    full = json.loads(next(results.glob("cifar-full-cpu*.json")).read_text())
+    assert set(full["runs"]) == {"cifar10-resnet20-s0", "cifar10-resnet56-s0", "cifar10-plain20-s0",
+                                 "cifar10-plain56-s0", FP32_RUN}
+    assert all(r["iterations"] == 12 for r in full["runs"].values())
+    assert set(full["resnet20_test_error"]) == {"bf16 (fast settings)", "fp32 (paper)"}
+    docs = tmp_path / "docs" / "results" / "full"
+    assert (docs / "gpu-pass" / "items.json").is_file() and (docs / "gpu-pass" / "env.json").is_file()
+    assert len(done["reports"]) == 2
+    degradation = (docs / "cifar-degradation" / "report.md").read_text()
+    for net in ("Plain-20", "Plain-56", "ResNet-20", "ResNet-56"):
+        assert f"| {net} |" in degradation
+    table = (docs / "cifar-table6" / "report.md").read_text()
+    assert "6.43 (best of 5); 6.61 +/- 0.16 (mean of 5)" not in table  # ResNet-110 is not among depths 20 and 56
+    assert "| ResNet-56 | 0.85M | 0.85M |" in table and "Engine: the training loop" in table
+
+
+def test_an_item_that_does_not_fit_is_skipped(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "deepres.benchmarks.gpu_pass", "--smoke", "--out", str(out),
+                           "--budget-s", "40", "--items", "env,cifar-full"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    items = json.loads((out / "pass" / "items.json").read_text())["items"]
+    assert [(r["item"], r["status"]) for r in items] == [("env", "ok"), ("cifar-full", "skipped")], proc.stdout
+    assert "needs 60" in items[1]["error"] and (out / ARCHIVE).is_file()
