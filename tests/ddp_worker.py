@@ -72,8 +72,8 @@ def _straddle(run_dir: str) -> None:
             f.write(json.dumps({"step": run.step + 1, "local_error": 100.0 * float(wrong) / count}) + "\n")
         observe(run, wrong, count)
 
-    def save_and_keep(run, path):
-        save(run, path)
+    def save_and_keep(run, path, *args):
+        save(run, path, *args)
         torch.save(run.model.state_dict(), Path(run_dir) / f"rank{rank}.pt")
 
     loop._observe_warmup, loop._save = observe_and_record, save_and_keep

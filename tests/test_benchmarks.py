@@ -74,3 +74,15 @@ def test_concurrent_runs_longest_first_and_reports_failures(tmp_path):
     assert order.read_text().split() == ["long", "bad", "short"]
     with pytest.raises(ValueError, match="unique"):
         run_concurrent([job("a", 1), job("a", 2)], parallel=2)
+
+
+def test_cpu_train_names_the_cpu_and_its_flags(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "deepres", "benchmark", "cpu-train", "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (path,) = tmp_path.glob("cpu-train-resnet20-cpu-*.json")
+    result = json.loads(path.read_text())
+    assert KEYS <= set(result) and result["ratio"] == pytest.approx(result["ours"] / result["reference"])
+    assert result["cpu_model"] and isinstance(result["cpu_flags"], list) and result["amp"] in ("bf16", "off")
+    assert result["amp"] == ("bf16" if result["native_bf16"] else "off")
+    assert result["meets_target"] is None  # a smoke run claims nothing

@@ -264,9 +264,13 @@ def test_ema_weights_are_kept_and_used_for_inference(idx_data, tmp_path):
 
 
 def test_channels_last_trains_the_same(idx_data, tmp_path):
+    """NHWC changes the kernels, not the maths: the first step's loss (the same weights and batch) agrees to float
+    rounding; later steps drift apart by rounding amplified through training (measured up to 0.6% after 5 steps with
+    one intra-op thread), so they are compared loosely."""
     runs = {}
     for flag in (False, True):
         config = load_config(None, small_overrides(idx_data, **{"train.iterations": 5, "train.channels_last": flag}))
         train(config, tmp_path / str(flag), quiet=True)
         runs[flag] = [loss for _, loss in losses(tmp_path / str(flag))]
-    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    assert runs[True] == pytest.approx(runs[False], rel=3e-2)

@@ -19,8 +19,10 @@ KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", 
 @pytest.fixture(scope="module")
 def smoke_pass(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-pass")
+    # cifar-rest runs the same code as cifar-full (other nets), so the suite leaves it out to save its 10 s.
+    items = "env,slow,cuda-tests,cifar-full,imagenet-throughput,inference,cifar-speedrun,jpeg-pipeline"
     proc = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}",
-                           f"ARGS=--smoke --out {out} --budget-s 600 --inject-slow 3"],
+                           f"ARGS=--smoke --out {out} --budget-s 600 --inject-slow 3 --items {items}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
     return out, proc
 
@@ -33,7 +35,7 @@ def test_every_item_runs_and_a_slow_one_is_stopped(smoke_pass):
     assert status.pop("slow") == "timeout"
     assert set(status.values()) == {"ok"}, items
     assert list(status) == ["env", "cuda-tests", "cifar-full", "imagenet-throughput", "inference", "cifar-speedrun",
-                            "jpeg-pipeline", "cifar-rest"]
+                            "jpeg-pipeline"]
     assert "item" in proc.stdout.splitlines()[-len(items) - 2] and "archive" in proc.stdout.splitlines()[-1]
 
 
@@ -89,8 +91,8 @@ def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path
 def test_an_item_that_does_not_fit_is_skipped(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "deepres.benchmarks.gpu_pass", "--smoke", "--out", str(out),
-                           "--budget-s", "40", "--items", "env,cifar-full"], cwd=ROOT, capture_output=True, text=True,
+                           "--budget-s", "40", "--items", "cifar-full"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     items = json.loads((out / "pass" / "items.json").read_text())["items"]
-    assert [(r["item"], r["status"]) for r in items] == [("env", "ok"), ("cifar-full", "skipped")], proc.stdout
-    assert "needs 60" in items[1]["error"] and (out / ARCHIVE).is_file()
+    assert [(r["item"], r["status"]) for r in items] == [("cifar-full", "skipped")], proc.stdout
+    assert "needs 60" in items[0]["error"] and (out / ARCHIVE).is_file() and proc.returncode == 1

@@ -68,10 +68,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"deepres: {exc}; continue with --resume auto", file=sys.stderr)
         return 128 + int(exc.signum)
-    if summary:
+    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone reports
         from .report import plot_run
 
-        curves = plot_run(summary["run_dir"]) if os.environ.get("RANK", "0") == "0" else None
+        curves = plot_run(summary["run_dir"])
         if curves:
             summary["curves"] = str(curves)
         print(f"test accuracy {summary['test_accuracy']:.2f}% (top-1 error {summary['test_top1_error']:.2f}%), "
@@ -278,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="reproduce a table or figure of the paper (runs + report)")
     p.add_argument("experiment", help="cifar-table6, cifar-degradation, shortcuts, layer-responses, semi-supervised, "
                                       "distillation, transfer, augmentation (and any other registered experiment)")
-    p.add_argument("--scale", default="smoke", choices=["smoke", "full"],
-                   help="smoke: minutes on a CPU, tiny schedules; full: the paper's schedule (GPU)")
+    p.add_argument("--scale", default="smoke", choices=["smoke", "laptop", "full"],
+                   help="smoke (default): minutes on a CPU, tiny schedules, numbers meaningless; laptop: about an hour "
+                        "on 2 CPU cores, the paper's recipe shortened (CIFAR: 3,000 iterations on all training images, "
+                        "bf16 where the CPU has it); full: the paper's schedule (GPU)")
     p.add_argument("--seeds", type=int, default=1, help="runs per configuration (mean +/- std in the report)")
     p.add_argument("--data-dir", help="CIFAR-10 data (default: the CIFAR-10 JPEG set if found, else official CIFAR-10)")
     p.add_argument("--out", default="runs/reproduce", help="folder for runs and reports (shared between experiments)")
@@ -444,9 +446,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"deepres: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError, ImportError) as exc:
-        print(f"deepres: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        print(f"deepres: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error without a traceback; a system error as one line naming the file and the cause."""
+    if isinstance(exc, OSError) and str(exc).startswith("[Errno") and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":

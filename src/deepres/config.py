@@ -26,10 +26,12 @@ __all__ = [
     "FinetuneConfig",
     "ModelConfig",
     "OptimConfig",
+    "RecipeNotFound",
     "ScheduleConfig",
     "TaskConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_differences",
     "find_recipe",
     "from_dict",
     "load_config",
@@ -46,6 +48,13 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"config key '{key}': {message}")
+
+
+class RecipeNotFound(ConfigError, FileNotFoundError):
+    """No recipe by that name or path (a config error: the command line exits 2)."""
+
+    def __init__(self, message: str):
+        super().__init__("--recipe", message)
 
 
 @dataclass
@@ -92,6 +101,8 @@ class DataConfig:
     image_size: int | None = None
     # error: a bad image file is an error naming it; skip: log it (logger "deepres.data") and leave it out.
     on_bad_image: Literal["error", "skip"] = "error"
+    # An image whose header announces more pixels is a bad image (checked before decoding; Pillow's limit).
+    max_image_pixels: int = 89_478_485
     # Image folders: channels images are converted to; None: 1 when every image is grayscale, else 3 (RGB).
     channels: Literal[1, 3] | None = None
     # Where extracted archives and decoded image folders are cached; None: $DEEPRES_DATA/cache, else
@@ -159,8 +170,9 @@ class TrainConfig:
     log_every: int = 100
     # auto: a CUDA GPU when there is one, else the CPU; or cpu, cuda, cuda:N.
     device: str = "auto"
-    # Autocast precision. auto: bf16 on a CUDA GPU, fp32 (off) elsewhere; fp16 trains with a GradScaler (its state is
-    # checkpointed). The paper trained in fp32: its recipes set off.
+    # Autocast precision. auto: bf16 on a CUDA GPU and on a CPU with native bf16 (AVX512-BF16 or AMX; about twice as
+    # fast there), fp32 (off) elsewhere; fp16 trains with a GradScaler (its state is checkpointed). The paper trained
+    # in fp32: its recipes set off.
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = False
     # torch.compile the model with this mode (off: eager kernels).
@@ -172,6 +184,9 @@ class TrainConfig:
     ema_decay: float | None = None
     # Deterministic algorithms (bit-exact resume on CPU).
     deterministic: bool = False
+    # Under torchrun: how long a collective may wait for the other processes before the job ends with an error (a
+    # stalled or dead rank), in seconds. PyTorch's own default is 30 minutes.
+    dist_timeout_s: int = 300
     # Stop at the first test evaluation (train.test_every) whose top-1 accuracy reaches this (percent), for
     # time-to-accuracy benchmarks. It reads the test set: never a way to choose a model. None: run every iteration.
     stop_at_accuracy: float | None = None
@@ -452,7 +467,7 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise FileNotFoundError(f"recipe file not found: {path}")
+            raise RecipeNotFound(f"recipe file not found: {path}")
         return path
     name = str(name_or_path)
     known: list[str] = []
@@ -464,9 +479,11 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
             known.append(rel)
             if rel == name or candidate.stem == name:
                 return candidate
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    stems = {Path(k).name: k for k in known}
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5) or \
+        [stems[m] for m in difflib.get_close_matches(name, list(stems), n=3, cutoff=0.5)]
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known recipes: {', '.join(sorted(set(known)))}"
-    raise FileNotFoundError(f"unknown recipe '{name}'{hint}")
+    raise RecipeNotFound(f"unknown recipe '{name}'{hint}")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -564,7 +581,8 @@ HONOURED_BY_EVERY_STEP = frozenset({
     "model.name", "model.num_classes", "model.in_channels", "model.shortcut", "model.stride_on",
     "model.zero_init_residual", "model.init", "model.init_head", "model.options",
     "data.source", "data.data_dir", "data.val_size", "data.train_subset", "data.test_subset", "data.preset",
-    "data.normalize", "data.image_size", "data.on_bad_image", "data.channels", "data.cache_dir", "data.loader",
+    "data.normalize", "data.image_size", "data.on_bad_image", "data.max_image_pixels", "data.channels",
+    "data.cache_dir", "data.loader",
     "data.gather", "data.num_workers", "data.randaugment_n", "data.randaugment_m", "data.labeled_per_class",
     "data.unlabeled_subset", "data.test_per_class",
     "optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay", "optim.decay_norm_and_bias",
@@ -572,10 +590,34 @@ HONOURED_BY_EVERY_STEP = frozenset({
     "schedule.warmup_until_train_error", "schedule.min_lr",
     "train.iterations", "train.batch_size", "train.eval_batch_size", "train.seed", "train.eval_every",
     "train.test_every", "train.checkpoint_every", "train.log_every", "train.channels_last", "train.cuda_graph",
-    "train.deterministic", "train.stop_at_accuracy",
+    "train.deterministic", "train.stop_at_accuracy", "train.dist_timeout_s",
     "task.label_smoothing", "task.teacher", "task.temperature", "task.alpha", "task.pseudo_labels", "task.threshold",
     "finetune.mode", "finetune.backbone_lr_scale",
 })
+
+
+# Keys that say where and how fast a run trains, not what it trains: two configs that differ only in these describe
+# the same run (a run trained on a GPU and read back on a CPU, with the data at another path).
+ENVIRONMENT_KEYS = frozenset({"name", "train.device", "train.cuda_graph", "train.compile", "data.data_dir",
+                              "data.cache_dir", "data.num_workers", "data.loader", "train.eval_batch_size",
+                              "train.dist_timeout_s"})
+
+
+def config_differences(a: Config, b: Config, ignore=ENVIRONMENT_KEYS) -> dict[str, tuple]:
+    """The keys whose values differ between two configs (dotted key -> (a's, b's)), ``ignore`` left out."""
+    flat_a, flat_b = _flatten(to_dict(a)), _flatten(to_dict(b))
+    return {k: (flat_a.get(k), flat_b.get(k)) for k in sorted(set(flat_a) | set(flat_b))
+            if k not in ignore and flat_a.get(k) != flat_b.get(k)}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -605,6 +647,7 @@ def _check_ranges(c: Config) -> None:
                        ("train.eval_batch_size", t.eval_batch_size), ("train.eval_every", t.eval_every),
                        ("train.checkpoint_every", t.checkpoint_every), ("train.log_every", t.log_every)):
         _require(value >= 1, key, f"must be at least 1; got {value}")
+    _require(t.dist_timeout_s >= 1, "train.dist_timeout_s", f"must be at least 1 second; got {t.dist_timeout_s}")
     _require(t.test_every >= 0, "train.test_every", f"must be >= 0 (0: test at the end only); got {t.test_every}")
     _require(t.seed >= 0, "train.seed", f"must be >= 0; got {t.seed}")
     _require(t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay", f"must be in (0, 1); got {t.ema_decay}")
@@ -629,6 +672,7 @@ def _check_ranges(c: Config) -> None:
     _require(s.warmup_until_train_error is None or 0 < s.warmup_until_train_error <= 100,
              "schedule.warmup_until_train_error", f"must be a percentage in (0, 100]; got {s.warmup_until_train_error}")
     _require(d.val_size >= 0, "data.val_size", f"must be >= 0; got {d.val_size}")
+    _require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be at least 1; got {d.max_image_pixels}")
     for key, value in (("data.train_subset", d.train_subset), ("data.test_subset", d.test_subset),
                        ("data.image_size", d.image_size), ("data.labeled_per_class", d.labeled_per_class),
                        ("data.test_per_class", d.test_per_class)):

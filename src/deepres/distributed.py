@@ -41,8 +41,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); a single process otherwise."""
+def setup(device: str = "auto", timeout_s: float = 300.0) -> DistInfo:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); a single process otherwise.
+    A collective that waits ``timeout_s`` for a stalled or dead rank ends the job with an error."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -51,7 +52,9 @@ def setup(device: str = "auto") -> DistInfo:
     if joined:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world_size, local_rank, dev, joined)
 
 

@@ -8,10 +8,13 @@ read runs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,8 @@ from .models.transfer import checkpoint_weights
 __all__ = [
     "FORMAT",
     "CheckpointError",
+    "RunFolderBusy",
+    "RunLock",
     "RunPaths",
     "build_model",
     "check_teacher",
@@ -34,6 +39,7 @@ __all__ = [
     "load_checkpoint",
     "load_for_inference",
     "load_teacher",
+    "atomic_write",
     "save_checkpoint",
 ]
 
@@ -41,7 +47,15 @@ FORMAT = "deepres-checkpoint-v1"
 
 
 class CheckpointError(ValueError):
-    """A file is not a readable deepres checkpoint."""
+    """A file is not a readable deepres checkpoint (or is corrupted)."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder."""
+
+
+# The files of a run, besides its checkpoints; a folder that holds any of them holds a run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 
 
 @dataclass
@@ -57,31 +71,117 @@ class RunPaths:
         self.last = self.checkpoints / "last.pt"
         self.best = self.checkpoints / "best.pt"
 
+    def run_files(self) -> list[str]:
+        """The files of an earlier run in this folder (its checkpoints and logs), by name."""
+        found = [name for name in RUN_FILES if (self.root / name).exists()]
+        return found + [f"checkpoints/{p.name}" for p in (self.last, self.best) if p.exists()]
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write ``state`` to a temporary file beside ``path``, fsync it, then rename over ``path``.
+    def remove_partial_writes(self) -> None:
+        """Temporary files a crash left in the middle of writing a checkpoint (the checkpoints themselves are whole:
+        they are renamed into place)."""
+        if self.checkpoints.is_dir():
+            for tmp in self.checkpoints.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
-    A crash at any point leaves either the old file or the new one, never a torn file.
-    """
+
+class RunLock:
+    """A run folder belongs to one run: an exclusive lock on ``<run>/.lock`` (``flock``), held for the run's life and
+    released by the system when the process ends, however it ends; the file names the holder's pid."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.path = Path(root) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderBusy(f"{self.path.parent} is in use by another run (pid {holder}): wait for it to end, or "
+                                f"choose another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_failure(path: Path, exc: BaseException) -> OSError:
+    """One clear error naming the file and the cause, for a write that failed (a full disk, a read-only folder, no
+    permission), including the C++ errors torch.save raises without a path."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return OSError(exc.errno, f"cannot write {path}: {os.strerror(exc.errno)}", str(path))
+    try:
+        if shutil.disk_usage(path.parent).free < 1 << 20:
+            return OSError(errno.ENOSPC, f"cannot write {path}: {os.strerror(errno.ENOSPC)}", str(path))
+    except OSError:
+        pass
+    return OSError(errno.EIO, f"cannot write {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                   str(path))
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, fsync it, then rename over ``path``, with the mode the
+    user's umask gives new files. A crash or a failed write leaves the old file (or none), never a torn one, and no
+    temporary file; a failure is an OSError naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_failure(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise _write_failure(path, exc) from None
         raise
     return path
 
 
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write ``state`` atomically (:func:`atomic_write`): a crash at any point leaves either the old file or the new
+    one, never a torn file."""
+    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """A checkpoint read with ``weights_only=True`` after its zip records' CRCs are verified: a file with flipped
+    bytes is an error naming it, never weights that load silently wrong."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: not a complete PyTorch file ({exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted: record {bad} fails its CRC check")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling errors come in many types

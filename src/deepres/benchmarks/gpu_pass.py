@@ -55,6 +55,15 @@ FAST = ["train.amp=bf16", "train.cuda_graph=true", "train.channels_last=true"]
 FULL_NETS = ["resnet20", "resnet56", "plain20", "plain56"]
 REST_NETS = ["resnet32", "resnet44", "resnet110", "plain32", "plain44", "plain110"]
 FP32_RUN = "cifar10-resnet20-fp32-s0"
+# The CIFAR runs' sizes in smoke mode (the full pass keeps the paper's: 64k iterations, batch 128).
+SMOKE_SIZES = ["train.iterations=12", "train.batch_size=8", "train.eval_batch_size=16", "train.test_every=4",
+               "train.checkpoint_every=4", "train.log_every=2", "schedule.milestones=6,9", "optim.lr=0.025"]
+
+
+def precision_overrides(gpu: bool) -> list[str]:
+    """The fast settings of the pass's CIFAR runs: bf16, the captured step and channels_last on a GPU; fp32 on a CPU
+    (smoke)."""
+    return list(FAST) if gpu else ["train.amp=off"]
 
 
 @dataclass
@@ -106,8 +115,13 @@ def plan(args, work: Path) -> list[Item]:
     ]
     if args.inject_slow:  # the budget logic's own check: an item that outlives its timeout
         items.insert(1, Item("slow", py + ["-c", "import time; time.sleep(600)"], args.inject_slow, 1))
-    wanted = set(args.items.split(",")) if args.items else None
-    return [item for item in items if wanted is None or item.name in wanted]
+    if args.items:
+        wanted = args.items.split(",")
+        unknown = sorted(set(wanted) - {item.name for item in items})
+        if unknown:
+            raise SystemExit(f"--items: unknown {', '.join(unknown)}; the pass has {', '.join(i.name for i in items)}")
+        items = [item for item in items if item.name in wanted]
+    return items
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,7 +287,8 @@ def env_info(out: Path) -> dict:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}",
                     memory_gib=p.total_memory / 2**30, multiprocessors=p.multi_processor_count)
-        query = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,power.limit,temperature.gpu"
+        query = ("driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,power.limit,"
+                 "temperature.gpu")
         try:
             smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], capture_output=True,
                                  text=True, timeout=30)
@@ -296,9 +311,7 @@ def _cifar_settings(args, runs: Path) -> tuple[list[str], int, int, str]:
         if not tiny.is_dir():
             tiny_image_folder(tiny, classes=4, per_class=16, test_per_class=8)
         data = args.data or str(tiny)
-        sizes = ["train.iterations=12", "train.batch_size=8", "train.eval_batch_size=16", "train.test_every=4",
-                 "train.checkpoint_every=4", "train.log_every=2", "schedule.milestones=6,9", "optim.lr=0.025"]
-        iterations, reference_steps = 12, 2
+        sizes, iterations, reference_steps = list(SMOKE_SIZES), 12, 2
     else:
         data = args.data or default_cifar_data()
         sizes, iterations, reference_steps = list(FULL), 64000, 200
@@ -337,7 +350,7 @@ def cifar(args) -> int:
     base, iterations, reference_steps, data = _cifar_settings(args, runs)
     gpu = device.type == "cuda"
     nets = args.nets.split(",")
-    settings = {_run_name(net): (f"paper/cifar10_{net}", FAST if gpu else ["train.amp=off"]) for net in nets}
+    settings = {_run_name(net): (f"paper/cifar10_{net}", precision_overrides(gpu)) for net in nets}
     if args.fp32:  # the paper's numerics beside the fast ones (the captured step changes launches, not arithmetic)
         settings[FP32_RUN] = ("paper/cifar10_resnet20", ["train.amp=off"] + (["train.cuda_graph=true"] if gpu else []))
     resumed = _resume_left_runs(list(settings), Path(args.resume_from), runs)
@@ -363,7 +376,7 @@ def cifar(args) -> int:
         if net in nets:
             ref = train_reference(net, image_root, device, iterations=iterations, timed_steps=reference_steps,
                                   batch_size=8 if args.smoke else 128,
-                                  workers=1 if args.smoke else min(16, os.cpu_count() or 1), val_size=0)
+                                  workers=0 if args.smoke else min(16, os.cpu_count() or 1), val_size=0)
             reference[net] = {k: ref[k] for k in ("seconds", "seconds_per_step", "measured_steps", "extrapolated")}
     for net, ref in reference.items():
         row = table[_run_name(net)]
@@ -401,8 +414,8 @@ def cifar(args) -> int:
 
 def unpack(archive: Path, root: Path) -> dict:
     """Put a pass's archive (and the weights archive beside it, if any) into the tree: result files into
-    ``benchmarks/results/``, runs, logs and the item table into ``docs/results/full/``; regenerate the Fig. 6 and Table 6 reports (depths 20 and 56) from the runs when they
-    are complete (no training happens here)."""
+    ``benchmarks/results/``, runs, logs and the item table into ``docs/results/full/``; regenerate the Fig. 6 and
+    Table 6 reports (depths 20 and 56) from the runs when they are complete (no training happens here)."""
     from ..experiments import Options, run_experiment
 
     staging = Path(tempfile.mkdtemp(prefix="gpu-pass-unpack-"))
@@ -431,7 +444,13 @@ def unpack(archive: Path, root: Path) -> dict:
         reports = []
         complete = lambda nets: all((full / "runs" / _run_name(n) / "summary.json").is_file() for n in nets)  # noqa
         if complete(FULL_NETS):
-            options = Options(scale="full", depths=[20, 56], out=full, parallel=1, overrides=list(FAST))
+            # The reports ask for exactly what the pass trained (reproduce reuses a run only for its own config).
+            env = json.loads((src / "results" / "env.json").read_text()) if (src / "results" / "env.json").is_file() \
+                else {}
+            items = json.loads((src / "items.json").read_text()) if (src / "items.json").is_file() else {}
+            overrides = precision_overrides(bool(env.get("cuda_available"))) + \
+                (list(SMOKE_SIZES) if items.get("smoke") else [])
+            options = Options(scale="full", depths=[20, 56], out=full, parallel=1, overrides=overrides)
             reports.append(str(run_experiment("cifar-degradation", options)))
             reports.append(str(run_experiment("cifar-table6", options)))
         return {"results": copied, "runs": sorted(p.name for p in (full / "runs").glob("*")) if (full / "runs").is_dir()

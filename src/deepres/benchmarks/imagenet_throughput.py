@@ -8,7 +8,6 @@ CPU smoke (CI): ``deepres benchmark imagenet-throughput --smoke`` (ResNet-18, 64
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

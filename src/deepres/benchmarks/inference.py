@@ -4,7 +4,6 @@ same device, same run; peak GPU memory of each. ``--smoke``: ResNet-18, 64x64, b
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torchvision

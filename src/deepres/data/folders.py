@@ -31,7 +31,7 @@ import torch
 
 from .archives import cache_root, extracted_archive, file_fingerprint, is_archive
 from .datasets import Dataset, Split, subset_indices
-from .images import IMAGE_EXTENSIONS, BadImageError, read_image, resize_square, to_channels
+from .images import IMAGE_EXTENSIONS, BadImageError, read_image, resize_square, set_max_image_pixels, to_channels
 
 __all__ = [
     "FileSplit",
@@ -204,8 +204,10 @@ def _decode_chunk(args) -> list[tuple[np.ndarray | None, str | None]]:
     return out
 
 
-def _pool_init() -> None:
+def _pool_init(max_pixels: int | None = None) -> None:
     torch.set_num_threads(1)
+    if max_pixels is not None:  # a spawned process starts with the default limit
+        set_max_image_pixels(max_pixels)
 
 
 def _decode_paths(paths: list[str], image_size: int | None, workers: int) -> list[tuple[np.ndarray | None, str | None]]:
@@ -214,7 +216,10 @@ def _decode_paths(paths: list[str], image_size: int | None, workers: int) -> lis
     if workers == 1 or len(paths) < _POOL_MIN_FILES:
         return [r for chunk in chunks for r in _decode_chunk(chunk)]
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, initializer=_pool_init) as pool:
+    from . import images
+
+    with multiprocessing.get_context(method).Pool(workers, initializer=_pool_init,
+                                                  initargs=(images._max_pixels,)) as pool:
         return [r for part in pool.imap(_decode_chunk, chunks) for r in part]
 
 

@@ -12,7 +12,10 @@ Conversions, all explicit:
 - 16-bit (``I;16*``, and ``I`` holding 16-bit values) is scaled to 8 bits by rounding ``v * 255 / 65535``, the full
   range preserved (never clipped at 255).
 
-A file that cannot be decoded (truncated, empty, not an image) raises :class:`BadImageError` naming it.
+A file that cannot be decoded (truncated, empty, not an image) raises :class:`BadImageError` naming it, and so does
+one whose header announces more than ``max_image_pixels`` pixels (``data.max_image_pixels``; default Pillow's 89.5
+Mpx), checked before anything is decoded, for every format: a decompression bomb is a bad image like any other, which
+``data.on_bad_image=skip`` skips. Training, evaluation and ``deepres predict`` all decode through here.
 """
 
 from __future__ import annotations
@@ -27,16 +30,47 @@ import torch
 __all__ = [
     "ALPHA_BACKGROUND",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "BadImageError",
     "decode_image_bytes",
+    "image_pixels",
     "read_image",
     "resize_square",
+    "set_max_image_pixels",
     "to_channels",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Alpha is composited over white (255); change here to composite over another grey level.
 ALPHA_BACKGROUND = 255
+# The most pixels an image may have (Pillow's own limit, 89.5 Mpx); set_max_image_pixels changes it for this
+# process (build_data sets data.max_image_pixels).
+MAX_IMAGE_PIXELS = 89_478_485
+_max_pixels = MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """The pixel limit :func:`decode_image_bytes` checks in this process (and the worker processes it forks)."""
+    global _max_pixels
+    if limit < 1:
+        raise ValueError(f"data.max_image_pixels must be at least 1; got {limit}")
+    _max_pixels = int(limit)
+
+
+def image_pixels(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header, without decoding it; None when PIL cannot read the header
+    (the decode then names the problem)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # only the header is read here; our own limit is checked on its size
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - any unreadable header is left to the decoder
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 # torchvision 0.29 marks its decoders deprecated in favour of torchcodec (not installed); they remain the fastest
 # decoder we have, the warning is silenced per call, and the PIL path takes over if they are ever removed.
@@ -133,6 +167,8 @@ def _decode_pil(data: bytes, path) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise BadImageError(path, "not a recognised image format") from None
+    except Image.DecompressionBombError as exc:  # a header the size check could not read, caught by Pillow's own
+        raise BadImageError(path, f"too many pixels ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImageError(path, f"truncated or corrupt image data ({exc or type(exc).__name__})") from None
 
@@ -141,6 +177,11 @@ def decode_image_bytes(data: bytes, path="<bytes>") -> torch.Tensor:
     """Decode an encoded image to uint8 (C, H, W), C = 1 for grayscale sources, 3 otherwise (see module doc)."""
     if not data:
         raise BadImageError(path, "empty file (0 bytes)")
+    size = image_pixels(data)
+    if size is not None and size[0] * size[1] > _max_pixels:
+        raise BadImageError(path, f"{size[0]} x {size[1]} = {size[0] * size[1]:,} pixels, more than "
+                                  f"data.max_image_pixels={_max_pixels:,} (decoding it would take "
+                                  f"{size[0] * size[1] * 3 / 2**30:.1f} GiB)")
     if data[:3] == _JPEG_MAGIC and _torchvision_io():
         try:
             t = _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))

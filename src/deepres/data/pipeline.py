@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -127,6 +126,9 @@ def build_data(
     dataset: Dataset | None = None,
 ) -> DataBundle:
     """Read the dataset (unless given), fit normalisation on its training split and build the three loaders."""
+    from .images import set_max_image_pixels
+
+    set_max_image_pixels(cfg.max_image_pixels)
     kind, index = _choose(cfg, dataset)
     if kind == "workers":
         return _build_worker_data(cfg, batch_size, eval_batch_size, seed, device, rank, world_size, dataset, index)

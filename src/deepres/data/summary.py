@@ -25,7 +25,6 @@ def dataset_summary(source: str, data_dir: str | None = None, val_size: int = 0,
         path = _require_data_dir(cfg)
         if not is_prepared_file(path):
             index = scan_image_folder(resolve_image_source(path, cache_dir))
-            k = len(index.classes)
             labels = {"train": index.splits["train"].labels, "test": index.splits["test"].labels}
             train_idx, val_idx = validation_indices(len(labels["train"]), val_size)
             if val_size > 0:

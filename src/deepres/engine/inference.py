@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -108,20 +110,15 @@ def _evaluate_resized(model, normalizer, part, data_cfg, crop, ten_crop, scales,
 
 
 def load_image(path: str | Path, channels: int, size: Sequence[int]) -> torch.Tensor:
-    """An image file as uint8 (C, H, W): converted to ``channels``, shorter side resized to the crop, centre crop."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as uint8 (C, H, W), decoded as training decodes (:func:`deepres.data.read_image`: alpha over
+    white, 16-bit scaled, the pixel limit), converted to ``channels``, shorter side resized to the crop, centre
+    crop."""
+    from ..data import read_image
+    from ..data.images import to_channels
 
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = img.convert("L" if channels == 1 else "RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-    array = np.asarray(img, dtype=np.uint8)
-    x = torch.from_numpy(array.copy())
-    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    x = to_channels(read_image(path), channels)
     h, w = int(size[0]), int(size[1])
     if tuple(x.shape[-2:]) != (h, w):
         x = resize_shorter(x[None], min(h, w))[0]
@@ -173,6 +170,39 @@ def export_checkpoint(path: str | Path, fmt: str, out: str | Path | None = None,
     example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
     expected = wrapped(example)
     out = Path(out) if out else Path(path).with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt")
+    _check_room(out, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: never a torn export
+    try:
+        got = _export(wrapped, example, tmp, fmt)
+        os.replace(tmp, out)
+    except (OSError, RuntimeError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) or "enforce fail" in str(exc) or "write" in str(exc).lower():
+            raise OSError(getattr(exc, "errno", None) or errno.EIO, f"cannot write {out}: "
+                          f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]}",
+                          str(out)) from None
+        raise
+    diff = (got - expected).abs().max().item()
+    if diff > atol:
+        raise RuntimeError(f"exported model disagrees with PyTorch: max abs difference {diff:.3g} > {atol}")
+    return {"path": str(out), "format": fmt, "max_abs_diff": diff, "input": [None, c, h, w]}
+
+
+def _check_room(out: Path, weight_bytes: int) -> None:
+    """Refuse an export the folder cannot hold (a native writer aborts the process on a full disk)."""
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(errno.EACCES, f"cannot write {out}: {os.strerror(errno.EACCES)}", str(out))
+    free = shutil.disk_usage(folder).free
+    if free < weight_bytes * 1.2 + (1 << 20):
+        raise OSError(errno.ENOSPC, f"cannot write {out}: {os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free, "
+                                    f"the export needs about {weight_bytes * 1.2 / 2**20:.1f} MiB)", str(out))
+
+
+def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str) -> torch.Tensor:
+    """Write ``wrapped`` to ``out`` in ``fmt`` and return the written file's outputs on ``example``."""
     if fmt == "onnx":
         try:
             import onnxruntime as ort
@@ -185,16 +215,11 @@ def export_checkpoint(path: str | Path, fmt: str, out: str | Path | None = None,
             torch.onnx.export(wrapped, (example,), str(out), dynamo=False, input_names=["images"],
                               output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"images": example.numpy()})[0])
-    else:
-        import warnings
+        return torch.from_numpy(session.run(None, {"images": example.numpy()})[0])
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the portable C++ format
-            scripted = torch.jit.trace(wrapped, example)
-        scripted.save(str(out))
-        got = torch.jit.load(str(out))(example)
-    diff = (got - expected).abs().max().item()
-    if diff > atol:
-        raise RuntimeError(f"exported model disagrees with PyTorch: max abs difference {diff:.3g} > {atol}")
-    return {"path": str(out), "format": fmt, "max_abs_diff": diff, "input": [None, c, h, w]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the portable C++ format
+        scripted = torch.jit.trace(wrapped, example)
+    scripted.save(str(out))
+    return torch.jit.load(str(out))(example)

@@ -27,7 +27,8 @@ from ..data import build_data, load_run_dataset
 from ..evaluation import evaluate
 from ..models import count_parameters
 from ..models.transfer import freeze_backbone, load_init
-from ..runs import RunPaths, build_model, check_teacher, data_fingerprint, load_checkpoint, load_teacher, save_checkpoint
+from ..runs import (RunLock, RunPaths, build_model, check_teacher, data_fingerprint, load_checkpoint, load_teacher,
+                    save_checkpoint)
 from ..tasks import build_task
 from ..version import __version__
 from .logging import MetricsWriter, Progress, read_metrics
@@ -115,6 +116,9 @@ class Run:
     step: int = 0
     best_val: float = math.inf
     setup_seconds: float = 0.0
+    lock: object = None
+    # The training-log window the checkpoint was written in (restored into the loop's window on resume).
+    window_state: dict | None = None
 
     @property
     def device(self) -> torch.device:
@@ -130,10 +134,13 @@ class Run:
 
 
 def _resume_source(resume: str | None, paths: RunPaths) -> Path | None:
+    """The checkpoint to resume from. A fresh run (``resume=None``) refuses a folder that holds an earlier run's
+    files: they are never appended to or overwritten."""
     if resume is None:
-        if paths.last.exists():
+        earlier = paths.run_files()
+        if earlier:
             raise FileExistsError(
-                f"{paths.root} already holds a checkpoint ({paths.last}); pass --resume auto to continue it or "
+                f"{paths.root} already holds a run ({', '.join(earlier)}); pass --resume auto to continue it or "
                 f"choose another --run-dir"
             )
         return None
@@ -142,11 +149,23 @@ def _resume_source(resume: str | None, paths: RunPaths) -> Path | None:
     return Path(resume)
 
 
+# Settings a resumed run must share with its checkpoint: they decide which images each step sees and how, so
+# resuming with others would not continue the run but start a different one from its weights (model.init does that).
+EXACT_RESUME_KEYS = ("train.batch_size", "train.seed", "data.gather", "data.preset", "data.randaugment_n",
+                     "data.randaugment_m", "data.cutmix_alpha", "data.mixup_alpha")
+
+
 def _check_compatible(ckpt: dict, config: Config, classes: list[str], fingerprint: str, path: Path) -> None:
     old = from_dict(ckpt["config"])
     problems = []
     if old.model != config.model:
         problems.append(f"model {old.model} vs {config.model}")
+    for key in EXACT_RESUME_KEYS:
+        section, name = key.split(".")
+        before, now = getattr(getattr(old, section), name), getattr(getattr(config, section), name)
+        if before != now:
+            problems.append(f"{key} {before} vs {now} (the data order and augmentation would change; to train on "
+                            f"from these weights with other settings start a new run with --set model.init={path})")
     if ckpt["classes"] != classes:
         problems.append(f"class list {ckpt['classes'][:5]}... vs {classes[:5]}...")
     if ckpt["data_fingerprint"] != fingerprint:
@@ -170,7 +189,7 @@ def setup_run(config: Config, run_dir: str | Path | None = None, resume: str | N
     ``resume``'s checkpoint when given."""
     t0 = time.perf_counter()
     config.validate()
-    dist = distributed.setup(config.train.device)
+    dist = distributed.setup(config.train.device, config.train.dist_timeout_s)
     try:
         run = _setup(config, dist, run_dir, resume, quiet)
     except BaseException:
@@ -183,6 +202,16 @@ def setup_run(config: Config, run_dir: str | Path | None = None, resume: str | N
 
 def _setup(config: Config, dist: distributed.DistInfo, run_dir, resume, quiet) -> Run:
     paths = RunPaths(Path(run_dir) if run_dir else Path("runs") / config.name)
+    lock = RunLock(paths.root).acquire() if dist.is_main else None  # before anything in the folder is read
+    try:
+        return _setup_locked(config, dist, paths, lock, resume, quiet)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, lock, resume, quiet) -> Run:
     device, tc = dist.device, config.train
     if tc.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -224,7 +253,7 @@ def _setup(config: Config, dist: distributed.DistInfo, run_dir, resume, quiet) -
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     run = Run(config, paths, dist, data, data_fingerprint(dataset), model, task, optimizer, schedule, ema,
-              step_fn=None, writer=writer, progress=progress, init_info=init_info)
+              step_fn=None, writer=writer, progress=progress, init_info=init_info, lock=lock)
     resume_state = None
     if resume_path is not None:
         resume_state = load_checkpoint(resume_path)
@@ -237,11 +266,14 @@ def _setup(config: Config, dist: distributed.DistInfo, run_dir, resume, quiet) -
     progress.start_step = run.step
     if dist.is_main:
         paths.root.mkdir(parents=True, exist_ok=True)
+        paths.remove_partial_writes()
         (paths.root / "config.yaml").write_text(to_yaml(config))
-        if resume_path is not None:
-            # The final test row comes after the final checkpoint: a finished run resumed writes it again.
-            final = run.step >= tc.iterations
-            writer.truncate_after(run.step, drop=lambda row: final and row["step"] == run.step and "test_loss" in row)
+        # The log follows the checkpoint: rows after it are recomputed identically, and without one (a run killed
+        # before its first checkpoint, resumed) the log starts afresh. A final test row comes after its run's final
+        # checkpoint: resumed from there (a finished run, or one given more iterations), it goes.
+        final = resume_state is not None and resume_state["config"]["train"]["iterations"] == run.step
+        writer.truncate_after(run.step if resume_path is not None else -1,
+                              drop=lambda row: final and row["step"] == run.step and "test_loss" in row)
     return run
 
 
@@ -268,6 +300,7 @@ def checkpoint_state(run: Run) -> dict:
         "schedule": run.schedule.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "step_state": run.step_fn.state_dict(),
+        "window": run.window_state,
         "rng": rng,
         "classes": list(dataset.classes),
         "normalization": run.data.normalizer.state_dict(),
@@ -293,9 +326,12 @@ def restore(run: Run, ckpt: dict, path: Path) -> None:
     if run.device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
     run.step, run.best_val = int(ckpt["step"]), float(ckpt["best_val_error"])
+    run.window_state = ckpt.get("window")
 
 
-def _save(run: Run, path: Path) -> None:
+def _save(run: Run, path: Path, window: _Window | None = None) -> None:
+    if window is not None:
+        run.window_state = window.state_dict()
     if run.dist.is_main:
         save_checkpoint(checkpoint_state(run), path)
 
@@ -314,6 +350,16 @@ class _Window:
         self.count = self.steps = 0
         self.nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.t0 = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        """The log window so far: a checkpoint inside a log window carries it, so the resumed run's next row equals
+        the uninterrupted run's."""
+        return {"loss": float(self.loss), "wrong": float(self.wrong), "count": self.count, "steps": self.steps}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.loss.fill_(state["loss"]), self.wrong.fill_(state["wrong"])
+            self.count, self.steps = int(state["count"]), int(state["steps"])
 
     def add(self, loss: torch.Tensor, wrong: torch.Tensor, count: int, step: int) -> None:
         self.loss += loss.double()
@@ -367,14 +413,14 @@ def _test_row(run: Run, clock: _Clock) -> dict:
             "elapsed_s": clock.elapsed()}
 
 
-def _validate(run: Run, clock: _Clock) -> None:
+def _validate(run: Run, clock: _Clock, window: _Window) -> None:
     result = _evaluate(run, run.data.val, clock)
     run.writer.write({"step": run.step, "val_loss": result["loss"], "val_top1_error": result["top1_error"],
                       "val_top5_error": result["top5_error"], "elapsed_s": clock.elapsed()})
     run.progress.write(f"step {run.step}: val top-1 error {result['top1_error']:.2f}%")
     if result["top1_error"] < run.best_val:
         run.best_val = result["top1_error"]
-        _save(run, run.paths.best)
+        _save(run, run.paths.best, window)
 
 
 def _observe_warmup(run: Run, wrong: torch.Tensor, count: int) -> None:
@@ -407,6 +453,7 @@ def _train_steps(run: Run, clock: _Clock, signals: _SignalCatcher) -> dict | Non
     early, if any."""
     tc = run.config.train
     window = _Window(run.device)
+    window.load_state_dict(run.window_state)
     batches = run.data.train.iterate(run.step)
     run.model.train()
     lr = None
@@ -434,20 +481,20 @@ def _train_steps(run: Run, clock: _Clock, signals: _SignalCatcher) -> dict | Non
             run.progress.update(step)
         if run.data.val is not None and (step % tc.eval_every == 0 or last):
             _check_finite(run, window, step, weights=True)
-            _validate(run, clock)
+            _validate(run, clock, window)
         if tc.test_every and step % tc.test_every == 0 and not last:
             row = _test_row(run, clock)
             run.writer.write(row)
             if tc.stop_at_accuracy is not None and 100.0 - row["test_top1_error"] >= tc.stop_at_accuracy:
                 _check_finite(run, window, step, weights=True)
-                _save(run, run.paths.last)
+                _save(run, run.paths.last, window)
                 return row
         if step % tc.checkpoint_every == 0 or last:
             _check_finite(run, window, step, weights=True)
-            _save(run, run.paths.last)
+            _save(run, run.paths.last, window)
         if distributed.any_rank(signals.signum is not None, run.device):
             _check_finite(run, window, step, weights=True)
-            _save(run, run.paths.last)
+            _save(run, run.paths.last, window)
             raise TrainingInterrupted(signals.signum or signal.SIGTERM, step)
     return None
 
@@ -530,5 +577,7 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
     finally:
         run.progress.close()
         run.writer.close()
+        if run.lock is not None:
+            run.lock.release()
         if run.dist.joined:
             distributed.cleanup()

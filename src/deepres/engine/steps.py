@@ -16,20 +16,63 @@ is checkpointed so a resumed run stays exact.
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..config import ConfigError, step_kind
 
-__all__ = ["CapturedStep", "EagerStep", "Precision", "build_step", "resolve_amp"]
+__all__ = ["CapturedStep", "EagerStep", "Precision", "build_step", "cpu_description", "native_bf16_cpu",
+           "resolve_amp"]
+
+
+def native_bf16_cpu(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes in bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag). Elsewhere (AVX2 and
+    older, or flags that cannot be read) PyTorch emulates bf16 and it is slower than fp32. ``DEEPRES_CPU_BF16=1|0``
+    overrides the reading (the test suite sets 0, so its numbers do not depend on the CPU it runs on)."""
+    forced = os.environ.get("DEEPRES_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_description() -> dict:
+    """This CPU's model name, the flags that decide the precision ``train.amp=auto`` picks, and the threads."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_flags": sorted(f for f in CPU_FLAGS if f in flags),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "native_bf16": native_bf16_cpu()}
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """``train.amp`` on this device: auto is bf16 on a CUDA GPU that has it, off elsewhere."""
+    """``train.amp`` on this device: auto is bf16 on a CUDA GPU that has it and on a CPU with native bf16 arithmetic
+    (:func:`native_bf16_cpu`), fp32 ("off") elsewhere."""
     if amp != "auto":
         return amp
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+    if device.type == "cpu" and native_bf16_cpu():
         return "bf16"
     return "off"
 

@@ -28,7 +28,7 @@ from ..version import __version__
 
 __all__ = ["EXPERIMENTS", "Experiment", "Options", "RunResult", "RunSpec", "register_experiment", "run_experiment"]
 
-SCALES = ("smoke", "full")
+SCALES = ("smoke", "laptop", "full")
 
 
 @dataclass
@@ -78,6 +78,7 @@ class Experiment:
     plan: Callable[[Options], list[RunSpec]]
     analyze: Callable[[Options, list[RunResult], Path], str]
     shortens: bool = False  # takes Options.iterations (the paper's multistep CIFAR schedule)
+    scales: tuple[str, ...] = ("smoke", "full")
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
@@ -111,9 +112,9 @@ def cifar_data_overrides(data_dir: str | None) -> tuple[list[str], str]:
         if path.exists():
             if (path / "cifar-10-batches-py").exists() or path.name == "cifar-10-python.tar.gz" or \
                     (path / "cifar-10-python.tar.gz").exists():
-                return ([f"data.source=cifar10", f"data.data_dir={path}"],
+                return (["data.source=cifar10", f"data.data_dir={path}"],
                         f"official CIFAR-10 (python release) from `{path}`")
-            return ([f"data.source=imagefolder", f"data.data_dir={path}"],
+            return (["data.source=imagefolder", f"data.data_dir={path}"],
                     f"the CIFAR-10 JPEG set (`{path}`): 32x32 JPEG files at quality 75, not bit-identical to the "
                     f"official CIFAR-10 release, so errors here run a few points above the paper's and are not "
                     f"directly comparable with them")
@@ -128,12 +129,25 @@ SMOKE = [
     "optim.lr=0.025",  # the paper's 0.1 at batch 128, scaled linearly to batch 32
 ]
 FULL = ["train.test_every=2000"]
+# Laptop: the paper's recipe on all 50k training images, the schedule shortened to LAPTOP_ITERATIONS (lr /10 at 1/2
+# and 3/4, as 32k and 48k of 64k), bf16 autocast and channels_last where the CPU computes bf16 natively (fp32
+# elsewhere: train.amp=auto). Chosen from measured step times on a 2-core AMD EPYC (Zen 4, AVX512-BF16): ResNet-20
+# 0.14 s, ResNet-56 0.37 s, plain-20 0.12 s, plain-56 0.39 s per batch of 128 (deepres benchmark cpu-train), so the
+# four nets of Fig. 6 take about an hour; the test curve has twelve points.
+LAPTOP_ITERATIONS = 3000
+
+
+def laptop_schedule(iterations: int = LAPTOP_ITERATIONS) -> list[str]:
+    every = max(1, iterations // 12)
+    return [f"train.iterations={iterations}", f"schedule.milestones={iterations // 2},{iterations * 3 // 4}",
+            f"train.test_every={every}", f"train.eval_every={every}", f"train.checkpoint_every={every}",
+            f"train.log_every={max(1, min(50, every // 5))}", "train.amp=auto", "train.channels_last=true"]
 
 
 def scale_overrides(options: Options) -> list[str]:
     if options.scale not in SCALES:
         raise ValueError(f"--scale must be one of {', '.join(SCALES)}; got {options.scale!r}")
-    return list(SMOKE if options.scale == "smoke" else FULL)
+    return list({"smoke": SMOKE, "laptop": laptop_schedule(), "full": FULL}[options.scale])
 
 
 def shortened_schedule(iterations: int) -> list[str]:
@@ -180,21 +194,81 @@ def run_overrides(spec: RunSpec, options: Options, gpu: bool) -> list[str]:
     return overrides + list(options.overrides)
 
 
+def _check_same_run(config, run_dir: Path) -> None:
+    """A run folder is reused (skipped when finished, resumed when not) only for the config it was trained with;
+    anything else (another scale, schedule, seed or recipe under the same --out) is refused, naming the keys."""
+    from ..config import config_differences
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    differences = config_differences(load_config(saved), config)
+    if differences:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(differences.items())[:5])
+        raise ValueError(f"{run_dir} holds a run of another configuration ({shown}); choose another --out for this "
+                         f"one, or remove that run folder")
+
+
 def train_or_resume(config, run_dir: Path, quiet: bool = True) -> dict:
     """Train a run in this process: a complete one (``summary.json``) is skipped, an interrupted one resumed; a run
     whose loss became NaN/inf is a result (plain nets can diverge): its summary says ``diverged``."""
     from ..engine import NonFiniteLossError, train
 
     done = run_dir / "summary.json"
+    _check_same_run(config, run_dir)
     if done.is_file():
         return json.loads(done.read_text())
-    resume = "auto" if (run_dir / "checkpoints" / "last.pt").exists() else None
-    print(f"[reproduce] {run_dir.name}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
-    try:
-        return train(config, run_dir, resume=resume, quiet=quiet)
+    resuming = (run_dir / "checkpoints" / "last.pt").exists()
+    print(f"[reproduce] {run_dir.name}: {'resuming' if resuming else 'training'} in {run_dir}", flush=True)
+    t0 = time.time()
+    try:  # auto: a checkpoint continues; without one (killed before it) the run starts afresh in its folder
+        summary = train(config, run_dir, resume="auto", quiet=quiet)
     except NonFiniteLossError as exc:
         print(f"[reproduce] {run_dir.name}: diverged ({exc})", flush=True)
         return json.loads(done.read_text())
+    print(f"[reproduce] {run_dir.name}: done in {(time.time() - t0) / 60:.1f} min, test error "
+          f"{summary['test_top1_error']:.2f}%", flush=True)
+    return summary
+
+
+def measured_step_seconds(config, steps: int = 3) -> float:
+    """Seconds per training step of ``config``'s model at its batch size, precision and memory format on the CPU
+    (random 32x32 batches): what the expected duration of a laptop-scale reproduction is computed from."""
+    from ..engine.optim import build_optimizer
+    from ..engine.steps import EagerStep, Precision
+    from ..runs import build_model
+    from ..tasks import ClassificationTask
+
+    device = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config.model, 10, 3)
+        if config.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        step = EagerStep(model, model.train(), ClassificationTask(), build_optimizer(model, config.optim, device),
+                         Precision(config.train.amp, device))
+        x = torch.randn(config.train.batch_size, 3, 32, 32)
+        if config.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (config.train.batch_size,))
+        step(x, y)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(x, y)
+        return (time.perf_counter() - t0) / steps
+
+
+def print_expected_duration(configs: list) -> float:
+    """Measure each model's step time once and print how long training the runs should take (minutes)."""
+    seconds, measured = 0.0, {}
+    for config in configs:
+        key = (config.model.name, config.train.batch_size, config.train.amp, config.train.channels_last)
+        if key not in measured:
+            measured[key] = measured_step_seconds(config)
+        seconds += measured[key] * config.train.iterations * 1.1  # + evaluation and logging, measured at about 10%
+    times = ", ".join(f"{k[0]} {v:.2f} s" for k, v in measured.items())
+    print(f"[reproduce] {len(configs)} runs to train; measured seconds per step: {times}; expected about "
+          f"{seconds / 60:.0f} min", flush=True)
+    return seconds / 60
 
 
 def _run_concurrently(runs: list[tuple[RunSpec, Path, list[str]]], parallel: int) -> None:
@@ -241,7 +315,14 @@ def _waves(planned: list[tuple[RunSpec, Path, list[str]]]) -> list[list]:
 
 
 def environment() -> dict:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        from ..engine.steps import cpu_description
+
+        cpu = cpu_description()
+        device = (f"{cpu['cpu_model']}, {cpu['cores']} cores (flags: {', '.join(cpu['cpu_flags']) or 'none of note'}; "
+                  f"native bf16: {'yes' if cpu['native_bf16'] else 'no'})")
     return {"device": device, "torch": torch.__version__, "python": platform.python_version(), "deepres": __version__}
 
 
@@ -270,6 +351,8 @@ def run_experiment(name: str, options: Options) -> Path:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment '{name}'; known: {', '.join(sorted(EXPERIMENTS))}")
     experiment = EXPERIMENTS[name]
+    if options.scale not in experiment.scales:
+        raise ValueError(f"--scale {options.scale}: '{name}' runs at {', '.join(experiment.scales)}")
     if options.iterations and not experiment.shortens:
         raise ValueError(f"--iterations applies to the CIFAR paper experiments, not to '{name}'")
     out = Path(options.out)
@@ -278,8 +361,12 @@ def run_experiment(name: str, options: Options) -> Path:
     parallel = options.parallel or (GPU_PARALLEL if gpu else 1)
     planned = [(spec, out / "runs" / spec.name, run_overrides(spec, options, gpu))
                for spec in experiment.plan(options)]
-    for spec, _, overrides in planned:  # every config checked before anything trains
-        load_config(spec.recipe, overrides)
+    configs = {spec.name: load_config(spec.recipe, overrides) for spec, _, overrides in planned}  # checked first
+    for spec, run_dir, _ in planned:
+        _check_same_run(configs[spec.name], run_dir)
+    todo = [configs[spec.name] for spec, run_dir, _ in planned if not (run_dir / "summary.json").is_file()]
+    if options.scale == "laptop" and todo and not gpu:
+        print_expected_duration(todo)
     if parallel > 1:
         for wave in _waves(planned):
             todo = [item for item in wave if not (item[1] / "summary.json").is_file()]
@@ -287,7 +374,7 @@ def run_experiment(name: str, options: Options) -> Path:
                 _run_concurrently(todo, parallel)
     results = []
     for spec, run_dir, overrides in planned:
-        summary = train_or_resume(load_config(spec.recipe, overrides), run_dir)
+        summary = train_or_resume(configs[spec.name], run_dir)
         results.append(RunResult(spec, run_dir, summary, read_metrics(run_dir / "metrics.jsonl")))
     report_dir = out / name
     (report_dir / "plots").mkdir(parents=True, exist_ok=True)
@@ -309,10 +396,16 @@ def run_experiment(name: str, options: Options) -> Path:
     if options.scale == "smoke":
         header += ["**Smoke scale**: tiny schedules on data subsets, to exercise the whole path. The numbers below "
                    "say nothing about the paper's claims.", ""]
-    elif options.iterations:
-        header += [f"**Shortened schedule**: {options.iterations:,} iterations instead of the paper's 64,000 (batch "
-                   f"128, learning rate /10 at {options.iterations // 2:,} and {options.iterations * 3 // 4:,}). "
+    elif options.iterations or (options.scale == "laptop" and experiment.shortens):
+        n = options.iterations or LAPTOP_ITERATIONS
+        header += [f"**{'Laptop scale' if options.scale == 'laptop' else 'Shortened schedule'}**: {n:,} iterations "
+                   f"instead of the paper's 64,000 (batch 128, learning rate /10 at {n // 2:,} and {n * 3 // 4:,}). "
                    "Errors are higher than a full run's; the comparisons between nets are what this run shows.", ""]
+    elif options.scale == "laptop":
+        counts = sorted({int(r.summary.get("iterations") or 0) for r in results if not r.summary.get("diverged")})
+        header += [f"**Laptop scale**: runs of {' or '.join(f'{n:,}' for n in counts)} iterations on a CPU (see each "
+                   "method's runs below), far shorter than the full scale; the comparisons, with their seed spread, "
+                   "are what these runs show.", ""]
     report = report_dir / "report.md"
-    report.write_text("\n".join(header) + body.rstrip() + "\n")
+    report.write_text("\n".join(header) + "\n" + body.strip() + "\n")
     return report

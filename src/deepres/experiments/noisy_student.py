@@ -10,12 +10,12 @@ with its final weights (``last.pt``), the model whose test accuracy the report s
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..config import Config, ConfigError, apply_overrides
+from .base import train_or_resume
 
 __all__ = ["Noise", "chain", "noisy_student", "student_overrides"]
 
@@ -63,15 +63,6 @@ def _parameters(config: Config, num_classes: int = 10, in_channels: int = 3) -> 
     return count_parameters(build_model(config.model, num_classes, in_channels))
 
 
-def _train(config: Config, run_dir: Path, quiet: bool) -> dict:
-    from ..engine import train
-
-    if (run_dir / "summary.json").is_file():  # complete: skipped
-        return json.loads((run_dir / "summary.json").read_text())
-    resume = "auto" if (run_dir / "checkpoints" / "last.pt").exists() else None
-    return train(config, run_dir, resume=resume, quiet=quiet)
-
-
 def noisy_student(config: Config, iterations: int, run_dir: str | Path, students: list[str] | None = None,
                   noise: Noise | None = None, quiet: bool = False) -> tuple[Path, list[dict]]:
     """Train the teacher and ``iterations`` students in ``run_dir/iter<i>``; write ``run_dir/report.md``.
@@ -95,7 +86,7 @@ def noisy_student(config: Config, iterations: int, run_dir: str | Path, students
                                            f"{configs[i - 1].model.name}; Noisy Student needs equal or larger students")
     rows = []
     for i, cfg in enumerate(configs):
-        rows.append(_row(i, "teacher" if i == 0 else "student", cfg, _train(cfg, run_dir / f"iter{i}", quiet)))
+        rows.append(_row(i, "teacher" if i == 0 else "student", cfg, train_or_resume(cfg, run_dir / f"iter{i}", quiet)))
     report = run_dir / "report.md"
     report.write_text(format_report(config, noise, rows))
     return report, rows
