@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,11 +105,32 @@ def test_export_round_trip(trained, tmp_path, fmt):
     x = torch.rand(5, 1, 16, 16)  # another batch size than the export example
     with torch.no_grad():
         expected = model((x - normalizer.mean) / normalizer.std).numpy()
+    classes = load_checkpoint(path)["classes"]
     if fmt == "onnx":
+        import onnx
         import onnxruntime as ort
 
         got = ort.InferenceSession(result["path"]).run(None, {"images": x.numpy()})[0]
+        props = {p.key: p.value for p in onnx.load(result["path"]).metadata_props}
     else:
+        files = {"deepres/classes": "", "deepres/normalization_std": ""}
         with torch.no_grad():
-            got = torch.jit.load(result["path"])(x).numpy()
+            got = torch.jit.load(result["path"], _extra_files=files)(x).numpy()
+        props = {k.split("/", 1)[1]: v.decode() if isinstance(v, bytes) else v for k, v in files.items()}
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert json.loads(props["classes"]) == classes  # class names and normalisation travel with the model
+    assert json.loads(props["normalization_std"]) == normalizer.std.flatten().tolist()
+
+
+def test_safetensors_export_holds_the_weights_and_metadata(trained, tmp_path):
+    from deepres.runs import read_safetensors
+
+    path, _, _ = trained
+    result = export_checkpoint(path, "safetensors", tmp_path / "model.safetensors")
+    assert result["max_abs_diff"] == 0.0
+    tensors, meta = read_safetensors(result["path"])
+    ckpt = load_checkpoint(path)
+    assert set(tensors) == set(ckpt["model"]) and all(torch.equal(tensors[k], ckpt["model"][k]) for k in tensors)
+    assert json.loads(meta["classes"]) == ckpt["classes"] and meta["model"] == ckpt["config"]["model"]["name"]
+    header = int.from_bytes(Path(result["path"]).read_bytes()[:8], "little")
+    assert header % 8 == 0  # the format's alignment

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from deepres.config import load_config
+from deepres.config import ConfigError, load_config
+from deepres.engine import Schedule
 from deepres.models import list_models
 
 RECIPES = Path(__file__).resolve().parents[1] / "src" / "deepres" / "recipes"
@@ -24,7 +25,8 @@ def test_paper_cifar_recipes(name):
     assert c.train.amp == "off" and not c.train.channels_last and c.train.compile == "off"
     assert (c.train.batch_size, c.train.iterations) == (128, 64000)
     assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay, c.optim.decay_norm_and_bias) == (0.1, 0.9, 1e-4, True)
-    assert (c.schedule.name, c.schedule.milestones, c.schedule.gamma) == ("multistep", [32000, 48000], 0.1)
+    assert (c.schedule.name, c.schedule.milestones, c.schedule.gamma) == ("multistep", [0.5, 0.75], 0.1)
+    assert Schedule(c.schedule, c.optim.lr, c.train.iterations).milestones == [32000, 48000]
     if name in ("resnet110", "resnet1202"):
         assert (c.schedule.warmup_until_train_error, c.schedule.warmup_lr) == (80.0, 0.01)
     else:
@@ -37,3 +39,22 @@ def test_paper_imagenet_recipes(depth):
     assert c.model.name == f"resnet{depth}" and c.data.preset == "paper_imagenet"
     assert (c.train.batch_size, c.train.iterations, c.optim.lr, c.optim.weight_decay) == (256, 600000, 0.1, 1e-4)
     assert c.train.amp == "off"
+
+
+def test_a_shortened_paper_run_keeps_the_paper_shape():
+    """--set train.iterations=2000 on a paper recipe drops the learning rate at 1,000 and 1,500 (32k and 48k of 64k)."""
+    c = load_config("paper/cifar10_resnet56", ["train.iterations=2000"])
+    schedule = Schedule(c.schedule, c.optim.lr, c.train.iterations)
+    assert [schedule.lr_at(s) for s in (999, 1000, 1499, 1500)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+    imagenet = load_config("paper/imagenet_resnet50", ["train.iterations=1000"])
+    assert Schedule(imagenet.schedule, 0.1, 1000).milestones == [250, 500, 750]
+    warm = load_config("demo", ["schedule.warmup_iterations=0.1", "train.iterations=300"])
+    assert Schedule(warm.schedule, 0.1, 300).warmup == 30
+
+
+def test_schedule_points_beyond_the_run_are_announced():
+    c = load_config("paper/cifar10_resnet20", ["schedule.milestones=500,5000", "train.iterations=1000"])
+    notes = Schedule(c.schedule, c.optim.lr, c.train.iterations).beyond_the_end()
+    assert len(notes) == 1 and "5000" in notes[0] and "never drops" in notes[0]
+    with pytest.raises(ConfigError, match="schedule.milestones"):
+        load_config("paper/cifar10_resnet20", ["schedule.milestones=0.5,-1"])

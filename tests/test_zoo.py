@@ -482,3 +482,14 @@ def test_resnext_and_wide_bottlenecks():
         assert model.layer2[0].conv2.stride == (2, 2)  # stride on the 3x3 (their papers, torchvision)
     with pytest.raises(ValueError, match="BasicBlock"):
         BasicBlock(64, 64, groups=32)
+
+
+def test_the_shipped_models_table_is_current():
+    """`deepres models` answers from a table shipped with the package; after an architecture change rewrite it with
+    python -c "from deepres.models.complexity import write_models_table; write_models_table()"."""
+    from deepres.models.complexity import describe_model, models_table
+
+    table = models_table()
+    assert sorted(table) == sorted(n for n in list_models() if model_entry(n).family != "test")
+    for name, row in table.items():
+        assert describe_model(name) == row, name

@@ -12,14 +12,28 @@ from .config import ConfigError
 EXIT_CONFIG_ERROR = 2
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import describe_model, list_models, model_entry
+    from .models import describe_models, list_models, model_entry
 
     # Grouped by family (ImageNet ResNets, CIFAR ResNets, then the zoo), natural order within each.
     names = sorted(list_models(args.filter), key=lambda n: model_entry(n).family)
+    if args.pretrained:
+        from .models.pretrained import PRETRAINED, pretrained_cfg
+
+        names = [n for n in names if n in PRETRAINED]
+        if args.json:
+            print(json.dumps([{k: v for k, v in pretrained_cfg(n).items() if k != "classes"} | {"name": n}
+                              for n in names], indent=2))
+            return 0
+        print(f"{'name':<20} {'source':<12} {'top-1 %':>8} {'top-5 %':>8} {'input':>8}  file")
+        for n in names:
+            cfg = pretrained_cfg(n)
+            print(f"{n:<20} {cfg['source']:<12} {cfg['top1']:>8.2f} {cfg['top5']:>8.2f} {cfg['crop_size']:>8}  "
+                  f"{cfg['file_name']}")
+        return 0
     if not names:
         print(f"no model matches '{args.filter}'", file=sys.stderr)
         return 1
-    rows = [describe_model(name) for name in names]
+    rows = describe_models(names)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -36,8 +50,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import load_config, to_yaml
+    from .config import config_reference, load_config, to_yaml
 
+    if args.keys:
+        rows = config_reference()
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return 0
+        for row in rows:
+            print(f"{row['key']}  ({row['type']}; default {row['default']!r})")
+            if row["comment"]:
+                print(f"    {row['comment']}")
+        return 0
     print(to_yaml(load_config(args.recipe, args.overrides)), end="")
     return 0
 
@@ -98,6 +122,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -111,13 +145,22 @@ def _int_list(text: str) -> list[int]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.inference import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split, ten_crop=args.ten_crop,
-                                 scales=_parse_scales(args.scales), batch_size=args.batch_size, device=args.device)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split,
+                                     ten_crop=args.ten_crop, scales=_parse_scales(args.scales),
+                                     batch_size=args.batch_size, device=args.device, workers=args.workers)
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            print(f"deepres: warning: {warning.message}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['split']} ({result['mode']}, {result['count']} images): top-1 error {result['top1_error']:.2f}%, "
-              f"top-5 error {result['top5_error']:.2f}%, loss {result['loss']:.4f}")
+        print(f"{result['split']} ({result['mode']}, {result['count']:,} images): accuracy "
+              f"{100 - result['top1_error']:.2f}%, top-1 error {result['top1_error']:.2f}%, top-5 error "
+              f"{result['top5_error']:.2f}%, loss {result['loss']:.4f}")
     return 0
 
 
@@ -210,6 +253,20 @@ def cmd_noisy_student(args: argparse.Namespace) -> int:
 
 
 BENCHMARK_ALIASES = {"data": "data-pipeline"}
+# What `deepres reproduce --help` says of each experiment (tests/test_cli.py checks it names every registered one;
+# importing the experiments here would slow every command).
+EXPERIMENT_HELP = {
+    "cifar-table6": "Table 6, CIFAR-10 ResNets 20-110 (1202 with --include-1202)",
+    "cifar-degradation": "Fig. 6, plain vs residual nets' training and test error",
+    "layer-responses": "Fig. 7, std of each layer's response",
+    "shortcuts": "Table 3's options A, B, C at CIFAR scale",
+    "imagenet": "Tables 2-4 on an ImageNet-layout folder (single, 10-crop, multi-scale)",
+    "zoo-cifar": "every architecture family at CIFAR size",
+    "semi-supervised": "pseudo-labels and Noisy Student with 4,000 labels",
+    "distillation": "ResNet-56 into ResNet-20",
+    "transfer": "CIFAR-10 to Fashion-MNIST with 1,000 labels",
+    "augmentation": "CutMix and RandAugment against pad-crop-flip",
+}
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -240,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list registered models with parameters and multiply-adds")
     p.add_argument("filter", nargs="?", default="*", help="shell-style name pattern, e.g. 'resnet*' (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--pretrained", action="store_true",
+                   help="only models with pretrained weights (create_model(name, pretrained=True)): their source, "
+                        "published accuracy and file")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a model from a recipe")
@@ -251,33 +311,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 error of a checkpoint")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run's checkpoint (RUN/checkpoints/best.pt or last.pt)")
     p.add_argument("--data-dir", help="where the data is (default: the one the run used)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to test (default test)")
     p.add_argument("--ten-crop", action="store_true", help="the standard 10-crop test (corners, centre, flips)")
     p.add_argument("--scales", help="fully-convolutional multi-scale test, shorter sides e.g. 224,256,384,480,640")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--workers", type=_nonnegative_int, default=None,
+                   help="decoding processes for image folders (default: the run's data.num_workers, at most the "
+                        "cores)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print JSON (full precision) instead of a line")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes of image files")
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("checkpoint", help="a run's checkpoint (RUN/checkpoints/best.pt or last.pt)")
+    p.add_argument("images", nargs="+", help="image files (any format the training decoder reads)")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a list")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (outputs checked against PyTorch)")
-    p.add_argument("checkpoint")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or safetensors (checked against PyTorch; "
+                                      "class names and normalisation as metadata)")
+    p.add_argument("checkpoint", help="a run's checkpoint (RUN/checkpoints/best.pt or last.pt)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"],
+                   help="onnx (needs the onnx and onnxruntime packages), torchscript (both take [0, 1] images and "
+                        "normalise inside) or safetensors (the weights)")
     p.add_argument("--out", help="output file (default: beside the checkpoint)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reproduce", help="reproduce a table or figure of the paper (runs + report)")
-    p.add_argument("experiment", help="cifar-table6, cifar-degradation, shortcuts, layer-responses, semi-supervised, "
-                                      "distillation, transfer, augmentation (and any other registered experiment)")
+    p.add_argument("experiment", help="; ".join(f"{name}: {what}" for name, what in EXPERIMENT_HELP.items()))
     p.add_argument("--scale", default="smoke", choices=["smoke", "laptop", "full"],
                    help="smoke (default): minutes on a CPU, tiny schedules, numbers meaningless; laptop: about an hour "
                         "on 2 CPU cores, the paper's recipe shortened (CIFAR: 3,000 iterations on all training images, "
@@ -304,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.0, help="keep images whose top probability is at least this")
     p.add_argument("--soft", action="store_true", help="soft labels (the teacher's softmax) instead of its top class")
     p.add_argument("--out", help="write the kept indices, targets and confidences to this .pt file")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a line")
     p.set_defaults(func=cmd_pseudo_label)
 
     p = sub.add_parser("noisy-student", help="Noisy Student self-training: teacher, then noised students (report)")
@@ -321,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config of a recipe with overrides, as YAML")
     add_config_arguments(p)
+    p.add_argument("--keys", action="store_true", help="list every config key with its type, default and meaning")
+    p.add_argument("--json", action="store_true", help="with --keys: print JSON")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("benchmark", help="run a benchmark of benchmarks/ (ours against a reference, same run)")
@@ -443,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader went away (deepres models | head): nothing more to say
+        sys.stderr.close()
+        return 0
     except ConfigError as exc:
         print(f"deepres: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -32,6 +32,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_differences",
+    "config_reference",
     "find_recipe",
     "from_dict",
     "load_config",
@@ -145,11 +146,12 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: Literal["multistep", "cosine", "onecycle", "constant"] = "multistep"
-    # Iterations at which the learning rate is multiplied by gamma (paper CIFAR: 32k and 48k).
-    milestones: list[int] = field(default_factory=lambda: [32000, 48000])
+    # Iterations at which the learning rate is multiplied by gamma (paper CIFAR: 32k and 48k of 64k). A value below 1
+    # is a fraction of the run (0.5: half way), so a shortened run keeps the schedule's shape.
+    milestones: list[float] = field(default_factory=lambda: [32000, 48000])
     gamma: float = 0.1
-    # Linear warmup from warmup_lr to lr over this many iterations (0: none).
-    warmup_iterations: int = 0
+    # Linear warmup from warmup_lr to lr over this many iterations (0: none; below 1: a fraction of the run).
+    warmup_iterations: float = 0
     warmup_lr: float = 0.01
     # Paper, ResNet-110/1202: hold warmup_lr until training error falls below this (percent), then lr.
     warmup_until_train_error: float | None = None
@@ -159,6 +161,9 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 64000
+    # Train this many passes over the training split instead (resolved into train.iterations when the data is known,
+    # and saved so in the run's config.yaml); None: train.iterations.
+    epochs: float | None = None
     batch_size: int = 128
     eval_batch_size: int = 512
     seed: int = 0
@@ -588,7 +593,7 @@ HONOURED_BY_EVERY_STEP = frozenset({
     "optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay", "optim.decay_norm_and_bias",
     "schedule.name", "schedule.milestones", "schedule.gamma", "schedule.warmup_iterations", "schedule.warmup_lr",
     "schedule.warmup_until_train_error", "schedule.min_lr",
-    "train.iterations", "train.batch_size", "train.eval_batch_size", "train.seed", "train.eval_every",
+    "train.iterations", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.seed", "train.eval_every",
     "train.test_every", "train.checkpoint_every", "train.log_every", "train.channels_last", "train.cuda_graph",
     "train.deterministic", "train.stop_at_accuracy", "train.dist_timeout_s",
     "task.label_smoothing", "task.teacher", "task.temperature", "task.alpha", "task.pseudo_labels", "task.threshold",
@@ -618,6 +623,38 @@ def _flatten(data: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def config_reference() -> list[dict]:
+    """Every key of the schema with its type, default and the comment written above it in this file: what
+    ``deepres config --keys`` prints."""
+    import inspect
+
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        comments: dict[str, str] = {}
+        pending: list[str] = []
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                pending.append(text.lstrip("# "))
+            elif ":" in text and not text.startswith(("def ", '"""', "@")):
+                comments[text.split(":", 1)[0].strip()] = " ".join(pending)
+                pending = []
+            else:
+                pending = []
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append({"key": f"{prefix}{f.name}", "type": _describe(hints[f.name]), "default": default,
+                         "comment": comments.get(f.name, "")})
+
+    walk(Config, "")
+    return rows
 
 
 def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -663,10 +700,14 @@ def _check_ranges(c: Config) -> None:
     _require(o.grad_clip is None or (_finite(o.grad_clip) and o.grad_clip > 0), "optim.grad_clip",
              f"must be > 0 (or null: no clipping); got {o.grad_clip}")
     _require(_finite(s.gamma) and s.gamma > 0, "schedule.gamma", f"must be > 0; got {s.gamma}")
-    _require(all(ms >= 0 for ms in s.milestones), "schedule.milestones", f"must be >= 0; got {s.milestones}")
+    _require(t.epochs is None or (_finite(t.epochs) and t.epochs > 0), "train.epochs",
+             f"must be > 0 (or null: train.iterations); got {t.epochs}")
+    _require(all(_finite(ms) and ms > 0 for ms in s.milestones), "schedule.milestones",
+             f"must be > 0 (iterations, or fractions of the run below 1); got {s.milestones}")
     _require(list(s.milestones) == sorted(s.milestones), "schedule.milestones",
              f"must be in increasing order; got {s.milestones}")
-    _require(s.warmup_iterations >= 0, "schedule.warmup_iterations", f"must be >= 0; got {s.warmup_iterations}")
+    _require(_finite(s.warmup_iterations) and s.warmup_iterations >= 0, "schedule.warmup_iterations",
+             f"must be >= 0; got {s.warmup_iterations}")
     _require(_finite(s.warmup_lr) and s.warmup_lr >= 0, "schedule.warmup_lr", f"must be >= 0; got {s.warmup_lr}")
     _require(_finite(s.min_lr) and s.min_lr >= 0, "schedule.min_lr", f"must be >= 0; got {s.min_lr}")
     _require(s.warmup_until_train_error is None or 0 < s.warmup_until_train_error <= 100,

@@ -40,7 +40,9 @@ __all__ = [
     "load_for_inference",
     "load_teacher",
     "atomic_write",
+    "read_safetensors",
     "save_checkpoint",
+    "write_safetensors",
 ]
 
 FORMAT = "deepres-checkpoint-v1"
@@ -248,3 +250,54 @@ def data_fingerprint(dataset) -> str:
         else:  # an image folder read by workers: its file list
             h.update("\n".join(split.paths).encode())
     return h.hexdigest()[:16]
+
+
+# safetensors (https://github.com/huggingface/safetensors, the format's specification): an 8-byte little-endian header
+# length, a JSON header (each tensor's dtype, shape and byte range; string metadata under "__metadata__"), then the
+# tensors' bytes. Written and read here so that exporting needs no extra package.
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (name -> tensor) and string ``metadata`` as a safetensors file, atomically."""
+    header, chunks, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, tensor in tensors.items():
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"safetensors: tensor {name} has dtype {t.dtype}, which the format does not hold")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # 0-d tensors too
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
+                                                                                          offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+
+    def write(f):
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for chunk in chunks:
+            f.write(chunk)
+
+    return atomic_write(path, write)
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file."""
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    data = Path(path).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    metadata = header.pop("__metadata__", {})
+    body = memoryview(data)[8 + size:]
+    tensors = {}
+    for name, spec in header.items():
+        start, end = spec["data_offsets"]
+        raw = torch.frombuffer(bytearray(body[start:end]), dtype=torch.uint8) if end > start else \
+            torch.empty(0, dtype=torch.uint8)
+        tensors[name] = raw.view(names[spec["dtype"]]).reshape(spec["shape"])
+    return tensors, metadata

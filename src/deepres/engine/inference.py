@@ -36,10 +36,11 @@ def evaluate_checkpoint(
     scales: Sequence[int] | None = None,
     batch_size: int = 256,
     device: str = "cpu",
+    workers: int | None = None,
 ) -> dict:
     """Top-1/top-5 error of a checkpoint on a split of the data it was trained on (or the same source elsewhere)."""
     return evaluate_checkpoint_modes(path, [(ten_crop, scales)], data_dir=data_dir, split=split,
-                                     batch_size=batch_size, device=device)[0]
+                                     batch_size=batch_size, device=device, workers=workers)[0]
 
 
 def evaluate_checkpoint_modes(
@@ -50,13 +51,24 @@ def evaluate_checkpoint_modes(
     split: str = "test",
     batch_size: int = 256,
     device: str = "cpu",
+    workers: int | None = None,
 ) -> list[dict]:
     """:func:`evaluate_checkpoint` for several test modes, each ``(ten_crop, scales)``; the checkpoint and the data
-    are read once. Runs of the paper's ImageNet preset are tested on images of any size, resized one by one."""
+    are read once. Runs of the paper's ImageNet preset are tested on images of any size, resized one by one.
+    ``workers``: decoding processes (default: the run's ``data.num_workers``, at most the cores). A 10-crop or
+    multi-scale test of a run that trained on uncropped images (not the ImageNet preset) warns: those views are not
+    what the model learned from."""
     ckpt = load_checkpoint(path)
     model, normalizer, config = load_for_inference(ckpt, device)
     data_cfg = config.data if data_dir is None else dataclasses.replace(config.data, data_dir=data_dir)
-    data_cfg = dataclasses.replace(data_cfg, train_subset=None)
+    workers = min(config.data.num_workers, os.cpu_count() or 1) if workers is None else workers
+    data_cfg = dataclasses.replace(data_cfg, train_subset=None, num_workers=max(0, workers))
+    if data_cfg.preset != "paper_imagenet" and any(ten or sc for ten, sc in modes):
+        import warnings
+
+        warnings.warn(f"{path}: trained with the {data_cfg.preset} preset (whole images, no crops of a larger "
+                      f"one); 10-crop and multi-scale views differ from what it learned from and usually test "
+                      f"worse than the single view", stacklevel=2)
     resized = data_cfg.preset == "paper_imagenet"
     if resized and data_cfg.source == "imagefolder":
         from ..data.pipeline import _folder_dataset
@@ -158,22 +170,46 @@ class NormalizedModel(nn.Module):
         return out if isinstance(out, torch.Tensor) else out[0]
 
 
+EXPORT_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+
+
+def export_metadata(ckpt: dict, normalizer) -> dict[str, str]:
+    """What an exported file carries beside its weights: class names, normalisation, input size, the run's config."""
+    import json
+
+    config = ckpt["config"]
+    return {"format": "deepres-export-v1", "model": config["model"]["name"],
+            "classes": json.dumps(list(ckpt["classes"])), "in_channels": str(int(ckpt["in_channels"])),
+            "image_size": json.dumps(list(ckpt["image_size"])),
+            "normalization_mean": json.dumps(normalizer.mean.flatten().tolist()),
+            "normalization_mean_shape": json.dumps(list(normalizer.mean.shape)),
+            "normalization_std": json.dumps(normalizer.std.flatten().tolist()),
+            "input": "float images in [0, 1], (N, C, H, W); the model normalises them itself (onnx, torchscript)",
+            "config": json.dumps(config, default=str)}
+
+
 @torch.no_grad()
 def export_checkpoint(path: str | Path, fmt: str, out: str | Path | None = None, atol: float = 1e-4) -> dict:
-    """Export to ONNX or TorchScript and check the exported model's outputs against PyTorch's on random images."""
-    if fmt not in ("onnx", "torchscript"):
-        raise ValueError(f"format must be onnx or torchscript; got {fmt!r}")
+    """Export to ONNX or TorchScript (the model with its normalisation inside, taking [0, 1] images) or to safetensors
+    (the weights and metadata), and check the written file against PyTorch on random images. Every format carries the
+    class names, normalisation and input size as metadata (:func:`export_metadata`)."""
+    if fmt not in EXPORT_SUFFIX:
+        raise ValueError(f"format must be one of {', '.join(EXPORT_SUFFIX)}; got {fmt!r}")
     ckpt = load_checkpoint(path)
     model, normalizer, _ = load_for_inference(ckpt)
     wrapped = NormalizedModel(model, normalizer.mean, normalizer.std).eval()
     c, (h, w) = int(ckpt["in_channels"]), ckpt["image_size"]
     example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
     expected = wrapped(example)
-    out = Path(out) if out else Path(path).with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt")
+    out = Path(out) if out else Path(path).with_suffix(EXPORT_SUFFIX[fmt])
     _check_room(out, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: never a torn export
+    metadata = export_metadata(ckpt, normalizer)
     try:
-        got = _export(wrapped, example, tmp, fmt)
+        if fmt == "safetensors":
+            got = _export_safetensors(ckpt, model, normalizer, metadata, example, tmp)
+        else:
+            got = _export(wrapped, example, tmp, fmt, metadata)
         os.replace(tmp, out)
     except (OSError, RuntimeError) as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -201,8 +237,23 @@ def _check_room(out: Path, weight_bytes: int) -> None:
                                     f"the export needs about {weight_bytes * 1.2 / 2**20:.1f} MiB)", str(out))
 
 
-def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str) -> torch.Tensor:
-    """Write ``wrapped`` to ``out`` in ``fmt`` and return the written file's outputs on ``example``."""
+def _export_safetensors(ckpt, model, normalizer, metadata, example, out: Path) -> torch.Tensor:
+    """Write the model's weights with ``metadata``; read them back into a fresh model and return its outputs."""
+    from ..runs import build_model, read_safetensors, write_safetensors
+
+    write_safetensors(model.state_dict(), out, metadata)
+    tensors, meta = read_safetensors(out)
+    assert meta == metadata
+    from ..config import from_dict
+
+    fresh = build_model(from_dict(ckpt["config"]).model, len(ckpt["classes"]), int(ckpt["in_channels"]))
+    fresh.load_state_dict(tensors)
+    return NormalizedModel(fresh.eval(), normalizer.mean, normalizer.std).eval()(example)
+
+
+def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str, metadata: dict) -> torch.Tensor:
+    """Write ``wrapped`` to ``out`` in ``fmt`` (with ``metadata``) and return the written file's outputs on
+    ``example``."""
     if fmt == "onnx":
         try:
             import onnxruntime as ort
@@ -214,6 +265,11 @@ def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str) -> t
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapped, (example,), str(out), dynamo=False, input_names=["images"],
                               output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        import onnx
+
+        proto = onnx.load(str(out))
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(out))
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run(None, {"images": example.numpy()})[0])
     import warnings
@@ -221,5 +277,5 @@ def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str) -> t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the portable C++ format
         scripted = torch.jit.trace(wrapped, example)
-    scripted.save(str(out))
+    scripted.save(str(out), _extra_files={f"deepres/{k}": v for k, v in metadata.items()})
     return torch.jit.load(str(out))(example)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["MetricsWriter", "Progress", "read_metrics"]
+__all__ = ["MetricsWriter", "Progress", "read_metrics", "tensorboard_tag"]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -25,6 +25,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 break  # a line torn by a kill: everything after it is unreliable
     return rows
+
+
+def tensorboard_tag(key: str) -> str:
+    """A metrics.jsonl key as a grouped TensorBoard tag: ``train_loss`` -> ``train/loss``, ``lr`` -> ``train/lr``."""
+    for group in ("train", "val", "test"):
+        if key.startswith(group + "_"):
+            return f"{group}/{key[len(group) + 1:]}"
+    return f"train/{key}" if key in ("lr", "images_per_s") else f"run/{key}"
 
 
 class MetricsWriter:
@@ -68,7 +76,15 @@ class MetricsWriter:
             step = row.get("step", 0)
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+                    self._tb.add_scalar(tensorboard_tag(k), v, step)
+
+    def hparams(self, params: dict, metrics: dict) -> None:
+        """The run's settings beside its final metrics (TensorBoard's HPARAMS tab compares runs by them)."""
+        if self._tb is None:
+            return
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
+        final = {f"hparam/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self._tb.add_hparams(flat, final, run_name=".")
 
     def close(self) -> None:
         if self._file is not None:

@@ -11,6 +11,7 @@ config; every run writes the same files and resumes exactly: the data order and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -228,6 +229,10 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
                       device=device, rank=dist.rank, world_size=dist.world_size,
                       dataset=load_run_dataset(config.data))
     dataset = data.dataset
+    if tc.epochs is not None:  # resolved now that the data is known, and saved so
+        iterations = max(1, round(tc.epochs * data.train.steps_per_epoch))
+        config = dataclasses.replace(config, train=dataclasses.replace(tc, iterations=iterations))
+        tc = config.train
     torch.manual_seed(tc.seed)
     model = build_model(config.model, dataset.num_classes, dataset.channels)
     init_info = {}
@@ -261,6 +266,8 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     # The step is built after any restore: a captured step puts device tensors in the optimizer's learning rates.
     run.step_fn = build_step(config, model, train_model, task, optimizer, ema, device, dist.world_size,
                              notice=lambda text: _notice(run, text))
+    for text in schedule.beyond_the_end():
+        _notice(run, text)
     if resume_state is not None:
         run.step_fn.load_state_dict(resume_state.get("step_state") or {})
     progress.start_step = run.step
@@ -286,8 +293,9 @@ def _notice(run: Run, text: str) -> None:
 # Checkpoints: state and restore in one place
 
 
-def checkpoint_state(run: Run) -> dict:
-    """Everything an exact resume needs, as plain tensors and numbers."""
+def checkpoint_state(run: Run, weights_only: bool = False) -> dict:
+    """Everything an exact resume needs, as plain tensors and numbers; ``weights_only`` (``best.pt``): the weights
+    and what using them needs (config, classes, normalisation), without the optimizer and resume state."""
     dataset, config = run.data.dataset, run.config
     rng = {"torch": torch.get_rng_state()}
     if run.device.type == "cuda":
@@ -296,12 +304,12 @@ def checkpoint_state(run: Run) -> dict:
         "step": run.step,
         "config": to_dict(config),
         "model": run.model.state_dict(),
-        "optimizer": run.step_fn.optimizer_state(),
-        "schedule": run.schedule.state_dict(),
+        "optimizer": None if weights_only else run.step_fn.optimizer_state(),
+        "schedule": None if weights_only else run.schedule.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
-        "step_state": run.step_fn.state_dict(),
-        "window": run.window_state,
-        "rng": rng,
+        "step_state": None if weights_only else run.step_fn.state_dict(),
+        "window": None if weights_only else run.window_state,
+        "rng": None if weights_only else rng,
         "classes": list(dataset.classes),
         "normalization": run.data.normalizer.state_dict(),
         # The size the model sees (a folder read by workers is cropped to data.image_size, default 224).
@@ -316,6 +324,9 @@ def checkpoint_state(run: Run) -> dict:
 def restore(run: Run, ckpt: dict, path: Path) -> None:
     """Load a checkpoint written by :func:`checkpoint_state` into a freshly set-up run (the step's own state, e.g.
     the fp16 loss scale, is restored once the step exists)."""
+    if ckpt.get("optimizer") is None:
+        raise ValueError(f"cannot resume from {path}: it holds weights only (best.pt, or an exported run); resume from "
+                         f"last.pt, or start a new run from these weights with --set model.init={path}")
     _check_compatible(ckpt, run.config, run.data.dataset.classes, run.fingerprint, path)
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -333,7 +344,7 @@ def _save(run: Run, path: Path, window: _Window | None = None) -> None:
     if window is not None:
         run.window_state = window.state_dict()
     if run.dist.is_main:
-        save_checkpoint(checkpoint_state(run), path)
+        save_checkpoint(checkpoint_state(run, weights_only=path == run.paths.best), path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,6 +545,14 @@ def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
     }
 
 
+def _flatten_config(config: Config) -> dict:
+    out = {}
+    for section, values in to_dict(config).items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            out[f"{section}.{key}" if key else section] = value
+    return out
+
+
 def _write_summary(run: Run, summary: dict) -> None:
     if run.dist.is_main:
         (run.paths.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -561,6 +580,7 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
             _save(run, run.paths.best)
         summary = _summary(run, final, clock, stopped is not None)
         _write_summary(run, summary)
+        run.writer.hparams(_flatten_config(config), {k: summary[k] for k in ("test_top1_error", "test_top5_error")})
         return summary
     except NonFiniteLossError as exc:
         _write_summary(run, {"run_dir": str(run.paths.root), "model": config.model.name, "diverged": True,

@@ -74,23 +74,39 @@ class Schedule:
         self.total = max(1, total_iterations)
         self.error_warmup_done = cfg.warmup_until_train_error is None
         self.recent_errors: deque[float] = deque(maxlen=self.WINDOW)
+        # Values below 1 are fractions of the run.
+        self.milestones = [self.iteration(m) for m in cfg.milestones]
+        self.warmup = self.iteration(cfg.warmup_iterations)
+
+    def iteration(self, value: float) -> int:
+        """An iteration count, or a fraction of the run (0 < value < 1) as one."""
+        return round(value * self.total) if 0 < value < 1 else int(value)
+
+    def beyond_the_end(self) -> list[str]:
+        """Schedule points past the last iteration (they never take effect): what a run warns about."""
+        out = [f"schedule.milestones {m} is at or beyond the run's {self.total} iterations: the learning rate "
+               f"never drops there" for m in self.milestones if m >= self.total]
+        if self.warmup >= self.total:
+            out.append(f"schedule.warmup_iterations {self.warmup} is at or beyond the run's {self.total} iterations: "
+                       f"the warm-up never ends")
+        return out
 
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
         if not self.error_warmup_done:
             return cfg.warmup_lr
         if cfg.name == "onecycle":
-            up = max(1, cfg.warmup_iterations)
+            up = max(1, self.warmup)
             if step < up:
                 return cfg.warmup_lr + (self.base_lr - cfg.warmup_lr) * step / up
             frac = (step - up) / max(1, self.total - up)
             return self.base_lr + (cfg.min_lr - self.base_lr) * min(1.0, frac)
-        if cfg.warmup_iterations and step < cfg.warmup_iterations:
-            return cfg.warmup_lr + (self.base_lr - cfg.warmup_lr) * step / cfg.warmup_iterations
+        if self.warmup and step < self.warmup:
+            return cfg.warmup_lr + (self.base_lr - cfg.warmup_lr) * step / self.warmup
         if cfg.name == "multistep":
-            return self.base_lr * cfg.gamma ** sum(step >= m for m in cfg.milestones)
+            return self.base_lr * cfg.gamma ** sum(step >= m for m in self.milestones)
         if cfg.name == "cosine":
-            start = cfg.warmup_iterations
+            start = self.warmup
             frac = min(1.0, (step - start) / max(1, self.total - start))
             return cfg.min_lr + 0.5 * (self.base_lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
         if cfg.name == "constant":

@@ -8,11 +8,12 @@ GoogLeNet in training mode returns :class:`AuxOutputs` ``(logits, aux1, aux2)``,
 # Importing a family module registers its models.
 from . import alexnet, deform, densenet, efficientnet, googlenet, resnet, resnext, senet, speedrun, vgg  # noqa: F401
 from .alexnet import AlexNet, ConvFCNet
-from .complexity import count_macs, count_parameters, describe_model
+from .complexity import count_macs, count_parameters, describe_model, describe_models
 from .deform import DeformConv2d, deform_resnet
 from .densenet import DenseBlock, DenseLayer, DenseNet, Transition, densenet_bc
 from .efficientnet import EfficientNet, MBConv, efficientnet
 from .googlenet import AuxOutputs, GoogLeNet, Inception, InceptionAux
+from .pretrained import eval_transform, pretrained_cfg
 from .registry import ModelEntry, create_model, list_models, model_entry, register_model
 from .resnet import (
     BasicBlock,
@@ -58,11 +59,14 @@ __all__ = [
     "deform_resnet",
     "densenet_bc",
     "describe_model",
+    "describe_models",
     "efficientnet",
+    "eval_transform",
     "imagenet_resnet",
     "list_models",
     "load_torchvision_weights",
     "model_entry",
+    "pretrained_cfg",
     "register_model",
     "se_resnet",
     "vgg",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
-__all__ = ["count_macs", "count_parameters", "describe_model"]
+__all__ = ["count_macs", "count_parameters", "describe_model", "describe_models", "models_table", "write_models_table"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -90,3 +93,30 @@ def describe_model(name: str, **options) -> dict:
         "shortcut": getattr(model, "shortcut", "-") or "none",
         "input_size": list(input_size),
     }
+
+
+# The zoo's descriptions, computed once and shipped with the package (``deepres models`` answers from it at once);
+# tests/test_zoo.py checks it against describe_model and says how to rewrite it after a change.
+TABLE = Path(__file__).with_name("table.json")
+
+
+def models_table() -> dict[str, dict]:
+    """name -> describe_model(name) for the shipped zoo (empty when the table is missing)."""
+    try:
+        return {row["name"]: row for row in json.loads(TABLE.read_text())}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_models(names: list[str]) -> list[dict]:
+    """describe_model of each name, from the shipped table where it has the name."""
+    table = models_table()
+    return [table.get(name) or describe_model(name) for name in names]
+
+
+def write_models_table() -> Path:
+    """Recompute the shipped table (after a model's architecture changed)."""
+    from .registry import list_models
+
+    TABLE.write_text(json.dumps([describe_model(name) for name in list_models()], indent=1) + "\n")
+    return TABLE

@@ -46,15 +46,47 @@ def model_entry(name: str) -> ModelEntry:
         raise ValueError(f"unknown model '{name}'{hint} (deepres models lists them all)") from None
 
 
-def create_model(name: str, **options) -> nn.Module:
-    """Build a registered model. ``options`` go to its builder (num_classes, in_channels, shortcut, ...)."""
+def create_model(name: str, pretrained: bool = False, *, num_classes: int | None = None,
+                 in_chans: int | None = None, drop_rate: float | None = None, **options) -> nn.Module:
+    """Build a registered model. ``options`` go to its builder (``num_classes``, ``in_channels``, ``shortcut``, ...).
+
+    timm's names work too: ``in_chans`` for ``in_channels``, ``drop_rate`` for dropout on the classifier's input (in
+    training). ``pretrained=True`` loads published weights (:mod:`deepres.models.pretrained`): the model is built as
+    they were trained, a ``num_classes`` other than theirs gets a fresh classifier, ``in_chans=1`` adapts the first
+    convolution. Models with weights carry ``pretrained_cfg``.
+    """
+    from .pretrained import PRETRAINED, load_pretrained, pretrained_cfg
+
     entry = model_entry(name)
+    if in_chans is not None:
+        if options.get("in_channels", in_chans) != in_chans:
+            raise ValueError(f"model '{name}': in_chans={in_chans} and in_channels={options['in_channels']} disagree")
+        options["in_channels"] = in_chans
+    if num_classes is not None:
+        options["num_classes"] = num_classes
+    if pretrained:
+        if name not in PRETRAINED:
+            raise ValueError(f"no pretrained weights for '{name}'; models with weights: {', '.join(PRETRAINED)} "
+                             f"(deepres models --pretrained)")
+        for key, value in PRETRAINED[name].items():
+            if options.get(key, value) != value:
+                raise ValueError(f"model '{name}' with pretrained=True: option {key}={options[key]!r} contradicts "
+                                 f"the weights, which were trained with {key}={value!r}")
+            options[key] = value
     try:
         model = entry.builder(**options)
     except TypeError as exc:
         raise TypeError(f"model '{name}': {exc}") from None
     model.model_name = name
     model.input_size = entry.input_size
+    if name in PRETRAINED:
+        model.pretrained_cfg = pretrained_cfg(name)
+    if pretrained:
+        load_pretrained(model, name, options.get("num_classes", model.pretrained_cfg["num_classes"]))
+    if drop_rate:
+        from .noise import add_noise
+
+        add_noise(model, dropout=drop_rate)
     return model
 
 

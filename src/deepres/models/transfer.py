@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from ..config import ConfigError
 
-__all__ = ["checkpoint_weights", "classifier_parameters", "freeze_backbone", "load_init", "read_weights"]
+__all__ = ["checkpoint_weights", "classifier_parameters", "freeze_backbone", "load_fitted", "load_init",
+           "read_weights"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase,)
 
@@ -110,13 +111,30 @@ def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = No
         keep_head = True
     else:
         keep_head = False
+    try:
+        adapted = load_fitted(model, state, keep_head, str(path))
+    except ValueError as exc:
+        raise ConfigError("model.init", str(exc)) from None
+    return {"init": str(path), "init_kind": kind, "init_head": "kept" if keep_head else "new",
+            "init_adapted": adapted}
+
+
+def load_fitted(model: nn.Module, state: dict, keep_head: bool, source: str) -> list[str]:
+    """Load ``state`` into ``model``: every weight must fit, except the classifier (kept only when ``keep_head``, else
+    the model's fresh one stays) and a first convolution of another channel count (adapted, see the module doc).
+    Returns the adapted keys; raises ValueError naming what neither fits nor adapts."""
+    own = model.state_dict()
+    prefix = _classifier_prefix(model)
     new_state, adapted, bad = {}, [], []
     for key, value in own.items():
         if key.startswith(prefix) and not keep_head:
             new_state[key] = value
             continue
         if key not in state:
-            bad.append(f"{key} missing")
+            if key.endswith("num_batches_tracked"):  # files from before BN counted its batches (PyTorch allows it)
+                new_state[key] = value
+            else:
+                bad.append(f"{key} missing")
             continue
         src = state[key]
         if tuple(src.shape) == tuple(value.shape):
@@ -132,11 +150,10 @@ def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = No
     bad += [f"{k} unexpected" for k in unexpected]
     if bad:
         name = getattr(model, "model_name", type(model).__name__)
-        raise ConfigError("model.init", f"{path} does not fit model {name}: "
-                                        + ", ".join(bad[:6]) + (f" (and {len(bad) - 6} more)" if len(bad) > 6 else ""))
+        raise ValueError(f"{source} does not fit model {name}: "
+                         + ", ".join(bad[:6]) + (f" (and {len(bad) - 6} more)" if len(bad) > 6 else ""))
     model.load_state_dict(new_state)
-    return {"init": str(path), "init_kind": kind, "init_head": "kept" if keep_head else "new",
-            "init_adapted": adapted}
+    return adapted
 
 
 def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,119 @@
+"""Pretrained weights, the way torchvision and timm give them: ``create_model(name, pretrained=True)``.
+
+Every model here whose architecture torchvision publishes ImageNet weights for takes torchvision's default weights,
+downloaded once through ``torch.hub`` (its file name carries the SHA-256 prefix torch.hub checks on download) and
+cached in ``$TORCH_HOME/hub/checkpoints``. The model is built as the weights were trained: ResNet-50/101/152 with the
+stride on the 3x3 convolution (torchvision's "v1.5"; the paper's nets put it on the 1x1), which the build says; an
+option that contradicts the weights is an error naming it. ``num_classes`` other than 1,000 keeps every pretrained
+layer and gives the model a fresh classifier; ``in_chans=1`` sums the first convolution's RGB filters (exactly the RGB
+net on a grey image repeated three times).
+
+``pretrained_cfg(name)`` describes the weights (source, file, input size, resize and crop, mean and std,
+interpolation, the 1,000 class names and their published accuracy); ``eval_transform(cfg)`` builds the matching
+preprocessing. The CIFAR nets have no published weights: asking for them says which models have some.
+GoogLeNet is left out: torchvision's GoogLeNet weights expect its own input transform (``transform_input``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+__all__ = ["PRETRAINED", "eval_transform", "load_pretrained", "pretrained_cfg"]
+
+# Our name -> the options that build the architecture torchvision's weights were trained as.
+PRETRAINED: dict[str, dict] = {
+    "resnet18": {}, "resnet34": {},
+    "resnet50": {"stride_on": "3x3"}, "resnet101": {"stride_on": "3x3"}, "resnet152": {"stride_on": "3x3"},
+    "resnext50_32x4d": {}, "wide_resnet50_2": {},
+    "alexnet": {},
+    **{f"vgg{d}{bn}": {} for d in (11, 13, 16, 19) for bn in ("", "_bn")},
+    **{f"densenet{d}": {} for d in (121, 161, 169, 201)},
+    **{f"efficientnet_b{i}": {} for i in range(8)},
+}
+
+
+def pretrained_cfg(name: str) -> dict | None:
+    """What ``create_model(name, pretrained=True)`` loads, or None when there are no weights for ``name``."""
+    if name not in PRETRAINED:
+        return None
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(name).DEFAULT
+    transform = weights.transforms()
+    metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
+    crop = int(transform.crop_size[0])
+    return {
+        "source": "torchvision",
+        "weights": str(weights),
+        "url": weights.url,
+        "file_name": weights.url.rsplit("/", 1)[-1],
+        "input_size": (3, crop, crop),
+        "resize_size": int(transform.resize_size[0]),
+        "crop_size": crop,
+        "interpolation": transform.interpolation.value,
+        "mean": tuple(transform.mean),
+        "std": tuple(transform.std),
+        "num_classes": len(weights.meta["categories"]),
+        "classes": list(weights.meta["categories"]),
+        "top1": metrics.get("acc@1"),
+        "top5": metrics.get("acc@5"),
+        "options": dict(PRETRAINED[name]),
+    }
+
+
+def eval_transform(cfg: dict):
+    """The preprocessing the weights were evaluated with, for uint8 or float (C, H, W) images: resize the shorter side,
+    centre crop, scale to [0, 1], normalise."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2.Compose([
+        v2.Resize(cfg["resize_size"], interpolation=InterpolationMode(cfg["interpolation"]), antialias=True),
+        v2.CenterCrop(cfg["crop_size"]),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(cfg["mean"], cfg["std"]),
+    ])
+
+
+# torchvision's DenseNet files predate its module names ("norm.1" for "norm1"); it renames them when loading.
+_DENSENET_OLD = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def _renamed(name: str, state: dict) -> dict:
+    if not name.startswith("densenet"):
+        return state
+    out = {}
+    for key, value in state.items():
+        match = _DENSENET_OLD.match(key)
+        out[match.group(1) + match.group(2) if match else key] = value
+    return out
+
+
+def _download(cfg: dict) -> dict:
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / cfg["file_name"]
+    try:
+        return torch.hub.load_state_dict_from_url(cfg["url"], map_location="cpu", check_hash=True, progress=False,
+                                                  file_name=cfg["file_name"], weights_only=True)
+    except (OSError, RuntimeError) as exc:  # no network, or a download whose hash does not match
+        raise RuntimeError(f"cannot get the pretrained weights {cfg['url']} ({exc}); with no network, place the "
+                           f"file at {cache}") from None
+
+
+def load_pretrained(model: nn.Module, name: str, num_classes: int) -> dict:
+    """Load ``name``'s pretrained weights into ``model`` (built with :data:`PRETRAINED`'s options); a classifier of
+    another size stays fresh, a first convolution of another channel count is adapted."""
+    from .transfer import load_fitted
+
+    cfg = pretrained_cfg(name)
+    state = _renamed(name, _download(cfg))
+    load_fitted(model, state, keep_head=num_classes == cfg["num_classes"], source=cfg["file_name"])
+    if cfg["options"]:
+        described = ", ".join(f"{k}={v!r}" for k, v in cfg["options"].items())
+        warnings.warn(f"{name}: torchvision's weights were trained as {described} (the paper's ResNets put the stride "
+                      "on the 1x1); the model is built that way", stacklevel=3)
+    return cfg

@@ -1,0 +1,61 @@
+"""The command line explains itself: every argument has help, reproduce names every experiment and scale, config
+lists every key, and `deepres models` answers from its shipped table."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+from deepres.cli import EXPERIMENT_HELP, build_parser, main
+from deepres.config import config_keys
+
+
+def _actions(parser, prefix="deepres"):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, f"{prefix} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield prefix, action
+
+
+def test_every_argument_of_every_command_has_help():
+    missing = [f"{command} {action.option_strings or action.dest}" for command, action in _actions(build_parser())
+               if not action.help]
+    assert not missing, missing
+
+
+def test_reproduce_help_names_every_experiment_and_scale():
+    from deepres.experiments import EXPERIMENTS
+
+    assert set(EXPERIMENT_HELP) == set(EXPERIMENTS)
+    out = subprocess.run([sys.executable, "-m", "deepres", "reproduce", "--help"], capture_output=True, text=True)
+    text = " ".join(out.stdout.split())
+    for name in EXPERIMENTS:
+        assert name.replace("-", "- ").split()[0] in text, name
+    for scale in ("smoke (default)", "laptop", "full"):
+        assert scale in text
+
+
+def test_config_keys_lists_every_key_with_type_and_default(capsys):
+    assert main(["config", "--keys", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["key"] for r in rows] == config_keys()
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["train.iterations"]["default"] == 64000 and by_key["train.iterations"]["type"] == "an integer"
+    assert "fraction of the run" in by_key["schedule.milestones"]["comment"]
+
+
+def test_models_answers_from_the_shipped_table(monkeypatch, capsys):
+    import deepres.models.complexity as complexity
+
+    def built(name, **options):
+        raise AssertionError(f"{name} was built: the table should answer")
+
+    monkeypatch.setattr(complexity, "describe_model", built)
+    assert main(["models", "resnet*", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} >= {"resnet20", "resnet50", "resnet1202"}
+    assert next(r for r in rows if r["name"] == "resnet50")["params"] == 25_557_032
+    assert main(["models", "--pretrained"]) == 0
+    assert "resnet50-11ad3fa6.pth" in capsys.readouterr().out

@@ -1,0 +1,76 @@
+"""Pretrained weights the way torchvision and timm give them. No download: each test puts a file with the published
+name into the torch.hub cache, as a download would, and checks what create_model does with it."""
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from deepres.models import create_model, list_models
+from deepres.models.pretrained import PRETRAINED, eval_transform, pretrained_cfg
+
+
+@pytest.fixture()
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    return tmp_path / "checkpoints"
+
+
+def _publish(hub, name: str, state: dict) -> None:
+    torch.save(state, hub / pretrained_cfg(name)["file_name"])
+
+
+def test_resnet50_gives_torchvisions_logits(hub):
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet50().eval()
+    _publish(hub, "resnet50", theirs.state_dict())
+    with pytest.warns(UserWarning, match="stride_on='3x3'"):
+        ours = create_model("resnet50", pretrained=True).eval()
+    assert ours.stride_on == "3x3"  # built as the weights were trained
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max().item() < 1e-5
+    cfg = ours.pretrained_cfg
+    assert cfg["source"] == "torchvision" and cfg["num_classes"] == 1000 and len(cfg["classes"]) == 1000
+    assert cfg["crop_size"] == 224 and cfg["top1"] > 75 and cfg["mean"][0] == pytest.approx(0.485)
+
+
+def test_new_classes_and_grey_input_keep_the_pretrained_layers(hub):
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18()
+    _publish(hub, "resnet18", theirs.state_dict())
+    model = create_model("resnet18", pretrained=True, num_classes=10, in_chans=1, drop_rate=0.2)
+    assert model.fc.out_features == 10 and not torch.equal(model.fc.weight[:10], theirs.fc.weight[:10])
+    torch.testing.assert_close(model.conv1.weight, theirs.conv1.weight.sum(dim=1, keepdim=True))
+    assert torch.equal(model.layer4[1].conv2.weight, theirs.layer4[1].conv2.weight)
+
+
+def test_densenet_files_with_the_old_names_load(hub):
+    torch.manual_seed(0)
+    theirs = torchvision.models.densenet121().eval()
+    old = {k.replace("norm1", "norm.1").replace("conv2", "conv.2"): v for k, v in theirs.state_dict().items()}
+    _publish(hub, "densenet121", old)
+    ours = create_model("densenet121", pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max().item() < 1e-5
+
+
+def test_what_has_no_weights_or_contradicts_them_is_an_error(hub):
+    with pytest.raises(ValueError, match="no pretrained weights for 'resnet56'.*resnet50"):
+        create_model("resnet56", pretrained=True)
+    with pytest.raises(ValueError, match="stride_on='1x1' contradicts"):
+        create_model("resnet50", pretrained=True, stride_on="1x1")
+    with pytest.raises(RuntimeError, match="place the file at"):  # no network here, no file in the cache
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            create_model("resnet34", pretrained=True)
+
+
+def test_every_listed_model_is_registered_and_described():
+    assert set(PRETRAINED) <= set(list_models())
+    transform = eval_transform(pretrained_cfg("efficientnet_b0"))
+    out = transform(torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8))
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
