@@ -79,7 +79,7 @@ def test_overrides_are_coerced_to_the_field_type():
         ("train.iterations=lots", "train.iterations", "an integer"),
         ("train.iterations=1.5", "train.iterations", "an integer"),
         ("train.compile=maybe", "train.compile", "'reduce-overhead'"),
-        ("schedule.milestones=1,x", "schedule.milestones[1]", "an integer"),
+        ("schedule.milestones=1,x", "schedule.milestones[1]", "a number"),
         ("data.source=imagenet", "data.source", "'imagefolder'"),
         ("train=3", "train", "is a section"),
         ("optim.lr", "optim.lr", "key=value"),

@@ -148,10 +148,10 @@ class ScheduleConfig:
     name: Literal["multistep", "cosine", "onecycle", "constant"] = "multistep"
     # Iterations at which the learning rate is multiplied by gamma (paper CIFAR: 32k and 48k of 64k). A value below 1
     # is a fraction of the run (0.5: half way), so a shortened run keeps the schedule's shape.
-    milestones: list[float] = field(default_factory=lambda: [32000, 48000])
+    milestones: list[float] = field(default_factory=lambda: [32000.0, 48000.0])
     gamma: float = 0.1
     # Linear warmup from warmup_lr to lr over this many iterations (0: none; below 1: a fraction of the run).
-    warmup_iterations: float = 0
+    warmup_iterations: float = 0.0
     warmup_lr: float = 0.01
     # Paper, ResNet-110/1202: hold warmup_lr until training error falls below this (percent), then lr.
     warmup_until_train_error: float | None = None

@@ -60,9 +60,8 @@ def read_weights(path: str | Path) -> tuple[dict, list[str] | None, str]:
 
 
 def _paper_bottleneck(model: nn.Module) -> bool:
-    from .resnet import Bottleneck
-
-    return getattr(model, "stride_on", None) == "1x1" and getattr(model, "block", None) is Bottleneck
+    """A bottleneck ResNet (blocks that widen their output) with the paper's stride on the first 1x1."""
+    return getattr(model, "stride_on", None) == "1x1" and getattr(getattr(model, "block", None), "expansion", 1) > 1
 
 
 def _classifier_prefix(model: nn.Module) -> str:
