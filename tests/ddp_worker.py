@@ -79,10 +79,33 @@ def _straddle(run_dir: str) -> None:
     loop._observe_warmup, loop._save = observe_and_record, save_and_keep
 
 
+def _stall(step: int) -> None:
+    """DDP_STALL=N: rank 1 stops answering at its N-th training step (sleeps far past any timeout), as a hung rank
+    does; rank 0 then waits in the gradient all-reduce."""
+    import os
+    import time
+
+    from deepres.engine import steps
+
+    if os.environ.get("RANK") != "1":
+        return
+    call, calls = steps.EagerStep.__call__, [0]
+
+    def hang(self, images, targets):
+        calls[0] += 1
+        if calls[0] == step:
+            time.sleep(3600)
+        return call(self, images, targets)
+
+    steps.EagerStep.__call__ = hang
+
+
 if __name__ == "__main__":
     import os
 
     run_dir, *overrides = sys.argv[1:]
+    if os.environ.get("DDP_STALL"):
+        _stall(int(os.environ["DDP_STALL"]))
     if os.environ.get("DDP_STRADDLE"):
         from pathlib import Path
 

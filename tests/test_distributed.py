@@ -73,3 +73,23 @@ def test_error_driven_warmup_switches_every_rank_on_the_same_step(tmp_path):
     a, b = torch.load(run / "rank0.pt"), torch.load(run / "rank1.pt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_stalled_rank_ends_the_job_within_the_timeout(tmp_path):
+    """A rank that stops answering (hung, not dead) ends the job after ``train.dist_timeout_s`` with a non-zero exit
+    and a message, not after gloo's half-hour default; only rank 0 wrote the run's files."""
+    import time
+
+    data = make_idx_dataset(tmp_path / "data", n_train=320, n_test=40)
+    overrides = small_overrides(data, **{"model.name": "ddp_test_net", "train.iterations": 12,
+                                         "train.dist_timeout_s": 10})
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parents[1]), DDP_STALL="3")
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(WORKER), str(tmp_path / "ddp"), *overrides], env=env, capture_output=True, text=True,
+                         timeout=600)
+    elapsed = time.monotonic() - t0
+    assert out.returncode != 0
+    assert elapsed < 240, f"the job took {elapsed:.0f} s to notice a stalled rank with a 10 s timeout"
+    assert "did not answer within train.dist_timeout_s=10 s" in out.stderr, out.stderr[-3000:]
+    assert not (tmp_path / "ddp" / "summary.json").exists()

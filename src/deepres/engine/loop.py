@@ -558,6 +558,13 @@ def _write_summary(run: Run, summary: dict) -> None:
         (run.paths.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def _peer_lost(exc: RuntimeError) -> bool:
+    """A collective that timed out or lost its peer (gloo raises plain RuntimeErrors for both)."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.distributed.DistError) or any(
+        s in text for s in ("timed out", "timeout", "connection closed", "connection reset"))
+
+
 def train(config: Config, run_dir: str | Path | None = None, resume: str | None = None, quiet: bool = False) -> dict:
     """Train as ``config`` says; returns the summary (also written to ``summary.json``).
 
@@ -593,6 +600,13 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
             f"CUDA out of memory at train.batch_size={tc.batch_size} on {run.device}: try --set "
             f"train.batch_size={smaller} (and scale optim.lr by the same factor), or --set train.amp=bf16 --set "
             f"train.channels_last=true"
+        ) from exc
+    except RuntimeError as exc:
+        if run.dist.world_size == 1 or not _peer_lost(exc):
+            raise
+        raise RuntimeError(
+            f"rank {run.dist.rank}: another rank did not answer within "
+            f"train.dist_timeout_s={config.train.dist_timeout_s} s (stalled or dead), so the job ends; the last checkpoint in {run.paths.root} is intact ({exc})"
         ) from exc
     finally:
         run.progress.close()
