@@ -8,9 +8,10 @@ PYTEST_ARGS ?= -n 2
 
 .PHONY: install demo test test-slow gpu-check clean
 
-$(STAMP): pyproject.toml
+# pyproject.toml states the supported ranges; constraints.txt pins the tested versions these commands install.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP)

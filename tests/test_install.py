@@ -7,6 +7,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,3 +47,24 @@ def test_the_wheel_runs_outside_the_checkout(tmp_path):
               "--set", "data.val_size=32", "--set", "train.iterations=3", "--set", "train.batch_size=16",
               "--set", "train.eval_batch_size=64", "--set", "train.log_every=1")
     assert "test accuracy" in out and (work / "run" / "checkpoints" / "best.pt").is_file()
+
+
+def test_the_pinned_versions_lie_within_the_stated_ranges():
+    """constraints.txt (what make and CI install) and pyproject.toml (what the package accepts) agree: every pinned
+    dependency satisfies its range, and the direct dependencies are all pinned."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    for req in requirements:
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name]), f"{req.name}=={pins[name]} is outside {req.specifier}"
+    assert not project["requires-python"].startswith("==")

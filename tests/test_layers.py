@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Top to bottom: a module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    ("deepres", "deepres.__main__", "deepres.cli", "deepres.benchmarks"),
+    ("deepres", "deepres.__main__", "deepres.cli", "deepres.api", "deepres.benchmarks"),
     ("deepres.experiments",),
     ("deepres.report",),
     ("deepres.engine",),

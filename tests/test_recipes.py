@@ -58,3 +58,15 @@ def test_schedule_points_beyond_the_run_are_announced():
     assert len(notes) == 1 and "5000" in notes[0] and "never drops" in notes[0]
     with pytest.raises(ConfigError, match="schedule.milestones"):
         load_config("paper/cifar10_resnet20", ["schedule.milestones=0.5,-1"])
+
+
+def test_the_readme_lists_every_recipe():
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = set(re.findall(r"`(?:paper/|toolkit/)?([a-z0-9_]+)`", readme))
+    for stem, options in re.findall(r"`(?:paper/)?([a-z0-9_]+)\{([0-9,]+)\}`", readme):
+        listed |= {stem + option for option in options.split(",")}
+    recipes = Path(__file__).resolve().parents[1] / "src" / "deepres" / "recipes"
+    missing = [p.stem for p in recipes.rglob("*.yaml") if not p.stem.endswith("_common") and p.stem not in listed]
+    assert not missing, f"recipes missing from the README: {missing}"

@@ -84,13 +84,31 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def data_workers(data) -> int:
+    """``data.num_workers``, or when it is None the cores this process may use, at most 8."""
+    n = getattr(data, "num_workers", None)
+    return n if n is not None else min(8, available_cores())
+
+
 @dataclass
 class DataConfig:
     source: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder"] = "cifar10"
     # Where the data lives; None: $DEEPRES_DATA, then ./data.
     data_dir: str | None = None
-    # Images carved from train, deterministically, for validation (5000: the paper's 45k/5k split).
-    val_size: int = 5000
+    # Images carved from train, deterministically, for validation (5000: the paper's 45k/5k split); below 1, a
+    # fraction of the training images.
+    val_size: int | float = 5000
+    # A root/<class>/ image folder (no train/ and test/ inside): the test split carved from each class with a fixed
+    # seed, a fraction (below 1) or a count of images.
+    test_size: int | float = 0.2
     # Use only the first N training images (after the validation split); None: all.
     train_subset: int | None = None
     # Use only the first N test images; None: all.
@@ -115,7 +133,8 @@ class DataConfig:
     # epoch, no host-to-device copy per step) or for each batch (batch: no second copy of the split in memory). Both
     # are functions of (seed, epoch, step), the same on every device. RandAugment and batch mixing act per batch.
     gather: Literal["epoch", "batch"] = "epoch"
-    num_workers: int = 4
+    # Processes that decode and augment images (image folders); None: the cores this process may use, at most 8.
+    num_workers: int | None = None
     # Augmentations beyond the paper (0 disables).
     randaugment_n: int = 0
     randaugment_m: int = 9
@@ -195,6 +214,10 @@ class TrainConfig:
     # Stop at the first test evaluation (train.test_every) whose top-1 accuracy reaches this (percent), for
     # time-to-accuracy benchmarks. It reads the test set: never a way to choose a model. None: run every iteration.
     stop_at_accuracy: float | None = None
+    # Bound the recipe to a dataset smaller than it was written for, each change a notice in the log: the validation
+    # split to a tenth of the training images, the batch to half the training split (the lr scaled with it, the
+    # linear rule), the log/eval/checkpoint cadences to the run's length. false: such misfits are errors, all named.
+    fit_to_data: bool = False
 
 
 @dataclass
@@ -585,7 +608,8 @@ HONOURED_BY_EVERY_STEP = frozenset({
     "name",
     "model.name", "model.num_classes", "model.in_channels", "model.shortcut", "model.stride_on",
     "model.zero_init_residual", "model.init", "model.init_head", "model.options",
-    "data.source", "data.data_dir", "data.val_size", "data.train_subset", "data.test_subset", "data.preset",
+    "data.source", "data.data_dir", "data.val_size", "data.test_size", "data.train_subset", "data.test_subset",
+    "data.preset",
     "data.normalize", "data.image_size", "data.on_bad_image", "data.max_image_pixels", "data.channels",
     "data.cache_dir", "data.loader",
     "data.gather", "data.num_workers", "data.randaugment_n", "data.randaugment_m", "data.labeled_per_class",
@@ -595,7 +619,7 @@ HONOURED_BY_EVERY_STEP = frozenset({
     "schedule.warmup_until_train_error", "schedule.min_lr",
     "train.iterations", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.seed", "train.eval_every",
     "train.test_every", "train.checkpoint_every", "train.log_every", "train.channels_last", "train.cuda_graph",
-    "train.deterministic", "train.stop_at_accuracy", "train.dist_timeout_s",
+    "train.deterministic", "train.stop_at_accuracy", "train.dist_timeout_s", "train.fit_to_data",
     "task.label_smoothing", "task.teacher", "task.temperature", "task.alpha", "task.pseudo_labels", "task.threshold",
     "finetune.mode", "finetune.backbone_lr_scale",
 })
@@ -712,7 +736,10 @@ def _check_ranges(c: Config) -> None:
     _require(_finite(s.min_lr) and s.min_lr >= 0, "schedule.min_lr", f"must be >= 0; got {s.min_lr}")
     _require(s.warmup_until_train_error is None or 0 < s.warmup_until_train_error <= 100,
              "schedule.warmup_until_train_error", f"must be a percentage in (0, 100]; got {s.warmup_until_train_error}")
-    _require(d.val_size >= 0, "data.val_size", f"must be >= 0; got {d.val_size}")
+    _require(_finite(d.val_size) and d.val_size >= 0 and (d.val_size < 1 or d.val_size == int(d.val_size)),
+             "data.val_size", f"must be a count (0 or more) or a fraction below 1; got {d.val_size}")
+    _require(_finite(d.test_size) and d.test_size > 0 and (d.test_size < 1 or d.test_size == int(d.test_size)),
+             "data.test_size", f"must be a count (1 or more) or a fraction in (0, 1); got {d.test_size}")
     _require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be at least 1; got {d.max_image_pixels}")
     for key, value in (("data.train_subset", d.train_subset), ("data.test_subset", d.test_subset),
                        ("data.image_size", d.image_size), ("data.labeled_per_class", d.labeled_per_class),
@@ -720,7 +747,8 @@ def _check_ranges(c: Config) -> None:
         _require(value is None or value >= 1, key, f"must be at least 1 (or null: all); got {value}")
     _require(d.unlabeled_subset is None or d.unlabeled_subset >= 0, "data.unlabeled_subset",
              f"must be >= 0 (or null: all); got {d.unlabeled_subset}")
-    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0; got {d.num_workers}")
+    _require(d.num_workers is None or d.num_workers >= 0, "data.num_workers",
+             f"must be >= 0 (or null: the machine's cores); got {d.num_workers}")
     _require(d.randaugment_n >= 0, "data.randaugment_n", f"must be >= 0; got {d.randaugment_n}")
     _require(0 <= d.randaugment_m <= 30, "data.randaugment_m", f"must be in [0, 30]; got {d.randaugment_m}")
     _require(d.cutmix_alpha >= 0, "data.cutmix_alpha", f"must be >= 0; got {d.cutmix_alpha}")

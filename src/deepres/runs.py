@@ -209,6 +209,9 @@ def build_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
 def load_for_inference(checkpoint: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Normalizer, object]:
     """The model of a checkpoint in eval mode (EMA weights when the run kept them), its normalizer and config."""
     config = from_dict(checkpoint["config"])
+    if checkpoint.get("model_class"):
+        raise ValueError(f"this checkpoint holds the weights of your own model ({checkpoint['model_class']}), not of "
+                         f"a registered one: build that model and load checkpoint['model'] into it")
     model = build_model(config.model, len(checkpoint["classes"]), int(checkpoint["in_channels"]))
     model.load_state_dict(checkpoint_weights(checkpoint))
     return model.to(device).eval(), Normalizer.from_state_dict(checkpoint["normalization"]), config

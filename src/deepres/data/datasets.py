@@ -89,6 +89,11 @@ class Dataset:
         }
 
 
+def resolve_size(size: float, n: int) -> int:
+    """A split size given as a count (1 or more) or a fraction of ``n`` (below 1) -> a count."""
+    return int(round(size * n)) if 0 < size < 1 else int(size)
+
+
 def validation_indices(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, validation indices) of a training split of ``n`` items, each sorted; a fixed permutation.
 
@@ -103,8 +108,10 @@ def validation_indices(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tenso
     return order[val_size:].sort().values, order[:val_size].sort().values
 
 
-def carve_validation(train: Split, val_size: int) -> tuple[Split, Split | None]:
-    """Split ``val_size`` images off ``train`` with a fixed permutation; returns (train, val)."""
+def carve_validation(train: Split, val_size: float) -> tuple[Split, Split | None]:
+    """Split ``val_size`` images (a count, or below 1 a fraction) off ``train`` with a fixed permutation; returns
+    (train, val)."""
+    val_size = resolve_size(val_size, len(train))
     if val_size <= 0:
         return train, None
     train_idx, val_idx = validation_indices(len(train), val_size)

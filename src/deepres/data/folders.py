@@ -1,7 +1,10 @@
-"""Image folders: ``root/<split>/<class>/<image>``, scanned, decoded once into memory and cached.
+"""Image folders: ``root/<class>/<image>`` or ``root/<split>/<class>/<image>``, scanned, decoded once into memory and
+cached.
 
-Layout. ``root`` holds a ``train/`` folder and a test folder (``test/``, else ``val/``, the ImageNet name); each holds
-one folder per class (class index = position in the sorted folder names; images may sit in sub-folders of a class).
+Layouts. Either ``root`` holds a ``train/`` folder and a test folder (``test/``, else ``val/``, the ImageNet name),
+each holding one folder per class; or ``root`` holds the class folders themselves (torchvision's ``ImageFolder``
+layout), and a fixed, seeded, per-class split carves the test split (``data.test_size``: a fraction or a count) from
+them. Class index = position in the sorted folder names; images may sit in sub-folders of a class.
 Hidden files (``.DS_Store``...) are ignored. ``root`` may also be a ``.tar.gz`` of such a folder (a single top folder
 inside is looked through), extracted once into the cache, or a *prepared file* written by ``deepres data prepare``
 (a ``torch.save``d dict of uint8 tensors and the class list, loadable with ``weights_only=True``).
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import data_workers
 from .archives import cache_root, extracted_archive, file_fingerprint, is_archive
 from .datasets import Dataset, Split, subset_indices
 from .images import IMAGE_EXTENSIONS, BadImageError, read_image, resize_square, set_max_image_pixels, to_channels
@@ -87,6 +91,9 @@ class FolderIndex:
     splits: dict[str, FileSplit]
     # Files left out by the scan under on_bad_image="skip" (non-image extensions), as "path: reason".
     skipped: list[str] = field(default_factory=list)
+    # "splits": root/{train,test}/<class>/; "classes": root/<class>/ with the test split carved (described here).
+    layout: str = "splits"
+    carved: str = ""
 
     def counts(self) -> dict[str, list[int]]:
         k = len(self.classes)
@@ -101,17 +108,51 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
+def _holds_class_folders(folder: Path) -> bool:
+    """Whether ``folder`` holds class folders: a visible sub-folder with an image file directly inside."""
+    for sub in (p for p in folder.iterdir() if p.is_dir() and _visible(p.name)):
+        if any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in os.scandir(sub)):
+            return True
+    return False
+
+
 def find_split_root(root: Path) -> Path:
-    """The folder holding ``train/``: ``root`` itself or its single visible sub-folder (an archive's top folder)."""
+    """The folder holding ``train/`` or the class folders: ``root`` itself or its single visible sub-folder (an
+    archive's top folder)."""
     root = Path(root)
     if (root / "train").is_dir():
         return root
     subdirs = [p for p in root.iterdir() if p.is_dir() and _visible(p.name)] if root.is_dir() else []
     if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
         return subdirs[0]
+    if subdirs and _holds_class_folders(root):
+        return root
+    if len(subdirs) == 1 and _holds_class_folders(subdirs[0]):
+        return subdirs[0]
     raise FileNotFoundError(
-        f"{root} is not an image folder: expected {root}/train/<class>/<image> (and test/ or val/ beside train/)"
+        f"{root} is not an image folder: expected {root}/<class>/<image>, or {root}/train/<class>/<image> with test/ "
+        f"or val/ beside train/"
     )
+
+
+def split_per_class(labels: torch.Tensor, size: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, carved) sorted indices: ``size`` of each class carved off, drawn with a fixed ``seed``. ``size`` below 1
+    is a fraction of each class, else a count shared out in proportion to the classes' sizes. Every class keeps at
+    least one image, and one with two or more gives at least one when anything is carved."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    kept, carved = [], []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        share = size * len(members) if size < 1 else size * len(members) / n
+        k = round(share)
+        if size > 0 and len(members) > 1:
+            k = max(k, 1)
+        k = min(k, len(members) - 1)
+        carved.append(members[:k])
+        kept.append(members[k:])
+    return torch.cat(kept).sort().values, torch.cat(carved).sort().values
 
 
 def _bad(path, reason: str, on_bad_image: str, skipped: list[str]) -> None:
@@ -151,9 +192,15 @@ def _scan_split(split_dir: Path, on_bad_image: str, skipped: list[str]) -> tuple
     return classes, paths, labels
 
 
-def scan_image_folder(root: str | Path, on_bad_image: str = "error") -> FolderIndex:
-    """Scan ``root`` (see module doc) without decoding anything."""
+TEST_SPLIT_SEED = 20151210  # the carving of root/<class>/ folders: fixed, whatever the run's seed
+
+
+def scan_image_folder(root: str | Path, on_bad_image: str = "error", test_size: float = 0.2) -> FolderIndex:
+    """Scan ``root`` (see module doc) without decoding anything; ``test_size`` carves the test split of a
+    ``root/<class>/`` folder."""
     root = find_split_root(Path(root))
+    if not (root / "train").is_dir():
+        return _scan_class_folders(root, on_bad_image, test_size)
     test_dir = next((root / n for n in TEST_SPLIT_NAMES if (root / n).is_dir()), None)
     if test_dir is None:
         raise FileNotFoundError(f"{root} has train/ but no test/ or val/ folder")
@@ -172,6 +219,19 @@ def scan_image_folder(root: str | Path, on_bad_image: str = "error") -> FolderIn
         "test": FileSplit(test_paths, torch.tensor(test_labels, dtype=torch.int64)),
     }
     return FolderIndex(root, classes, splits, skipped)
+
+
+def _scan_class_folders(root: Path, on_bad_image: str, test_size: float) -> FolderIndex:
+    if not test_size > 0:
+        raise ValueError(f"{root} holds class folders but no test split: data.test_size must carve one (got "
+                         f"{test_size}); or give the folder train/ and test/ sub-folders")
+    skipped: list[str] = []
+    classes, paths, labels = _scan_split(root, on_bad_image, skipped)
+    everything = FileSplit(paths, torch.tensor(labels, dtype=torch.int64))
+    kept, carved = split_per_class(everything.labels, test_size, TEST_SPLIT_SEED)
+    shown = f"{test_size:.0%}" if test_size < 1 else f"{int(test_size)} images"
+    return FolderIndex(root, classes, {"train": everything.select(kept), "test": everything.select(carved)}, skipped,
+                       layout="classes", carved=f"test split: {len(carved)} images ({shown} of each class, fixed seed)")
 
 
 def resolve_image_source(path: str | Path, cache_dir: str | None = None) -> Path:
@@ -290,7 +350,7 @@ def decode_folder(
         splits["train"],
         splits["test"],
         origin=str(index.root),
-        extra={"skipped": skipped},
+        extra={"skipped": skipped, **({"carved": index.carved} if index.carved else {})},
     )
 
 
@@ -308,6 +368,7 @@ def save_prepared(dataset: Dataset, path: str | Path, source: str = "") -> Path:
         "classes": list(dataset.classes),
         "source": source or dataset.origin,
         "skipped": list(dataset.extra.get("skipped", [])),
+        "carved": dataset.extra.get("carved", ""),
         "splits": {
             name: {"images": split.images.contiguous(), "labels": split.labels.contiguous()}
             for name, split in (("train", dataset.train), ("test", dataset.test))
@@ -356,7 +417,8 @@ def load_prepared(path: str | Path, *, image_size: int | None = None, channels: 
         splits["train"],
         splits["test"],
         origin=str(state.get("source") or path),
-        extra={"skipped": list(state.get("skipped", [])), "prepared": str(path)},
+        extra={"skipped": list(state.get("skipped", [])), "prepared": str(path),
+               **({"carved": state["carved"]} if state.get("carved") else {})},
     )
 
 
@@ -369,10 +431,11 @@ def prepare_image_folder(
     on_bad_image: str = "error",
     workers: int = 2,
     cache_dir: str | None = None,
+    test_size: float = 0.2,
 ) -> Dataset:
     """``deepres data prepare``: decode a folder (or .tar.gz of one) once into a prepared file."""
     root = resolve_image_source(source, cache_dir)
-    index = scan_image_folder(root, on_bad_image)
+    index = scan_image_folder(root, on_bad_image, test_size)
     dataset = decode_folder(index, image_size=image_size, channels=channels, on_bad_image=on_bad_image, workers=workers)
     save_prepared(dataset, destination, source=str(source))
     dataset.extra["prepared"] = str(destination)
@@ -400,7 +463,9 @@ def _prepared_cache(cfg) -> tuple[Path, Path | None]:
     else:
         root = resolve_image_source(path, cache_dir)
         identity = f"folder|{_tree_fingerprint(root)}"
-    options = f"{identity}|size={cfg.image_size}|channels={channels}|bad={cfg.on_bad_image}|v{PREPARED_VERSION}"
+    test_size = getattr(cfg, "test_size", 0.2)
+    options = (f"{identity}|size={cfg.image_size}|channels={channels}|bad={cfg.on_bad_image}|test={test_size}|"
+               f"v{PREPARED_VERSION}")
     key = hashlib.sha1(options.encode()).hexdigest()[:16]
     return cache_root(cache_dir) / "prepared" / f"{path.name.split('.')[0] or 'images'}-{key}.pt", root
 
@@ -429,9 +494,9 @@ def load_image_folder(cfg) -> Dataset:
         return dataset
     if root is None:
         root = resolve_image_source(path, cache_dir)
-    index = scan_image_folder(root, cfg.on_bad_image)
+    index = scan_image_folder(root, cfg.on_bad_image, getattr(cfg, "test_size", 0.2))
     dataset = decode_folder(
-        index, image_size=cfg.image_size, channels=channels, on_bad_image=cfg.on_bad_image, workers=cfg.num_workers
+        index, image_size=cfg.image_size, channels=channels, on_bad_image=cfg.on_bad_image, workers=data_workers(cfg)
     )
     try:
         save_prepared(dataset, cached, source=str(path))

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .datasets import Dataset, validation_indices
+from ..config import data_workers
+from .datasets import Dataset, resolve_size, validation_indices
 from .loaders import DeviceLoader, EvalLoader, Normalizer
 from .sources import load_dataset
 
@@ -108,7 +109,7 @@ def _choose(cfg, dataset):
     cached, root = _prepared_cache(cfg)
     if cached.is_file():
         return "device", None
-    index = scan_image_folder(root or resolve_image_source(path, cfg.cache_dir), cfg.on_bad_image)
+    index = scan_image_folder(root or resolve_image_source(path, cfg.cache_dir), cfg.on_bad_image, cfg.test_size)
     if decoded_bytes_estimate(cfg, index) <= DEVICE_LIMIT_BYTES:
         return "device", None
     return "workers", index
@@ -152,10 +153,12 @@ def _folder_dataset(cfg, index):
     from .folders import FolderDataset, _require_data_dir, resolve_image_source, scan_image_folder
 
     if index is None:
-        index = scan_image_folder(resolve_image_source(_require_data_dir(cfg), cfg.cache_dir), cfg.on_bad_image)
+        index = scan_image_folder(resolve_image_source(_require_data_dir(cfg), cfg.cache_dir), cfg.on_bad_image,
+                                  cfg.test_size)
     full_train = index.splits["train"]
-    train_idx, val_idx = validation_indices(len(full_train), cfg.val_size)
-    val = full_train.select(val_idx) if cfg.val_size > 0 else None
+    val_size = resolve_size(cfg.val_size, len(full_train))
+    train_idx, val_idx = validation_indices(len(full_train), val_size)
+    val = full_train.select(val_idx) if val_size > 0 else None
     return FolderDataset(
         "imagefolder",
         list(index.classes),
@@ -165,7 +168,7 @@ def _folder_dataset(cfg, index):
         channels=cfg.channels or 3,
         image_size=(cfg.image_size, cfg.image_size) if cfg.image_size else (0, 0),
         origin=str(index.root),
-        extra={"skipped": list(index.skipped)},
+        extra={"skipped": list(index.skipped), **({"carved": index.carved} if index.carved else {})},
     )
 
 
@@ -220,7 +223,7 @@ def _build_worker_data(cfg, batch_size, eval_batch_size, seed, device, rank, wor
         normalizer = Normalizer.fit(dataset.train.images, cfg.normalize)
     else:
         normalizer = _fit_sampled(samples["train"], eval_tf, cfg, _TransformDataset, _collate)
-    workers = max(0, cfg.num_workers)
+    workers = max(0, data_workers(cfg))
     common = dict(normalizer=normalizer, device=device, rank=rank, world_size=world_size, num_workers=workers)
     train = WorkerLoader(
         samples["train"],
@@ -249,6 +252,6 @@ def _fit_sampled(samples, transform, cfg, dataset_cls, collate) -> Normalizer:
     picks = torch.linspace(0, n - 1, count).round().long().unique().tolist()
     keys = [[(i, None) for i in picks[j : j + 64]] for j in range(0, len(picks), 64)]
     data = dataset_cls(samples, transform, cfg.on_bad_image)
-    workers = min(max(0, cfg.num_workers), len(keys)) if len(picks) > 64 else 0
+    workers = min(max(0, data_workers(cfg)), len(keys)) if len(picks) > 64 else 0
     loader = DataLoader(data, batch_sampler=keys, num_workers=workers, collate_fn=collate)
     return Normalizer.fit_batches((images for images, _, _ in loader if images is not None), cfg.normalize)

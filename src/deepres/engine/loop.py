@@ -32,6 +32,7 @@ from ..runs import (RunLock, RunPaths, build_model, check_teacher, data_fingerpr
                     save_checkpoint)
 from ..tasks import build_task
 from ..version import __version__
+from .fit import fit_to_data
 from .logging import MetricsWriter, Progress, read_metrics
 from .optim import Schedule, build_optimizer
 from .steps import EagerStep, build_step
@@ -120,6 +121,12 @@ class Run:
     lock: object = None
     # The training-log window the checkpoint was written in (restored into the loop's window on resume).
     window_state: dict | None = None
+    # A model the caller built (deepres.train(model=...)): its class, recorded in checkpoints; None: config.model.
+    model_class: str | None = None
+    # Callbacks of the Python API: on_step(step, {"loss", "lr"}) after every step (returning False stops the run
+    # after that step, tested and checkpointed); on_eval(step, row) after every validation and test row.
+    on_step: object = None
+    on_eval: object = None
 
     @property
     def device(self) -> torch.device:
@@ -184,15 +191,17 @@ def _ema(model: nn.Module, decay: float | None):
 
 
 def setup_run(config: Config, run_dir: str | Path | None = None, resume: str | None = None,
-              quiet: bool = False) -> Run:
+              quiet: bool = False, model: nn.Module | None = None, dataset=None) -> Run:
     """Build a run from its config: task (its teacher checked before any data is read), data, model (``model.init``
     loaded into a fresh run, the backbone frozen for feature extraction), optimizer, schedule, EMA and step; restore
-    ``resume``'s checkpoint when given."""
+    ``resume``'s checkpoint when given. ``model`` replaces the config's model, ``dataset`` (a
+    :class:`~deepres.data.Dataset`; its validation split carved here from ``data.val_size`` when it has none) the
+    config's data source."""
     t0 = time.perf_counter()
     config.validate()
     dist = distributed.setup(config.train.device, config.train.dist_timeout_s)
     try:
-        run = _setup(config, dist, run_dir, resume, quiet)
+        run = _setup(config, dist, run_dir, resume, quiet, model, dataset)
     except BaseException:
         if dist.joined:
             distributed.cleanup()
@@ -201,18 +210,19 @@ def setup_run(config: Config, run_dir: str | Path | None = None, resume: str | N
     return run
 
 
-def _setup(config: Config, dist: distributed.DistInfo, run_dir, resume, quiet) -> Run:
+def _setup(config: Config, dist: distributed.DistInfo, run_dir, resume, quiet, model, dataset) -> Run:
     paths = RunPaths(Path(run_dir) if run_dir else Path("runs") / config.name)
     lock = RunLock(paths.root).acquire() if dist.is_main else None  # before anything in the folder is read
     try:
-        return _setup_locked(config, dist, paths, lock, resume, quiet)
+        return _setup_locked(config, dist, paths, lock, resume, quiet, model, dataset)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
 
-def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, lock, resume, quiet) -> Run:
+def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, lock, resume, quiet,
+                  given_model: nn.Module | None = None, given_data=None) -> Run:
     device, tc = dist.device, config.train
     if tc.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -224,17 +234,28 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     task = build_task(config.task)
     if task.needs_teacher:
         check_teacher(config.task.teacher)
+    fitted = []
+    if given_data is not None:
+        if tc.fit_to_data:
+            count = (len(given_data.train) + len(given_data.val or ()), given_data.name, given_data.image_size)
+            config, fitted = fit_to_data(config, dist.world_size, count)
+            tc = config.train
+        given_data = _with_validation(given_data, config.data)
+    elif tc.fit_to_data or _plain_folder(config.data):
+        config, fitted = fit_to_data(config, dist.world_size)
+        tc = config.train
     torch.manual_seed(tc.seed)
     data = build_data(config.data, batch_size=tc.batch_size, eval_batch_size=tc.eval_batch_size, seed=tc.seed,
                       device=device, rank=dist.rank, world_size=dist.world_size,
-                      dataset=load_run_dataset(config.data))
+                      dataset=given_data if given_data is not None else load_run_dataset(config.data))
     dataset = data.dataset
     if tc.epochs is not None:  # resolved now that the data is known, and saved so
         iterations = max(1, round(tc.epochs * data.train.steps_per_epoch))
         config = dataclasses.replace(config, train=dataclasses.replace(tc, iterations=iterations))
         tc = config.train
     torch.manual_seed(tc.seed)
-    model = build_model(config.model, dataset.num_classes, dataset.channels)
+    model = given_model if given_model is not None else build_model(config.model, dataset.num_classes,
+                                                                    dataset.channels)
     init_info = {}
     if config.model.init and resume_path is None:  # a resumed run takes its weights from the checkpoint
         init_info = load_init(model, config.model.init, dataset.classes, config.model.init_head)
@@ -258,7 +279,8 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     run = Run(config, paths, dist, data, data_fingerprint(dataset), model, task, optimizer, schedule, ema,
-              step_fn=None, writer=writer, progress=progress, init_info=init_info, lock=lock)
+              step_fn=None, writer=writer, progress=progress, init_info=init_info, lock=lock,
+              model_class=None if given_model is None else _class_name(given_model))
     resume_state = None
     if resume_path is not None:
         resume_state = load_checkpoint(resume_path)
@@ -266,7 +288,7 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     # The step is built after any restore: a captured step puts device tensors in the optimizer's learning rates.
     run.step_fn = build_step(config, model, train_model, task, optimizer, ema, device, dist.world_size,
                              notice=lambda text: _notice(run, text))
-    for text in schedule.beyond_the_end():
+    for text in fitted + schedule.beyond_the_end():
         _notice(run, text)
     if resume_state is not None:
         run.step_fn.load_state_dict(resume_state.get("step_state") or {})
@@ -282,6 +304,25 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
         writer.truncate_after(run.step if resume_path is not None else -1,
                               drop=lambda row: final and row["step"] == run.step and "test_loss" in row)
     return run
+
+
+def _class_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _with_validation(dataset, data) -> object:
+    """A caller's dataset with the validation split carved as ``data.val_size`` says (unless it brings one)."""
+    from ..data.datasets import carve_validation
+
+    if dataset.val is not None or not data.val_size:
+        return dataset
+    train, val = carve_validation(dataset.train, data.val_size)
+    return dataclasses.replace(dataset, train=train, val=val)
+
+
+def _plain_folder(data) -> bool:
+    """An image folder on disk (not an archive or a prepared file): cheap to count before anything is decoded."""
+    return data.source == "imagefolder" and bool(data.data_dir) and Path(data.data_dir).expanduser().is_dir()
 
 
 def _notice(run: Run, text: str) -> None:
@@ -316,6 +357,7 @@ def checkpoint_state(run: Run, weights_only: bool = False) -> dict:
         "image_size": list(dataset.image_size) if all(dataset.image_size) else [config.data.image_size or 224] * 2,
         "in_channels": dataset.channels,
         "data_fingerprint": run.fingerprint,
+        "model_class": run.model_class,
         "best_val_error": run.best_val,
         "deepres_version": __version__,
     }
@@ -417,6 +459,13 @@ def _evaluate(run: Run, loader, clock: _Clock) -> dict:
     return result
 
 
+def _write_eval(run: Run, row: dict) -> None:
+    """An evaluation row into the log, then to the caller's ``on_eval``."""
+    run.writer.write(row)
+    if run.on_eval is not None:
+        run.on_eval(row["step"], dict(row))
+
+
 def _test_row(run: Run, clock: _Clock) -> dict:
     result = _evaluate(run, run.data.test, clock)
     return {"step": run.step, "test_loss": result["loss"], "test_top1_error": result["top1_error"],
@@ -426,7 +475,7 @@ def _test_row(run: Run, clock: _Clock) -> dict:
 
 def _validate(run: Run, clock: _Clock, window: _Window) -> None:
     result = _evaluate(run, run.data.val, clock)
-    run.writer.write({"step": run.step, "val_loss": result["loss"], "val_top1_error": result["top1_error"],
+    _write_eval(run, {"step": run.step, "val_loss": result["loss"], "val_top1_error": result["top1_error"],
                       "val_top5_error": result["top5_error"], "elapsed_s": clock.elapsed()})
     run.progress.write(f"step {run.step}: val top-1 error {result['top1_error']:.2f}%")
     if result["top1_error"] < run.best_val:
@@ -446,9 +495,12 @@ def _observe_warmup(run: Run, wrong: torch.Tensor, count: int) -> None:
 
 def _start_line(run: Run) -> str:
     d, c = run.data.dataset, run.config
-    splits = ", ".join(f"{name} {len(split):,}" for name, split in d.splits().items())
+    splits = ", ".join(f"{name} {len(d.splits()[name]):,}" for name in ("train", "val", "test") if name in d.splits())
+    if d.extra.get("carved"):
+        splits += f" ({d.extra['carved']})"
     describe = run.step_fn.describe()
-    return (f"deepres train: {c.model.name} ({count_parameters(run.model):,} parameters) on {d.name} ({splits}; "
+    return (f"deepres train: {run.model_class or c.model.name} ({count_parameters(run.model):,} parameters) on "
+            f"{d.name} ({splits}; "
             f"{run.data.loader} loader), {run.device} x {run.dist.world_size}, step {describe['step']}, precision "
             f"{'fp32' if describe['amp'] == 'off' else describe['amp']}"
             f"{', channels_last' if c.train.channels_last else ''}; from step {run.step} of "
@@ -495,7 +547,7 @@ def _train_steps(run: Run, clock: _Clock, signals: _SignalCatcher) -> dict | Non
             _validate(run, clock, window)
         if tc.test_every and step % tc.test_every == 0 and not last:
             row = _test_row(run, clock)
-            run.writer.write(row)
+            _write_eval(run, row)
             if tc.stop_at_accuracy is not None and 100.0 - row["test_top1_error"] >= tc.stop_at_accuracy:
                 _check_finite(run, window, step, weights=True)
                 _save(run, run.paths.last, window)
@@ -503,6 +555,12 @@ def _train_steps(run: Run, clock: _Clock, signals: _SignalCatcher) -> dict | Non
         if step % tc.checkpoint_every == 0 or last:
             _check_finite(run, window, step, weights=True)
             _save(run, run.paths.last, window)
+        if run.on_step is not None and run.on_step(step, {"loss": loss, "lr": lr}) is False and not last:
+            _check_finite(run, window, step, weights=True)
+            _save(run, run.paths.last, window)
+            row = _test_row(run, clock)
+            _write_eval(run, row)
+            return row
         if distributed.any_rank(signals.signum is not None, run.device):
             _check_finite(run, window, step, weights=True)
             _save(run, run.paths.last, window)
@@ -516,7 +574,7 @@ def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
     device = run.device
     return {
         "run_dir": str(run.paths.root),
-        "model": config.model.name,
+        "model": run.model_class or config.model.name,
         "data": dataset.name,
         "iterations": run.step,
         "test_top1_error": final["test_top1_error"],
@@ -565,15 +623,21 @@ def _peer_lost(exc: RuntimeError) -> bool:
         s in text for s in ("timed out", "timeout", "connection closed", "connection reset"))
 
 
-def train(config: Config, run_dir: str | Path | None = None, resume: str | None = None, quiet: bool = False) -> dict:
+def train(config: Config, run_dir: str | Path | None = None, resume: str | None = None, quiet: bool = False, *,
+          model: nn.Module | None = None, dataset=None, on_step=None, on_eval=None) -> dict:
     """Train as ``config`` says; returns the summary (also written to ``summary.json``).
+
+    ``model`` and ``dataset`` replace the config's model and data source; ``on_step(step, {"loss", "lr"})`` runs
+    after every step (``loss`` a tensor on the device: ``.item()`` waits for it; returning False ends the run
+    there, tested and checkpointed) and ``on_eval(step, row)`` after every validation and test row.
 
     ``resume``: None (a fresh run; a folder that holds a checkpoint is refused), ``"auto"`` (continue the folder's
     ``last.pt`` if there is one) or a checkpoint path. A loss that becomes NaN/inf raises
     :class:`NonFiniteLossError` after writing ``{"diverged": true, ...}`` as the summary; SIGTERM/SIGINT save
     ``last.pt`` and raise :class:`TrainingInterrupted`.
     """
-    run = setup_run(config, run_dir, resume, quiet)
+    run = setup_run(config, run_dir, resume, quiet, model, dataset)
+    run.on_step, run.on_eval = on_step, on_eval
     run.progress.write(_start_line(run))
     clock = _Clock(run.device)
     try:
@@ -582,7 +646,7 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
         clock.sync()
         final = stopped or _test_row(run, clock)
         if stopped is None:
-            run.writer.write(final)
+            _write_eval(run, final)
         if run.data.val is None:  # no validation to choose by: best.pt holds the final weights
             _save(run, run.paths.best)
         summary = _summary(run, final, clock, stopped is not None)
@@ -590,7 +654,7 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
         run.writer.hparams(_flatten_config(config), {k: summary[k] for k in ("test_top1_error", "test_top5_error")})
         return summary
     except NonFiniteLossError as exc:
-        _write_summary(run, {"run_dir": str(run.paths.root), "model": config.model.name, "diverged": True,
+        _write_summary(run, {"run_dir": str(run.paths.root), "model": run.model_class or config.model.name, "diverged": True,
                              "message": str(exc), **run.step_fn.describe()})
         raise
     except torch.cuda.OutOfMemoryError as exc:

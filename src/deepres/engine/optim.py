@@ -85,7 +85,7 @@ class Schedule:
     def beyond_the_end(self) -> list[str]:
         """Schedule points past the last iteration (they never take effect): what a run warns about."""
         out = [f"schedule.milestones {m} is at or beyond the run's {self.total} iterations: the learning rate "
-               f"never drops there" for m in self.milestones if m >= self.total]
+               f"never drops there" for m in self.milestones if m >= self.total and self.cfg.name == "multistep"]
         if self.warmup >= self.total:
             out.append(f"schedule.warmup_iterations {self.warmup} is at or beyond the run's {self.total} iterations: "
                        f"the warm-up never ends")

@@ -12,6 +12,7 @@ from .complexity import count_macs, count_parameters, describe_model, describe_m
 from .deform import DeformConv2d, deform_resnet
 from .densenet import DenseBlock, DenseLayer, DenseNet, Transition, densenet_bc
 from .efficientnet import EfficientNet, MBConv, efficientnet
+from .features import FeatureInfo, ResNetFeatures, feature_extractor, feature_info
 from .googlenet import AuxOutputs, GoogLeNet, Inception, InceptionAux
 from .pretrained import eval_transform, pretrained_cfg
 from .registry import ModelEntry, create_model, list_models, model_entry, register_model
@@ -39,6 +40,7 @@ __all__ = [
     "DenseLayer",
     "DenseNet",
     "EfficientNet",
+    "FeatureInfo",
     "GoogLeNet",
     "Inception",
     "InceptionAux",
@@ -46,6 +48,7 @@ __all__ = [
     "ModelEntry",
     "PlainBlock",
     "ResNet",
+    "ResNetFeatures",
     "SEBasicBlock",
     "SEBottleneck",
     "ShortcutA",
@@ -62,6 +65,8 @@ __all__ = [
     "describe_models",
     "efficientnet",
     "eval_transform",
+    "feature_extractor",
+    "feature_info",
     "imagenet_resnet",
     "list_models",
     "load_torchvision_weights",

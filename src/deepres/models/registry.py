@@ -5,9 +5,11 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch.nn as nn
+
+from .features import feature_extractor, feature_info
 
 __all__ = ["ModelEntry", "create_model", "list_models", "model_entry", "register_model"]
 
@@ -47,17 +49,25 @@ def model_entry(name: str) -> ModelEntry:
 
 
 def create_model(name: str, pretrained: bool = False, *, num_classes: int | None = None,
-                 in_chans: int | None = None, drop_rate: float | None = None, **options) -> nn.Module:
+                 in_chans: int | None = None, drop_rate: float | None = None, features_only: bool = False,
+                 out_indices: Sequence[int] | None = None, **options) -> nn.Module:
     """Build a registered model. ``options`` go to its builder (``num_classes``, ``in_channels``, ``shortcut``, ...).
 
     timm's names work too: ``in_chans`` for ``in_channels``, ``drop_rate`` for dropout on the classifier's input (in
     training). ``pretrained=True`` loads published weights (:mod:`deepres.models.pretrained`): the model is built as
     they were trained, a ``num_classes`` other than theirs gets a fresh classifier, ``in_chans=1`` adapts the first
     convolution. Models with weights carry ``pretrained_cfg``.
+
+    ``features_only=True`` returns the stem and stage feature maps ``out_indices`` (default: all) as a list, with
+    ``feature_info`` describing them (:mod:`deepres.models.features`); weights load into the full model first.
     """
     from .pretrained import PRETRAINED, load_pretrained, pretrained_cfg
 
     entry = model_entry(name)
+    if out_indices is not None and not features_only:
+        raise ValueError(f"model '{name}': out_indices={out_indices!r} needs features_only=True")
+    if features_only and drop_rate:
+        raise ValueError(f"model '{name}': drop_rate acts on the classifier's input, which features_only removes")
     if in_chans is not None:
         if options.get("in_channels", in_chans) != in_chans:
             raise ValueError(f"model '{name}': in_chans={in_chans} and in_channels={options['in_channels']} disagree")
@@ -81,8 +91,12 @@ def create_model(name: str, pretrained: bool = False, *, num_classes: int | None
     model.input_size = entry.input_size
     if name in PRETRAINED:
         model.pretrained_cfg = pretrained_cfg(name)
+    if features_only:
+        feature_info(model, out_indices)  # an unsupported model or a bad index fails before any download
     if pretrained:
         load_pretrained(model, name, options.get("num_classes", model.pretrained_cfg["num_classes"]))
+    if features_only:
+        return feature_extractor(model, out_indices)
     if drop_rate:
         from .noise import add_noise
 

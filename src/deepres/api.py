@@ -1,0 +1,95 @@
+"""The Python API: train and evaluate from Python as the command line does, with your own model, data and callbacks.
+
+>>> import deepres
+>>> summary = deepres.train("demo", {"train.iterations": 200}, run_dir="runs/api")
+>>> deepres.evaluate("runs/api/checkpoints/best.pt")["top1_error"]
+
+See :func:`train` and :func:`evaluate`; ``deepres.create_model`` / ``list_models`` / ``load_config`` are the
+model registry's and the config's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = ["evaluate", "train"]
+
+
+def _override_text(key: str, value: Any) -> str:
+    import yaml
+
+    if isinstance(value, str):
+        return f"{key}={value}"
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def resolve_config(recipe=None, overrides: Mapping[str, Any] | Sequence[str] | None = None):
+    """A Config from a recipe name or path (or a Config, or None: the defaults) with ``overrides`` applied: a mapping
+    ``{"optim.lr": 0.05}`` or ``["optim.lr=0.05"]`` strings, as ``--set`` takes them."""
+    from .config import Config, apply_overrides, load_config
+
+    if isinstance(overrides, Mapping):
+        overrides = [_override_text(k, v) for k, v in overrides.items()]
+    overrides = list(overrides or [])
+    if isinstance(recipe, Config):
+        return apply_overrides(recipe, overrides).validate()
+    if recipe is not None and not isinstance(recipe, (str, os.PathLike)):
+        raise TypeError(f"recipe: a recipe name, a path or a Config; got {type(recipe).__name__}")
+    return load_config(recipe, overrides)
+
+
+def train(recipe: Any = None, overrides: Mapping[str, Any] | Sequence[str] | None = None, *,
+          run_dir: str | os.PathLike | None = None, resume: str | None = None, model=None, dataset=None,
+          on_step: Callable[[int, dict], Any] | None = None, on_eval: Callable[[int, dict], Any] | None = None,
+          quiet: bool = True) -> dict:
+    """Train a run, as ``deepres train`` does; returns its summary (also in ``<run_dir>/summary.json``).
+
+    - ``recipe``: a recipe name (``"demo"``, ``"paper/cifar10_resnet20"``), a YAML path, a
+      :class:`~deepres.config.Config`, or None (the defaults); ``overrides`` as in :func:`resolve_config`.
+    - ``run_dir``: the run folder (default ``runs/<config name>``); ``resume``: None, ``"auto"`` or a checkpoint.
+    - ``model``: your own ``nn.Module`` instead of ``model.name`` (its outputs: one logit per class of the data).
+      Checkpoints record its class; load them into a model you build.
+    - ``dataset``: your own data instead of ``data.source``: a :class:`~deepres.data.Dataset`, or ``(train, test)``
+      map-style datasets of ``(image, label)`` (see :mod:`deepres.data.custom`), or a dict with ``train``, ``test``
+      and optionally ``val``. Without ``val``, ``data.val_size`` carves one from train (0: none).
+    - ``on_step(step, {"loss": tensor, "lr": float})`` after every step; returning False ends the run there (it is
+      tested and checkpointed). ``on_eval(step, row)`` after every validation and test evaluation.
+    - ``quiet``: no progress lines (the log, summary and checkpoints are written either way).
+    """
+    from .engine import train as train_run
+
+    config = resolve_config(recipe, overrides)
+    return train_run(config, run_dir, resume, quiet, model=model, dataset=_dataset(dataset), on_step=on_step,
+                     on_eval=on_eval)
+
+
+def _dataset(dataset):
+    if dataset is None:
+        return None
+    from .data import Dataset
+    from .data.custom import dataset_from
+
+    if isinstance(dataset, Dataset):
+        return dataset
+    if isinstance(dataset, Mapping):
+        unknown = set(dataset) - {"train", "test", "val", "classes"}
+        if unknown or not {"train", "test"} <= set(dataset):
+            raise ValueError(f"dataset: a dict needs 'train' and 'test' (and may have 'val', 'classes'); got "
+                             f"{sorted(dataset)}")
+        return dataset_from(dataset["train"], dataset["test"], dataset.get("val"), dataset.get("classes"))
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
+        return dataset_from(*dataset)
+    raise TypeError(f"dataset: a deepres Dataset, a (train, test) pair or a dict; got {type(dataset).__name__}")
+
+
+def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: str | None = None,
+             ten_crop: bool = False, scales: Sequence[int] | None = None, batch_size: int = 256,
+             device: str = "cpu", workers: int | None = None) -> dict:
+    """Top-1/top-5 error (percent) and loss of a checkpoint on a split of the data it was trained on, as
+    ``deepres eval`` prints them; ``data_dir`` reads the same source from elsewhere."""
+    from .engine.inference import evaluate_checkpoint
+
+    return evaluate_checkpoint(Path(checkpoint), data_dir=data_dir, split=split, ten_crop=ten_crop, scales=scales,
+                               batch_size=batch_size, device=device, workers=workers)

@@ -1,0 +1,184 @@
+"""Feature maps of every stage, the input of detection and segmentation heads (timm's ``features_only``).
+
+``create_model(name, features_only=True, out_indices=(1, 2, 3, 4))`` returns a module whose forward gives a list of
+feature maps, one per index, in the order given. Index 0 is the stem (conv1, BN, ReLU: stride 2 on the ImageNet
+nets, taken before the max pooling, as timm does), indices 1.. the stages: conv2_x .. conv5_x of Table 1
+(``layer1`` .. ``layer4``) for the ImageNet nets, the three stages of 16, 32 and 64 filters for the CIFAR nets
+(section 4.2). Negative indices count from the deepest map, as in timm (-1: the last stage).
+
+``module.feature_info`` says what each returned map is: ``channels()``, ``reduction()`` (input size over map size)
+and ``module_name()`` are lists in the order of ``out_indices``; ``get_dicts()`` gives ``{num_chs, reduction, module,
+index}`` per map. Every model built on :class:`~deepres.models.resnet.ResNet` is supported (the ImageNet and CIFAR
+ResNets and plain nets, ResNeXt, wide, SE and deformable ResNets); other families raise a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["FeatureInfo", "ResNetFeatures", "feature_extractor", "feature_info", "resolve_out_indices"]
+
+SUPPORTED = "resnet*, plain*, resnext50_32x4d, wide_resnet50_2, se_resnet*, deform_resnet50"
+
+
+class FeatureInfo:
+    """What the returned feature maps are. ``info`` describes every feature map the model has (stem first);
+    ``out_indices`` picks the returned ones. Methods taking ``idx`` index the returned maps (None: all of them)."""
+
+    def __init__(self, info: Sequence[dict], out_indices: Sequence[int]):
+        self.info = [{**entry, "index": i} for i, entry in enumerate(info)]
+        self.out_indices = tuple(out_indices)
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None):
+        """``key`` of the returned map ``idx`` (a list for None or a sequence of positions)."""
+        if idx is None:
+            return [self.info[i][key] for i in self.out_indices]
+        if isinstance(idx, Sequence):
+            return [self.info[self.out_indices[i]][key] for i in idx]
+        return self.info[self.out_indices[idx]][key]
+
+    def get_dicts(self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None):
+        """The description of each returned map (a dict, restricted to ``keys`` when given)."""
+        if isinstance(idx, int):
+            return self._dict(self.out_indices[idx], keys)
+        positions = range(len(self.out_indices)) if idx is None else idx
+        return [self._dict(self.out_indices[p], keys) for p in positions]
+
+    def _dict(self, index: int, keys: Sequence[str] | None) -> dict:
+        entry = self.info[index]
+        return dict(entry) if keys is None else {k: entry[k] for k in keys}
+
+    def channels(self, idx: int | Sequence[int] | None = None):
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None):
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None):
+        return self.get("module", idx)
+
+    def __len__(self) -> int:
+        return len(self.out_indices)
+
+    def __getitem__(self, position: int) -> dict:
+        return self.get_dicts(idx=position)
+
+    def __repr__(self) -> str:
+        return f"FeatureInfo({self.get_dicts()})"
+
+
+def _is_resnet(model: nn.Module) -> bool:
+    # Duck typing: the ResNet class lives above this module's imports (resnet.py imports the registry, which
+    # imports this module), and every family built on it shares these names.
+    if not all(isinstance(getattr(model, n, None), nn.Module) for n in ("conv1", "bn1", "relu", "maxpool")):
+        return False
+    num_stages = getattr(model, "num_stages", None)
+    return isinstance(num_stages, int) and all(
+        isinstance(getattr(model, f"layer{i}", None), nn.Sequential) for i in range(1, num_stages + 1))
+
+
+def _stride(module: nn.Module) -> int:
+    stride = getattr(module, "stride", 1)
+    return stride[0] if isinstance(stride, tuple) else int(stride)
+
+
+def _block_stride(block: nn.Module) -> int:
+    # The convs of the residual branch (conv1, conv2, ...): the shortcut's stride is the same by construction.
+    return math.prod(_stride(m) for m in block.children() if isinstance(m, nn.Conv2d))
+
+
+def _channels(norm: nn.Module) -> int:
+    return norm.weight.shape[0]  # a BN layer or a FrozenBatchNorm2d (detection), which has no num_features
+
+
+def _resnet_info(model: nn.Module) -> list[dict]:
+    reduction = _stride(model.conv1)
+    info = [{"num_chs": _channels(model.bn1), "reduction": reduction, "module": "relu"}]
+    reduction *= _stride(model.maxpool) if isinstance(model.maxpool, nn.MaxPool2d) else 1
+    for i in range(1, model.num_stages + 1):
+        stage = getattr(model, f"layer{i}")
+        reduction *= math.prod(_block_stride(block) for block in stage)
+        info.append({"num_chs": _channels(stage[-1].last_bn), "reduction": reduction, "module": f"layer{i}"})
+    return info
+
+
+def _model_name(model: nn.Module) -> str:
+    return getattr(model, "model_name", type(model).__name__)
+
+
+def resolve_out_indices(out_indices: Sequence[int] | None, count: int, name: str) -> tuple[int, ...]:
+    """``out_indices`` with negative indices resolved (None: every map), checked against ``count`` maps."""
+    if out_indices is None:
+        return tuple(range(count))
+    if not isinstance(out_indices, Sequence) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in out_indices):
+        raise TypeError(f"model '{name}': out_indices must be a sequence of ints, e.g. (1, 2, 3, 4); "
+                        f"got {out_indices!r}")
+    allowed = f"{-count}..{count - 1} (0: the stem, 1..{count - 1}: the stages, negative: from the deepest)"
+    if not out_indices:
+        raise ValueError(f"model '{name}': out_indices is empty; pick indices in {allowed}")
+    bad = [i for i in out_indices if not -count <= i < count]
+    if bad:
+        raise ValueError(f"model '{name}' has {count} feature maps: out_indices must be in {allowed}; "
+                         f"got {tuple(out_indices)}")
+    resolved = tuple(i % count for i in out_indices)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"model '{name}': out_indices {tuple(out_indices)} name the same map twice "
+                         f"(as {resolved})")
+    return resolved
+
+
+def feature_info(model: nn.Module, out_indices: Sequence[int] | None = None) -> FeatureInfo:
+    """The :class:`FeatureInfo` of ``model``'s maps ``out_indices`` (None: all); a ``ValueError`` naming the model
+    when its family does not support feature extraction or an index is out of range."""
+    name = _model_name(model)
+    if not _is_resnet(model):
+        raise ValueError(f"model '{name}' ({type(model).__name__}) does not support features_only; models built on "
+                         f"the ResNet class do: {SUPPORTED}")
+    info = _resnet_info(model)
+    return FeatureInfo(info, resolve_out_indices(out_indices, len(info), name))
+
+
+class ResNetFeatures(nn.Module):
+    """The stem and stages of a ResNet; forward returns the maps ``out_indices`` picks, as a list in that order.
+
+    The children are the model's own modules (shared, not copied) under the same names, registered in the order
+    they run: ``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1`` ... So the model's state dict loads (its
+    classifier aside) and torchvision's ``BackboneWithFPN`` can run the children one after another. Stages deeper
+    than the deepest index are left out.
+    """
+
+    def __init__(self, model: nn.Module, out_indices: Sequence[int] | None = None):
+        info = feature_info(model, out_indices)
+        super().__init__()
+        self.feature_info = info
+        self.out_indices = info.out_indices
+        self.num_stages = max(self.out_indices)
+        self.conv1, self.bn1, self.relu, self.maxpool = model.conv1, model.bn1, model.relu, model.maxpool
+        for i in range(1, self.num_stages + 1):
+            self.add_module(f"layer{i}", getattr(model, f"layer{i}"))
+        for attr in ("model_name", "input_size", "pretrained_cfg"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i}") for i in range(1, self.num_stages + 1)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.relu(self.bn1(self.conv1(x)))
+        maps = [x]
+        if self.num_stages:
+            x = self.maxpool(x)
+        for stage in self.stages():
+            x = stage(x)
+            maps.append(x)
+        return [maps[i] for i in self.out_indices]
+
+
+def feature_extractor(model: nn.Module, out_indices: Sequence[int] | None = None) -> ResNetFeatures:
+    """Wrap a built model (its weights already loaded) so that forward returns the feature maps ``out_indices``."""
+    return ResNetFeatures(model, out_indices)

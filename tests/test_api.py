@@ -1,0 +1,130 @@
+"""The Python API: ``import deepres`` stays light; ``deepres.train`` takes a recipe or a Config, overrides as a
+mapping or strings, your own model, your own dataset and callbacks; ``deepres.evaluate`` reads a checkpoint back."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import deepres
+from deepres.config import load_config
+from deepres.engine import load_checkpoint
+from deepres.engine.logging import read_metrics
+
+from .helpers import make_idx_dataset
+from .test_engine import small_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def idx_data(tmp_path_factory):
+    return make_idx_dataset(tmp_path_factory.mktemp("idx-api"), n_train=384, n_test=96)
+
+
+def _overrides(data, **extra) -> dict:
+    return dict(item.split("=", 1) for item in small_overrides(data, **extra))
+
+
+def test_import_deepres_is_light_and_lists_its_api():
+    code = "import sys, deepres; print('torch' in sys.modules, sorted(deepres.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False"), out
+    for name in ("create_model", "list_models", "load_config", "train", "evaluate"):
+        assert name in out and callable(getattr(deepres, name))
+    assert deepres.create_model("resnet20", num_classes=7)(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
+    assert "resnet56" in deepres.list_models("resnet*")
+    with pytest.raises(AttributeError):
+        deepres.no_such_thing
+
+
+def test_train_with_a_mapping_a_config_and_strings_gives_the_same_run(idx_data, tmp_path):
+    mapping = _overrides(idx_data, **{"train.iterations": 6, "train.eval_every": 3})
+    mapping["train.iterations"] = 6  # values of any type, as --set would read them
+    a = deepres.train(None, mapping, run_dir=tmp_path / "a")
+    config = load_config(None, [f"{k}={v}" for k, v in mapping.items()])
+    b = deepres.train(config, run_dir=tmp_path / "b")
+    c = deepres.train(None, [f"{k}={v}" for k, v in mapping.items()], run_dir=tmp_path / "c")
+    assert a["iterations"] == b["iterations"] == c["iterations"] == 6
+    assert a["test_top1_error"] == b["test_top1_error"] == c["test_top1_error"]
+    result = deepres.evaluate(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert result["top1_error"] == pytest.approx(a["test_top1_error"], abs=1e-6)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def _pictures(n, seed):
+    """(PIL image, label) pairs: class = the dominant colour channel (a torchvision-style dataset)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = i % 3
+        pixels = rng.integers(0, 90, (12, 12, 3)).astype(np.uint8)
+        pixels[..., label] += 150
+        out.append((Image.fromarray(pixels), label))
+    return out
+
+
+def test_your_own_model_dataset_and_callbacks(tmp_path):
+    steps, evals = [], []
+
+    def on_step(step, info):
+        steps.append((step, float(info["loss"]), info["lr"]))
+        return step < 40  # False at step 40: stop there
+
+    summary = deepres.train("demo", {"train.iterations": 100, "train.batch_size": 32, "train.eval_every": 20,
+                                     "train.log_every": 10, "data.val_size": 0.1, "schedule.warmup_iterations": 0},
+                            run_dir=tmp_path / "own", model=TinyNet(), dataset=(_pictures(240, 0), _pictures(60, 1)),
+                            on_step=on_step, on_eval=lambda step, row: evals.append((step, sorted(row))))
+    assert [s for s, _, _ in steps] == list(range(1, 41))
+    assert summary["iterations"] == 40 and summary["model"].endswith("TinyNet")
+    assert summary["test_top1_error"] < 40.0  # chance: 66.7%
+    assert [(s, "val_loss" in keys) for s, keys in evals] == [(20, True), (40, True), (40, False)]
+    ckpt = load_checkpoint(tmp_path / "own" / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 40 and ckpt["model_class"].endswith("TinyNet") and ckpt["classes"] == ["0", "1", "2"]
+    test_rows = [r for r in read_metrics(tmp_path / "own" / "metrics.jsonl") if "test_top1_error" in r]
+    assert len(test_rows) == 1 and test_rows[0]["step"] == 40
+    with pytest.raises(ValueError, match="your own model"):
+        deepres.evaluate(tmp_path / "own" / "checkpoints" / "last.pt")
+    model = TinyNet()
+    model.load_state_dict(ckpt["model"])
+
+
+def test_bad_datasets_are_named():
+    with pytest.raises(ValueError, match=r"train\[1\] is \(3, 8, 8\) but train\[0\] is \(3, 12, 12\)"):
+        deepres.train("demo", dataset=([(torch.zeros(3, 12, 12), 0), (torch.zeros(3, 8, 8), 1)], _pictures(3, 0)))
+    with pytest.raises(ValueError, match="float image must hold values in"):
+        deepres.train("demo", dataset=([(torch.full((3, 4, 4), 5.0), 0)], _pictures(3, 0)))
+    with pytest.raises(ValueError, match="'train' and 'test'"):
+        deepres.train("demo", dataset={"train": _pictures(3, 0)})
+
+
+def _readme_python(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split(title, 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_python_quick_start_runs_as_written(tmp_path):
+    code = _readme_python("## Quick start in Python")
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"),
+           "DEEPRES_DATA": str(ROOT.parent / "shared" / "data"), "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
+    assert summary["test_accuracy"] > 70.0, summary

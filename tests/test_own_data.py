@@ -1,0 +1,141 @@
+"""Your own image folder: root/<class>/ with a carved, seeded test split; a recipe that meets a small folder names
+every misfit at once, or with train.fit_to_data bounds itself to the data; worker counts follow the machine."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepres.config import DataConfig, available_cores, data_workers, load_config
+from deepres.data import load_dataset
+from deepres.data.folders import scan_image_folder, split_per_class
+from deepres.engine.fit import DataMisfit, fit_to_data
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+
+
+def make_class_folder(root: Path, per_class=(60, 60, 60), size=(20, 24), seed=0) -> Path:
+    """root/<class>/<image>.png: one colour per class with noise (easy to learn, not trivial to decode)."""
+    rng = np.random.default_rng(seed)
+    for c, count in enumerate(per_class):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = (rng.normal(0, 30, (*size, 3)) + np.array(COLOURS[c])).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.delenv("DEEPRES_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_class_folder(tmp_path_factory.mktemp("own") / "flowers")
+
+
+def test_split_per_class_is_stratified_fixed_and_disjoint():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 3 + [3] * 1)
+    kept, carved = split_per_class(labels, 0.2, seed=7)
+    assert sorted(torch.cat([kept, carved]).tolist()) == list(range(len(labels)))
+    assert torch.bincount(labels[carved], minlength=4).tolist() == [10, 6, 1, 0]  # a lone image stays in train
+    again = split_per_class(labels, 0.2, seed=7)
+    assert torch.equal(again[0], kept) and torch.equal(again[1], carved)
+    assert not torch.equal(split_per_class(labels, 0.2, seed=8)[1], carved)
+    _, counted = split_per_class(labels, 21, seed=7)  # a count, shared in proportion to the classes
+    assert len(counted) == pytest.approx(21, abs=2)
+
+
+def test_a_class_folder_gets_a_carved_test_split(folder):
+    index = scan_image_folder(folder, test_size=0.2)
+    assert index.layout == "classes" and index.classes == ["class0", "class1", "class2"]
+    assert index.counts() == {"train": [48, 48, 48], "test": [12, 12, 12]}
+    assert not set(index.splits["train"].paths) & set(index.splits["test"].paths)
+    assert "36 images" in index.carved
+    dataset = load_dataset(DataConfig(source="imagefolder", data_dir=str(folder), val_size=0.1, test_size=12))
+    assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (151, 17, 12)
+    assert dataset.extra["carved"].startswith("test split: 12 images")
+
+
+def test_an_archive_of_a_class_folder_is_looked_through(folder, tmp_path):
+    import tarfile
+
+    archive = tmp_path / "flowers.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="flowers")
+    dataset = load_dataset(DataConfig(source="imagefolder", data_dir=str(archive), val_size=0))
+    assert (len(dataset.train), len(dataset.test)) == (144, 36)
+
+
+def test_a_small_folder_names_every_misfit_at_once(folder):
+    config = load_config("imagefolder_fast", [f"data.data_dir={folder}", "train.fit_to_data=false",
+                                              "data.val_size=500"])
+    with pytest.raises(DataMisfit) as info:
+        fit_to_data(config)
+    message = str(info.value)
+    assert "data.val_size=500 leaves no training images" in message
+    assert "train.batch_size=256 is larger than the training split" in message
+    assert "144 training images" in message
+
+
+def test_fit_to_data_bounds_validation_batch_lr_crop_and_cadence(folder):
+    config = load_config("imagefolder_fast", [f"data.data_dir={folder}"])
+    fitted, notices = fit_to_data(config)
+    assert fitted.data.val_size == 14  # a tenth of 144
+    assert fitted.train.batch_size == 64  # the largest power of two within half of the 130 left
+    assert fitted.optim.lr == pytest.approx(0.1 * 64 / 256)
+    assert fitted.schedule.warmup_lr == pytest.approx(0.01 * 64 / 256)
+    assert fitted.data.image_size == 16  # 20x24 images: 20 * 224/256 = 17.5, rounded down to a multiple of 8
+    iterations = 90 * (130 // 64)
+    assert fitted.train.eval_every == fitted.train.checkpoint_every == iterations // 10
+    assert len(notices) == 5 and all("->" in n for n in notices)
+    big = fit_to_data(config, count=(1_281_167, "imagenet", (375, 500)))[0]
+    assert (big.data.val_size, big.train.batch_size, big.optim.lr, big.data.image_size) == (10000, 256, 0.1, None)
+
+
+def test_worker_counts_default_to_the_machine(monkeypatch):
+    assert data_workers(DataConfig()) == min(8, available_cores())
+    assert data_workers(DataConfig(num_workers=3)) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11})
+    assert data_workers(DataConfig()) == 8
+
+
+def _train(folder: Path, run: Path, *sets: str):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [a for s in sets for a in ("--set", s)]
+    return subprocess.run([sys.executable, "-m", "deepres", "train", "--recipe", "imagefolder_fast", "--set",
+                           f"data.data_dir={folder}", *args, "--run-dir", str(run)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_the_toolkit_recipe_trains_on_a_small_class_folder(folder, tmp_path):
+    """The user's first try: their folder, the recipe, nothing else set (epochs shortened here to keep the suite
+    fast; the slow test below runs the recipe as it is)."""
+    result = _train(folder, tmp_path / "run", "train.epochs=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "test split: 36 images (20% of each class, fixed seed)" in out
+    assert "train 130, val 14, test 36" in out
+    assert "train.batch_size 256 -> 64" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["iterations"] == 16
+    assert summary["test_top1_error"] < 40.0, summary  # chance is 66.7%
+
+
+@pytest.mark.slow
+def test_the_toolkit_recipe_as_it_is_on_a_small_class_folder(folder, tmp_path):
+    result = _train(folder, tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["iterations"] == 180
+    assert summary["test_top1_error"] < 10.0, summary
