@@ -57,6 +57,10 @@ def test_degradation_table6_and_responses_on_two_depths(tiny_cifar, tmp_path):
     assert "ResNet-56 has lower test error than ResNet-20" in text
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["cifar10-plain20-s0", "cifar10-plain56-s0", "cifar10-resnet20-s0", "cifar10-resnet56-s0"]
+    # Every run the report used, with its scale and length.
+    used = text.split("## Runs used", 1)[1]
+    for run in runs:
+        assert f"| {run} | smoke | 24 | 32 | 800 | 0 |" in used
 
     # Interrupted runs resume: drop a run's summary so it counts as unfinished; its last.pt is at the final step,
     # so the run finishes without training and the report is rebuilt.

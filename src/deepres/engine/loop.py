@@ -577,6 +577,7 @@ def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
         "model": run.model_class or config.model.name,
         "data": dataset.name,
         "iterations": run.step,
+        "splits": {name: len(split) for name, split in dataset.splits().items()},
         "test_top1_error": final["test_top1_error"],
         "test_top5_error": final["test_top5_error"],
         "test_accuracy": 100.0 - final["test_top1_error"],

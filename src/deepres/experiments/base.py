@@ -407,5 +407,27 @@ def run_experiment(name: str, options: Options) -> Path:
                    "method's runs below), far shorter than the full scale; the comparisons, with their seed spread, "
                    "are what these runs show.", ""]
     report = report_dir / "report.md"
-    report.write_text("\n".join(header) + "\n" + body.strip() + "\n")
+    report.write_text("\n".join(header) + "\n" + body.strip() + "\n\n" + runs_section(results, options.scale) + "\n")
     return report
+
+
+def runs_section(results: list[RunResult], scale: str) -> str:
+    """The runs a report used, each with its scale, iterations, batch, training images, seed, precision, wall time
+    and test error: what the numbers above come from."""
+    def number(value) -> str:
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    lines = ["## Runs used", "", "| run | scale | iterations | batch | training images | seed | precision | "
+             "wall time | test error % |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r.summary
+        try:
+            config = load_config(r.run_dir / "config.yaml")
+            batch, seed = config.train.batch_size, config.train.seed
+            images = (s.get("splits") or {}).get("train", config.data.train_subset or "all")
+        except (OSError, ValueError):
+            batch = seed = images = "?"
+        error = "diverged" if s.get("diverged") else f"{s['test_top1_error']:.2f}"
+        lines.append(f"| {r.run_dir.name} | {scale} | {number(s.get('iterations', '?'))} | {batch} | {number(images)} "
+                     f"| {seed} | {_precision(s)} | {s.get('elapsed_s', 0.0) / 60:.1f} min | {error} |")
+    return "\n".join(lines)
