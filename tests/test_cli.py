@@ -59,3 +59,20 @@ def test_models_answers_from_the_shipped_table(monkeypatch, capsys):
     assert next(r for r in rows if r["name"] == "resnet50")["params"] == 25_557_032
     assert main(["models", "--pretrained"]) == 0
     assert "resnet50-11ad3fa6.pth" in capsys.readouterr().out
+
+
+def test_deepres_models_answers_without_importing_torch():
+    """`deepres models` reads the shipped table (no torch import: it answers in well under 2 s) and lists the models
+    in the registry's order."""
+    import subprocess
+    import sys
+
+    from deepres.models import list_models, model_entry
+
+    code = ("import sys; from deepres.cli import main; main(['models', 'resnet*']); "
+            "print('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.rstrip().endswith("torch imported: False"), out
+    listed = [line.split()[0] for line in out.splitlines()[2:-1]]
+    expected = sorted(list_models("resnet*"), key=lambda n: model_entry(n).family)
+    assert listed == [n for n in expected if model_entry(n).family != "test"]

@@ -11,7 +11,30 @@ from .config import ConfigError
 
 EXIT_CONFIG_ERROR = 2
 
+def _natural(name: str) -> list:
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _shipped_models(pattern: str) -> list[dict] | None:
+    """The shipped models table's rows matching ``pattern`` (no torch import: ``deepres models`` answers at once);
+    None when the table is missing."""
+    import fnmatch
+    from pathlib import Path
+
+    try:
+        rows = json.loads((Path(__file__).parent / "models" / "table.json").read_text())
+    except (OSError, ValueError):
+        return None
+    rows = sorted((r for r in rows if fnmatch.fnmatch(r["name"], pattern)), key=lambda r: _natural(r["name"]))
+    return sorted(rows, key=lambda r: r.get("family", ""))
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    rows = None if args.pretrained else _shipped_models(args.filter)
+    if rows is not None:
+        return _print_models(rows, args)
     from .models import describe_models, list_models, model_entry
 
     # Grouped by family (ImageNet ResNets, CIFAR ResNets, then the zoo), natural order within each.
@@ -30,10 +53,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{n:<20} {cfg['source']:<12} {cfg['top1']:>8.2f} {cfg['top5']:>8.2f} {cfg['crop_size']:>8}  "
                   f"{cfg['file_name']}")
         return 0
-    if not names:
+    return _print_models(describe_models(names), args)
+
+
+def _print_models(rows: list[dict], args: argparse.Namespace) -> int:
+    if not rows:
         print(f"no model matches '{args.filter}'", file=sys.stderr)
         return 1
-    rows = describe_models(names)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -473,7 +499,11 @@ def _data_guarded(fn):
 
 
 def add_data_commands(sub) -> None:
-    from .data.summary import SOURCE_NAMES
+    import typing
+
+    from .config import DataConfig
+
+    SOURCE_NAMES = typing.get_args(typing.get_type_hints(DataConfig)["source"])  # no torch import for the parser
 
     p = sub.add_parser("data", help="inspect and prepare datasets", description=DATA_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

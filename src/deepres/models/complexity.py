@@ -80,7 +80,7 @@ def describe_model(name: str, **options) -> dict:
     The model is built on the meta device: shapes without storage or arithmetic, so the whole zoo (VGG's 140M
     parameters, EfficientNet-B7 at 600x600) is described in seconds. Parameters and multiply-adds depend on shapes only.
     """
-    from .registry import create_model
+    from .registry import create_model, model_entry
 
     with torch.device("meta"):
         model = create_model(name, **options)
@@ -92,6 +92,7 @@ def describe_model(name: str, **options) -> dict:
         "macs": count_macs(model, input_size),
         "shortcut": getattr(model, "shortcut", "-") or "none",
         "input_size": list(input_size),
+        "family": model_entry(name).family,
     }
 
 
