@@ -19,7 +19,8 @@ from deepres.models.detection import (
     freeze_stages,
     resnet_fpn_backbone,
 )
-from deepres.models.pretrained import pretrained_cfg
+
+from .test_pretrained import _publish, hub  # noqa: F401 (hub: the torch.hub cache fixture)
 
 RESNET50 = {"channels": [64, 256, 512, 1024, 2048], "reductions": [2, 4, 8, 16, 32]}
 RESNET20 = {"channels": [16, 16, 32, 64], "reductions": [1, 1, 2, 4]}
@@ -28,17 +29,6 @@ RESNET20 = {"channels": [16, 16, 32, 64], "reductions": [1, 1, 2, 4]}
 SMALL = dict(min_size=128, max_size=128, rpn_batch_size_per_image=64, rpn_pre_nms_top_n_train=200,
              rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=10,
              box_batch_size_per_image=8)
-
-
-@pytest.fixture()
-def hub(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    (tmp_path / "checkpoints").mkdir()
-    return tmp_path / "checkpoints"
-
-
-def _publish(hub, name: str, state: dict) -> None:
-    torch.save(state, hub / pretrained_cfg(name)["file_name"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
