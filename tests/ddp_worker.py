@@ -94,6 +94,9 @@ def _stall(step: int) -> None:
     def hang(self, images, targets):
         calls[0] += 1
         if calls[0] == step:
+            import signal
+
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung, but ends when torchrun tears the job down
             time.sleep(3600)
         return call(self, images, targets)
 
