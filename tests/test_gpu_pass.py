@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deepres.benchmarks.gpu_pass import ARCHIVE, ARCHIVE_LIMIT, EXTRA, FP32_RUN, unpack
+from deepres.benchmarks.gpu_pass import ARCHIVE, ARCHIVE_LIMIT, EXTRA, FP32_RUN, WARMUP_RUN, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", "target"}
@@ -74,9 +74,10 @@ def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path
     assert speedrun["curve_ours"] and all(0 <= p["test_accuracy"] <= 100 for p in speedrun["curve_ours"])
     full = json.loads(next(results.glob("cifar-full-cpu*.json")).read_text())
     assert set(full["runs"]) == {"cifar10-resnet20-s0", "cifar10-resnet56-s0", "cifar10-plain20-s0",
-                                 "cifar10-plain56-s0", FP32_RUN}
+                                 "cifar10-plain56-s0", FP32_RUN, WARMUP_RUN}
     assert all(r["iterations"] == 12 for r in full["runs"].values())
     assert set(full["resnet20_test_error"]) == {"bf16 (fast settings)", "fp32 (paper)"}
+    assert set(full["resnet56_test_error"]) == {"paper start (lr 0.1)", "linear warm-up over 1%"}
     docs = tmp_path / "docs" / "results" / "full"
     assert (docs / "gpu-pass" / "items.json").is_file() and (docs / "gpu-pass" / "env.json").is_file()
     assert len(done["reports"]) == 2
