@@ -2,10 +2,13 @@
 (Speed itself is measured on the GPU machine and committed under benchmarks/results/, never asserted here.)"""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+
+from deepres.benchmarks.common import cpu_label
 
 KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", "target"}
 
@@ -86,3 +89,15 @@ def test_cpu_train_names_the_cpu_and_its_flags(tmp_path):
     assert result["cpu_model"] and isinstance(result["cpu_flags"], list) and result["amp"] in ("bf16", "off")
     assert result["amp"] == ("bf16" if result["native_bf16"] else "off")
     assert result["meets_target"] is None  # a smoke run claims nothing
+    assert path.name == f"cpu-train-resnet20-{result['device']}.json"
+    assert result["device"] == f"cpu-{os.cpu_count()}core-" + cpu_label(result["cpu_model"], result["cpu_flags"])
+
+
+@pytest.mark.parametrize("model, flags, label", [
+    ("Intel(R) Xeon(R) Platinum 8488C", ["amx_bf16", "avx512_bf16"], "intel-xeon-amx"),
+    ("AMD EPYC 9R14 96-Core Processor", ["avx2", "avx512_bf16"], "amd-epyc-bf16"),
+    ("Intel(R) Core(TM) i7-10700 CPU @ 2.90GHz", ["avx2"], "intel-core"),
+    ("unknown CPU", [], "unknown"),
+])
+def test_cpu_results_are_named_by_the_cpu(model, flags, label):
+    assert cpu_label(model, flags) == label

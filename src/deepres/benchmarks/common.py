@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,11 +27,23 @@ def default_cifar_data() -> str:
     return str(found)
 
 
+def cpu_label(model: str, flags: list[str]) -> str:
+    """<vendor>-<family>[-amx|-bf16] from a CPU's model name and flags: 'Intel(R) Xeon(R) Platinum 8488C' with
+    amx_bf16 -> intel-xeon-amx, 'AMD EPYC 9R14 96-Core Processor' with avx512_bf16 -> amd-epyc-bf16."""
+    words = re.sub(r"\((r|tm)\)|\b(processor|cpu)\b|@.*", " ", model.lower()).split()
+    label = "-".join(re.sub(r"[^a-z0-9]+", "", w) for w in words[:2] if w != "unknown") or "unknown"
+    return label + ("-amx" if "amx_bf16" in flags else "-bf16" if "avx512_bf16" in flags else "")
+
+
 def device_name(device: torch.device) -> str:
-    """A file-name-safe device label: the GPU's name, or cpu-<cores>core."""
+    """A file-name-safe device label: the GPU's name, or cpu-<cores>core-<cpu_label> (results of different CPUs land
+    in different files)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "-").replace("/", "-")
-    return f"cpu-{os.cpu_count()}core"
+    from ..engine.steps import cpu_description
+
+    cpu = cpu_description()
+    return f"cpu-{os.cpu_count()}core-{cpu_label(cpu['cpu_model'], cpu['cpu_flags'])}"
 
 
 def sync(device: torch.device) -> None:
