@@ -70,6 +70,10 @@ def test_degradation_table6_and_responses_on_two_depths(tiny_cifar, tmp_path):
     assert (tmp_path / "runs" / "cifar10-resnet20-s0" / "summary.json").is_file()
     responses = run_experiment("layer-responses", options).read_text()
     assert "| plain-56 | 55 |" in responses and "| resnet-20 | 19 |" in responses
+    assert "(4 runs, 4 of them finished by an earlier invocation;" in responses
+    for claim in ("ResNet-20's responses are smaller than plain-20's (mean std",
+                  "ResNet-56's responses are smaller than ResNet-20's (mean std"):
+        assert claim in responses
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs  # nothing new trained
 
 

@@ -374,6 +374,7 @@ def run_experiment(name: str, options: Options) -> Path:
     for spec, run_dir, _ in planned:
         _check_same_run(configs[spec.name], run_dir)
     todo = [configs[spec.name] for spec, run_dir, _ in planned if not (run_dir / "summary.json").is_file()]
+    earlier = len(planned) - len(todo)  # runs an earlier invocation finished
     if options.scale == "laptop" and todo and not gpu:
         print_expected_duration(todo)
     if parallel > 1:
@@ -397,7 +398,8 @@ def run_experiment(name: str, options: Options) -> Path:
         "",
         f"Hardware: {env['device']}; software: deepres {env['deepres']}, torch {env['torch']}, "
         f"Python {env['python']}. Wall time of the runs: {train_seconds / 60:.1f} min "
-        f"({len(results)} runs; this invocation {(time.time() - t0) / 60:.1f} min).",
+        f"({len(results)} runs{f', {earlier} of them finished by an earlier invocation' if earlier else ''}; "
+        f"this invocation {(time.time() - t0) / 60:.1f} min).",
         "",
         engine_line(results, parallel),
         "",
