@@ -61,6 +61,20 @@ def test_full_scale_uses_the_issue_s_label_counts(tmp_path):
     assert [c.model.name for c in distill] == ["resnet56", "resnet20", "resnet20"]
 
 
+def test_laptop_distillation_shares_one_longer_trained_teacher(tmp_path):
+    options = Options(scale="laptop", seeds=3, out=tmp_path, data_dir=str(tmp_path / "cifar"))
+    specs = EXPERIMENTS["distillation"].plan(options)
+    configs = {s.name: load_config(s.recipe, s.overrides) for s in specs}
+    teacher = configs.pop("eff-cifar10-resnet56-teacher")
+    assert specs[0].name == "eff-cifar10-resnet56-teacher" and teacher.model.name == "resnet56"
+    students = [c for c in configs.values() if c.task.name == "distillation"]
+    assert len(students) == 3 and len(configs) == 6
+    assert {c.task.teacher for c in students} == {str(tmp_path / "runs" / "eff-cifar10-resnet56-teacher" /
+                                                      "checkpoints" / "last.pt")}
+    assert teacher.train.iterations == 3 * students[0].train.iterations
+    assert all(c.model.name == "resnet20" for c in configs.values())
+
+
 def test_all_four_reports_on_small_data(tiny_cifar, tiny_fashion, tmp_path, monkeypatch):
     # The smoke schedule, shortened and narrowed: the whole path (plan, train, teach, analyse) in seconds.
     monkeypatch.setattr(efficient, "SMOKE", efficient.SMOKE + [
