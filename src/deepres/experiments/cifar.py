@@ -185,8 +185,8 @@ def analyze_degradation(options: Options, results: list[RunResult], out: Path) -
             te = [_final(r, "test_top1_error") for r in runs]
             final[(family, depth)] = (statistics.mean(tr), statistics.mean(te))
             paper = PAPER_TABLE6[depth][1] if family == "resnet" else "(curves only)"
-            lines.append(f"| {'Plain' if family == 'plain' else 'ResNet'}-{depth} | {_mean_std(tr)} | {_mean_std(te)} | "
-                         f"{paper} |")
+            net = f"{'Plain' if family == 'plain' else 'ResNet'}-{depth}"
+            lines.append(f"| {net} | {_mean_std(tr)} | {_mean_std(te)} | {paper} |")
     lines += ["", "Training error is over the last logged window of augmented training batches.", "",
               "![plain and residual panels](plots/degradation.png)", "", "## The paper's findings on our runs", ""]
 
