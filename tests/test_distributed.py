@@ -16,10 +16,17 @@ from .helpers import make_idx_dataset
 from .test_engine import small_overrides
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+ROOT = WORKER.parents[1]
+
+
+def _env(**extra) -> dict:
+    """The workers import deepres from the source tree (as on a machine where it is not installed) and tests' helpers
+    from the repository root."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), **extra)
 
 
 def _run(cmd, tmp_path, **env_extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parents[1]), **env_extra)
+    env = _env(**env_extra)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -83,7 +90,7 @@ def test_a_stalled_rank_ends_the_job_within_the_timeout(tmp_path):
     data = make_idx_dataset(tmp_path / "data", n_train=320, n_test=40)
     overrides = small_overrides(data, **{"model.name": "ddp_test_net", "train.iterations": 12,
                                          "train.dist_timeout_s": 10})
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parents[1]), DDP_STALL="3")
+    env = _env(DDP_STALL="3")
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(WORKER), str(tmp_path / "ddp"), *overrides], env=env, capture_output=True, text=True,

@@ -313,6 +313,23 @@ def test_googlenet_transform_input_maps_imagenet_normalisation_to_minus_one_one(
     torch.testing.assert_close(model._transform_input(normalised), (pixels - 0.5) / 0.5)
 
 
+
+@pytest.mark.parametrize("k", [1.0, 2.0, 200.0])
+def test_googlenet_truncated_normal_init_has_the_truncated_moments(k):
+    """The init's own sampler (stable across PyTorch releases) draws N(0, std) truncated at +-k std: its values stay in
+    the bounds and its standard deviation is std * sqrt(1 - 2 k phi(k) / (2 Phi(k) - 1))."""
+    from deepres.models.googlenet import _trunc_normal_
+
+    std = 0.01
+    torch.manual_seed(0)
+    w = _trunc_normal_(torch.empty(400_000), std=std, a=-k * std, b=k * std)
+    phi, cdf = math.exp(-k * k / 2) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(k / math.sqrt(2)))
+    expected = std * math.sqrt(1 - 2 * k * phi / (2 * cdf - 1))
+    assert w.abs().max().item() <= k * std
+    assert abs(w.std().item() - expected) < 0.005 * expected
+    assert abs(w.mean().item()) < 0.005 * std
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DenseNet
 

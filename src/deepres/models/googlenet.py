@@ -32,6 +32,7 @@ Main dropout is the paper's 40%, auxiliary dropout 70%; neither changes paramete
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -123,6 +124,18 @@ class InceptionAux(nn.Module):
         return self.fc2(self.dropout(self.relu(self.fc1(x))))
 
 
+def _trunc_normal_(tensor: torch.Tensor, std: float, a: float, b: float) -> torch.Tensor:
+    """Fill ``tensor`` from a zero-mean normal of ``std`` truncated to [a, b], by the inverse CDF of a uniform draw.
+
+    The same seed gives the same weights on every supported PyTorch: ``nn.init.trunc_normal_`` changed its sampling
+    between releases (2.11 and 2.14 draw different numbers from one seed)."""
+    with torch.no_grad():
+        low, high = (0.5 * (1.0 + math.erf(bound / std / math.sqrt(2.0))) for bound in (a, b))
+        tensor.uniform_(2.0 * low - 1.0, 2.0 * high - 1.0)
+        tensor.erfinv_().mul_(std * math.sqrt(2.0))
+        return tensor.clamp_(a, b)
+
+
 class GoogLeNet(nn.Module):
     """The Table 1 net. See the module docstring for the auxiliary outputs and the differences from the paper.
 
@@ -180,7 +193,7 @@ class GoogLeNet(nn.Module):
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, std=0.01, a=-2.0, b=2.0)
+                _trunc_normal_(m.weight, std=0.01, a=-2.0, b=2.0)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
