@@ -9,8 +9,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from deepres.benchmarks.gpu_pass import ARCHIVE, ARCHIVE_LIMIT, EXTRA, FP32_RUN, WARMUP_RUN, unpack
+from deepres.benchmarks import gpu_pass
+from deepres.benchmarks.gpu_pass import ARCHIVE, ARCHIVE_LIMIT, FP32_RUN, WARMUP_RUN, extra_archives, pack, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", "target"}
@@ -41,18 +43,56 @@ def test_every_item_runs_and_a_slow_one_is_stopped(smoke_pass):
 
 def test_one_archive_under_the_limit_holding_every_result(smoke_pass):
     out, _ = smoke_pass
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) in ([ARCHIVE], sorted([ARCHIVE, EXTRA]))
+    archives = [out / ARCHIVE, *extra_archives(out / ARCHIVE)]
+    assert sorted(p for p in out.iterdir() if p.is_file()) == sorted(archives)
     names = set()
-    for path in (out / ARCHIVE, out / EXTRA):
-        if path.exists():
-            assert path.stat().st_size < ARCHIVE_LIMIT
-            with tarfile.open(path) as tar:
-                names |= set(tar.getnames())
+    for path in archives:
+        assert path.stat().st_size < ARCHIVE_LIMIT
+        with tarfile.open(path) as tar:
+            names |= set(tar.getnames())
     for name in ("pass/items.json", "pass/results/env.json", "pass/results/test_cuda.xml",
                  f"pass/runs/{FP32_RUN}/summary.json", "pass/runs/cifar10-resnet56-s0/checkpoints/last.pt",
                  "pass/logs/cifar-full.log"):
         assert name in names, name
     assert not any("tensorboard" in n or n.endswith("best.pt") for n in names)
+
+
+def test_checkpoints_past_the_limit_go_into_weights_archives_and_come_back(tmp_path, monkeypatch):
+    """With a 600 kB limit: the main archive holds the full-length runs' checkpoints first, the others go into at most
+    EXTRA_FILES weights archives, each under the limit; what fits nowhere is named in a DROPPED note; unpacking
+    restores every packed checkpoint bit for bit."""
+    monkeypatch.setattr(gpu_pass, "ARCHIVE_LIMIT", 600_000)
+    monkeypatch.setattr(gpu_pass, "EXTRA_FILES", 2)
+    work, out = tmp_path / "work", tmp_path / "out"
+    sizes = {"cifar10-resnet20-s0": 40_000, FP32_RUN: 40_000, "cifar10-resnet56-s0": 60_000,
+             "cifar10-resnet110-s0": 120_000, "cifar10-plain110-s0": 120_000, "cifar10-resnet44-s0": 80_000,
+             "cifar10-plain44-s0": 80_000, "cifar10-resnet32-s0": 50_000}  # float32 counts: 160-480 kB each
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(n, generator=generator) for name, n in sizes.items()}
+    for name, w in weights.items():
+        (work / "runs" / name / "checkpoints").mkdir(parents=True)
+        torch.save({"model": {"w": w}}, work / "runs" / name / "checkpoints" / "last.pt")
+        (work / "runs" / name / "metrics.jsonl").write_text('{"step": 1}\n')
+    out.mkdir()
+    (out / gpu_pass.EXTRA.format(3)).write_text("a stale weights archive of an earlier packing")
+    archive = pack(work, out / ARCHIVE)
+    extras = extra_archives(archive)
+    assert 1 <= len(extras) <= 2 and all(p.stat().st_size <= 600_000 for p in [archive, *extras])
+    packed = {}
+    for path in [archive, *extras]:
+        with tarfile.open(path) as tar:
+            packed[path.name] = {n.split("/")[2] for n in tar.getnames() if n.endswith("last.pt")}
+    assert {"cifar10-resnet20-s0", FP32_RUN, "cifar10-resnet56-s0"} <= packed[ARCHIVE]
+    everywhere = [name for names in packed.values() for name in names]
+    assert len(everywhere) == len(set(everywhere))  # each checkpoint in one archive
+    with tarfile.open(archive) as tar:
+        dropped = {n.split("/")[2] for n in tar.getnames() if n.endswith("DROPPED")}
+    assert dropped and set(everywhere) | dropped == set(sizes) and not set(everywhere) & dropped
+    unpack(archive, tmp_path / "tree")
+    for name in everywhere:
+        state = torch.load(tmp_path / "tree" / "docs" / "results" / "full" / "runs" / name / "checkpoints" / "last.pt",
+                           weights_only=True)
+        assert torch.equal(state["model"]["w"], weights[name])
 
 
 def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path):

@@ -6,8 +6,9 @@ On the GPU machine (its own ``python3`` with PyTorch; nothing is installed: the 
 
 Items run in priority order, each a subprocess with its own timeout, inside ``--budget-s`` (default 480 s): an item
 that will not fit is skipped and recorded, a failing or timed-out one is recorded with its error and the next one
-runs. After every item the pass folder is packed again into ``OUT/gpu-pass.tar.gz`` (one archive, under 16 MiB), so
-a pass killed at its limit still returns what it finished. A summary table is printed last.
+runs. After every item the pass folder is packed again into ``OUT/gpu-pass.tar.gz`` (one archive, under 16 MiB; the
+checkpoints that do not fit go into up to six ``gpu-pass-weights-N.tar`` beside it), so a pass killed at its limit
+still returns what it finished. A summary table is printed last.
 
 1. ``env``: GPU, driver, clocks, torch / torchvision / CUDA / cuDNN versions, CPU;
 2. ``cuda-tests``: ``tests/test_cuda.py`` (captured step against eager steps, bf16 + channels_last, compiled step,
@@ -47,8 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ARCHIVE = "gpu-pass.tar.gz"
-EXTRA = "gpu-pass-weights.tar"  # checkpoints that did not fit into the archive
+# Checkpoints that did not fit into the archive: up to EXTRA_FILES uncompressed tars beside it, gpu-pass-weights-1.tar
+# and on (8 files come back from the GPU machine; one is left spare). Float weights barely compress.
+EXTRA = "gpu-pass-weights-{}.tar"
+EXTRA_FILES = 6
 ARCHIVE_LIMIT = 16 * 2**20  # bytes: the largest file that comes back from the GPU machine
+TAR_ENTRY_BYTES = 4096  # a tar member's header, padding and its folders' entries, at most (paths under 100 characters)
 SCRATCH = Path(tempfile.gettempdir()) / "deepres-gpu-pass"  # decoded-data cache, smoke data: never packed
 PACK_RESERVE_S = 20.0  # kept back from the budget for the last packing
 FAST = ["train.amp=bf16", "train.cuda_graph=true", "train.channels_last=true"]
@@ -221,16 +226,51 @@ def _slim_checkpoint(src: Path, dst: Path) -> None:
 
 def _tar(folder: Path, path: Path, compress: bool) -> int:
     tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w:gz" if compress else "w") as tar:
+    with tarfile.open(tmp, "w:gz", compresslevel=6) if compress else tarfile.open(tmp, "w") as tar:
         tar.add(folder, arcname="pass")
     os.replace(tmp, path)
     return path.stat().st_size
 
 
+def extra_archives(archive: Path) -> list[Path]:
+    """The weights archives written beside ``archive``, in order."""
+    return sorted(archive.parent.glob(EXTRA.format("*")), key=lambda p: (len(p.name), p.name))
+
+
+def _pack_extras(staging: Path, moved: dict[Path, Path], archive: Path) -> bool:
+    """The checkpoints in ``moved`` (archive path -> file) into up to EXTRA_FILES tars beside ``archive``, each under
+    ARCHIVE_LIMIT, largest first into the first one with room; one that fits in none is left out, with a note in its
+    run folder of the main archive's staging copy. True when one was left out."""
+    bins: list[list[tuple[Path, Path]]] = []
+    used: list[int] = []
+    dropped = False
+    for rel, path in sorted(moved.items(), key=lambda kv: -kv[1].stat().st_size):
+        need = path.stat().st_size + TAR_ENTRY_BYTES
+        room = next((i for i, u in enumerate(used) if u + need <= ARCHIVE_LIMIT), None)
+        if room is None and len(bins) < EXTRA_FILES and need + 2 * TAR_ENTRY_BYTES <= ARCHIVE_LIMIT:
+            bins.append([])
+            used.append(2 * TAR_ENTRY_BYTES)  # the end-of-archive blocks and the record's padding
+            room = len(bins) - 1
+        if room is None:
+            (staging / rel.parent / "DROPPED").write_text(f"{rel.name} left out: the archives passed "
+                                                          f"{1 + EXTRA_FILES} x 16 MiB\n")
+            dropped = True
+            continue
+        bins[room].append((rel, path))
+        used[room] += need
+    for n, members in enumerate(bins, start=1):
+        tmp = archive.with_name(EXTRA.format(n) + ".tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for rel, path in members:
+                tar.add(path, arcname=f"pass/{rel.as_posix()}")
+        os.replace(tmp, archive.with_name(EXTRA.format(n)))
+    return dropped
+
+
 def pack(work: Path, archive: Path) -> Path:
     """``work`` (results, logs, run folders: metrics, summaries, configs, last.pt) into ``archive``, under
-    ARCHIVE_LIMIT: checkpoints go in while they fit (the full-length runs first), the rest into ``EXTRA`` beside it
-    (also under the limit; what still does not fit is left out, largest first, with a note in its run folder)."""
+    ARCHIVE_LIMIT: checkpoints go in while they fit (the full-length runs first), the rest into the weights archives
+    beside it (``_pack_extras``)."""
     staging = Path(tempfile.mkdtemp(prefix="gpu-pass-"))
     extra = Path(tempfile.mkdtemp(prefix="gpu-pass-extra-"))
     try:
@@ -244,27 +284,31 @@ def pack(work: Path, archive: Path) -> Path:
                 _slim_checkpoint(path, dst)
             else:
                 shutil.copy2(path, dst)
+        # Checkpoints (float weights) barely compress: the rest is packed once without them, then they go back in
+        # while their size fits the room left (the full-length runs first, smallest first), checked by packing again.
         full = {_run_name(net) for net in FULL_NETS} | {FP32_RUN, WARMUP_RUN}
-        checkpoints = sorted(staging.rglob("last.pt"), key=lambda p: (p.parents[1].name not in full,
-                                                                       p.stat().st_size))
-        moved = []
-        while _tar(staging, archive, compress=True) > ARCHIVE_LIMIT and checkpoints:
-            last = checkpoints.pop()
-            target = extra / last.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(last, target)
-            moved.append(target)
-        extra_path = archive.with_name(EXTRA)
-        if moved:
-            moved.sort(key=lambda p: p.stat().st_size)
-            while _tar(extra, extra_path, compress=False) > ARCHIVE_LIMIT and moved:
-                dropped = moved.pop()
-                (staging / dropped.relative_to(extra).parent / "DROPPED").write_text(
-                    f"{dropped.name} left out: the archives passed 16 MiB\n")
-                dropped.unlink()
-            _tar(staging, archive, compress=True)
-        elif extra_path.exists():
-            extra_path.unlink()
+        moved: dict[Path, Path] = {}
+        for path in staging.rglob("last.pt"):
+            rel = path.relative_to(staging)
+            moved[rel] = extra / rel
+            moved[rel].parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, moved[rel])
+        room = ARCHIVE_LIMIT - _tar(staging, archive, compress=True)
+        back = []
+        for rel in sorted(moved, key=lambda r: (r.parents[1].name not in full, moved[r].stat().st_size)):
+            need = moved[rel].stat().st_size + TAR_ENTRY_BYTES
+            if need <= room:
+                room -= need
+                shutil.move(moved.pop(rel), staging / rel)
+                back.append(rel)
+        while _tar(staging, archive, compress=True) > ARCHIVE_LIMIT and back:
+            rel = back.pop()
+            moved[rel] = extra / rel
+            shutil.move(staging / rel, moved[rel])
+        for old in extra_archives(archive):
+            old.unlink()
+        if moved and _pack_extras(staging, moved, archive):
+            _tar(staging, archive, compress=True)  # with the DROPPED notes
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(extra, ignore_errors=True)
@@ -429,7 +473,7 @@ def unpack(archive: Path, root: Path) -> dict:
 
     staging = Path(tempfile.mkdtemp(prefix="gpu-pass-unpack-"))
     try:
-        for path in (archive, archive.with_name(EXTRA)):
+        for path in [archive, *extra_archives(archive)]:
             if path.is_file():
                 with tarfile.open(path) as tar:
                     tar.extractall(staging, filter="data")
