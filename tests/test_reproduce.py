@@ -67,6 +67,8 @@ def test_degradation_table6_and_responses_on_two_depths(tiny_cifar, tmp_path):
     (tmp_path / "runs" / "cifar10-resnet20-s0" / "summary.json").unlink()
     table = run_experiment("cifar-table6", options).read_text()
     assert "| ResNet-20 | 0.27M | 0.27M |" in table and "| ResNet-56 | 0.85M | 0.85M |" in table
+    findings = table.split("## The paper's findings on our runs", 1)[1]
+    assert "- ResNet-56 has lower test error than ResNet-20: " in findings and "ResNet-32" not in findings
     assert (tmp_path / "runs" / "cifar10-resnet20-s0" / "summary.json").is_file()
     responses = run_experiment("layer-responses", options).read_text()
     assert "| plain-56 | 55 |" in responses and "| resnet-20 | 19 |" in responses
@@ -75,6 +77,32 @@ def test_degradation_table6_and_responses_on_two_depths(tiny_cifar, tmp_path):
                   "ResNet-56's responses are smaller than ResNet-20's (mean std"):
         assert claim in responses
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs  # nothing new trained
+
+
+def test_shortcuts_table_and_findings(tiny_cifar, tmp_path):
+    """Table 3 at CIFAR scale on 20-layer nets: plain and options A, B, C, each with its parameter count, and the
+    paper's three findings judged on the runs."""
+    options = Options(scale="smoke", data_dir=str(tiny_cifar), out=tmp_path, depths=[20])
+    text = run_experiment("shortcuts", options).read_text()
+    for row in ("| plain-20 | plain | 269,722 |", "| ResNet-20 | A | 269,722 |", "| ResNet-20 | B | 272,474 |",
+                "| ResNet-20 | C | 283,962 |"):
+        assert row in text, row
+    findings = text.split("## The paper's findings on our runs", 1)[1]
+    for claim in ("option A has lower test error than plain-20", "option C has lower test error than plain-20",
+                  "option B has lower test error than option A (20 layers)"):
+        assert f"- {claim}: " in findings and "one seed)" in findings
+
+
+def test_a_finding_says_holds_by_how_much_and_against_the_seed_spread():
+    from deepres.experiments.cifar import lower
+
+    assert lower("B below A", [8.0], [7.5]) == "- B below A: holds (by 0.50 points, one seed)"
+    assert lower("B below A", [7.0, 7.2], [7.5, 7.3]) == \
+        "- B below A: does not hold (0.30 points the other way; seed spread 0.14: beyond it)"
+    assert lower("B below A", [7.0, 8.0], [6.9, 7.5]) == \
+        "- B below A: holds (by 0.30 points; seed spread 0.71: within it)"
+    assert lower("B below A", [7.0], [float("nan")]).endswith("not measured (a run missing or diverged)")
+    assert lower("B below A", [], [7.0]).endswith("not measured (a run missing or diverged)")
 
 
 def test_depths_outside_an_experiment_are_refused(tmp_path):
