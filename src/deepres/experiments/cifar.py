@@ -126,6 +126,7 @@ def analyze_table6(options: Options, results: list[RunResult], out: Path) -> str
     ax.plot(ours_x, [PAPER_TABLE6[d][1] for d in ours_x], "s--", label="paper (Table 6)")
     ax.set(xscale="log", xlabel="depth", ylabel="test error (%)", title="CIFAR-10 ResNets")
     ax.set_xticks(ours_x, [str(d) for d in ours_x])
+    ax.minorticks_off()  # the log axis' own minor labels (3x10^1, ...) would overlap the depths
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "plots" / "table6.png", dpi=110)
