@@ -101,6 +101,8 @@ def test_a_finding_says_holds_by_how_much_and_against_the_seed_spread():
         "- B below A: does not hold (0.30 points the other way; seed spread 0.14: beyond it)"
     assert lower("B below A", [7.0, 8.0], [6.9, 7.5]) == \
         "- B below A: holds (by 0.30 points; seed spread 0.71: within it)"
+    assert lower("B below A", [21.08, 20.76], [20.31, 21.53]) == \
+        "- B below A: does not hold (equal means; seed spread 0.86: within it)"
     assert lower("B below A", [7.0], [float("nan")]).endswith("not measured (a run missing or diverged)")
     assert lower("B below A", [], [7.0]).endswith("not measured (a run missing or diverged)")
 

@@ -173,7 +173,9 @@ def lower(claim: str, higher: list[float] | None, lower_: list[float] | None) ->
     if not higher or not lower_ or any(math.isnan(v) for v in higher + lower_):
         return verdict(claim, None)
     diff = statistics.mean(higher) - statistics.mean(lower_)
-    line = verdict(claim, diff > 0) + (f" (by {diff:.2f} points" if diff > 0 else f" ({-diff:.2f} points the other way")
+    diff = round(diff, 2)  # what the line shows: a tie at two decimals is no difference, not -0.00
+    line = verdict(claim, diff > 0) + (f" (by {diff:.2f} points" if diff > 0 else
+                                       f" ({-diff:.2f} points the other way" if diff < 0 else " (equal means")
     if min(len(higher), len(lower_)) < 2:
         return line + ", one seed)"
     spread = max(statistics.stdev(higher), statistics.stdev(lower_))
