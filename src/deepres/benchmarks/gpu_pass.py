@@ -252,6 +252,7 @@ def _pack_extras(staging: Path, moved: dict[Path, Path], archive: Path) -> bool:
             used.append(2 * TAR_ENTRY_BYTES)  # the end-of-archive blocks and the record's padding
             room = len(bins) - 1
         if room is None:
+            (staging / rel.parent).mkdir(parents=True, exist_ok=True)
             (staging / rel.parent / "DROPPED").write_text(f"{rel.name} left out: the archives passed "
                                                           f"{1 + EXTRA_FILES} x 16 MiB\n")
             dropped = True
@@ -273,32 +274,29 @@ def pack(work: Path, archive: Path) -> Path:
     beside it (``_pack_extras``)."""
     staging = Path(tempfile.mkdtemp(prefix="gpu-pass-"))
     extra = Path(tempfile.mkdtemp(prefix="gpu-pass-extra-"))
+    moved: dict[Path, Path] = {}  # archive path -> a checkpoint not (yet) in the main archive's staging folder
     try:
         for path in sorted(work.rglob("*")):
             rel = path.relative_to(work)
             if path.is_dir() or "tensorboard" in rel.parts or rel.name == "best.pt" or rel.suffix == ".tmp":
                 continue
-            dst = staging / rel
+            # Checkpoints (float weights) barely compress: they wait in ``extra`` while the rest is packed once,
+            # then go back in while their size fits the room left (the full-length runs first, smallest first).
+            dst = (extra if rel.name == "last.pt" else staging) / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             if rel.name == "last.pt":
                 _slim_checkpoint(path, dst)
+                moved[rel] = dst
             else:
                 shutil.copy2(path, dst)
-        # Checkpoints (float weights) barely compress: the rest is packed once without them, then they go back in
-        # while their size fits the room left (the full-length runs first, smallest first), checked by packing again.
         full = {_run_name(net) for net in FULL_NETS} | {FP32_RUN, WARMUP_RUN}
-        moved: dict[Path, Path] = {}
-        for path in staging.rglob("last.pt"):
-            rel = path.relative_to(staging)
-            moved[rel] = extra / rel
-            moved[rel].parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(path, moved[rel])
         room = ARCHIVE_LIMIT - _tar(staging, archive, compress=True)
         back = []
         for rel in sorted(moved, key=lambda r: (r.parents[1].name not in full, moved[r].stat().st_size)):
             need = moved[rel].stat().st_size + TAR_ENTRY_BYTES
             if need <= room:
                 room -= need
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(moved.pop(rel), staging / rel)
                 back.append(rel)
         while _tar(staging, archive, compress=True) > ARCHIVE_LIMIT and back:

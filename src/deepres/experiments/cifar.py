@@ -110,9 +110,9 @@ def analyze_table6(options: Options, results: list[RunResult], out: Path) -> str
 
     lines = [_data_line(options, results), "| net | params (ours) | params (paper) | test error % (ours, over seeds) "
              "| test error % (paper) |", "|---|---|---|---|---|"]
-    ours_x, ours_y = [], []
+    ours_x, ours_y, by_depth = [], [], {}
     for depth, runs in _by(results, "resnet").items():
-        errors = [_final(r, "test_top1_error") for r in runs]
+        errors = by_depth[depth] = [_final(r, "test_top1_error") for r in runs]
         params = count_parameters(create_model(f"resnet{depth}")) / 1e6
         p_params, p_error = PAPER_TABLE6[depth]
         if depth == 110:
@@ -133,11 +133,10 @@ def analyze_table6(options: Options, results: list[RunResult], out: Path) -> str
     plt.close(fig)
     lines += ["", "![test error against depth](plots/table6.png)", "", "## The paper's findings on our runs", "",
               "Table 6: test error falls with depth from 20 to 110 layers (8.75, 7.51, 7.17, 6.97, 6.43).", ""]
-    errors = {d: [_final(r, "test_top1_error") for r in runs] for d, runs in _by(results, "resnet").items()}
-    depths = [d for d in DEPTHS if d in errors]
+    depths = [d for d in DEPTHS if d in by_depth]
     for shallow, deep in zip(depths, depths[1:]):
-        lines.append(lower(f"ResNet-{deep} has lower test error than ResNet-{shallow}", errors[shallow],
-                           errors[deep]))
+        lines.append(lower(f"ResNet-{deep} has lower test error than ResNet-{shallow}", by_depth[shallow],
+                           by_depth[deep]))
     return "\n".join(lines)
 
 
@@ -172,8 +171,7 @@ def lower(claim: str, higher: list[float] | None, lower_: list[float] | None) ->
     standard deviations) when both have several seeds."""
     if not higher or not lower_ or any(math.isnan(v) for v in higher + lower_):
         return verdict(claim, None)
-    diff = statistics.mean(higher) - statistics.mean(lower_)
-    diff = round(diff, 2)  # what the line shows: a tie at two decimals is no difference, not -0.00
+    diff = round(statistics.mean(higher) - statistics.mean(lower_), 2)  # a tie at two decimals: equal, not -0.00
     line = verdict(claim, diff > 0) + (f" (by {diff:.2f} points" if diff > 0 else
                                        f" ({-diff:.2f} points the other way" if diff < 0 else " (equal means")
     if min(len(higher), len(lower_)) < 2:
@@ -250,21 +248,19 @@ def analyze_shortcuts(options: Options, results: list[RunResult], out: Path) -> 
     groups: dict[tuple[int, str], list[RunResult]] = {}
     for r in results:
         groups.setdefault((r.spec.meta["depth"], r.spec.meta.get("shortcut", "plain")), []).append(r)
+    errors = {key: [_final(r, "test_top1_error") for r in runs] for key, runs in groups.items()}
     for depth in sorted({d for d, _ in groups}):
         for key in ["plain", "A", "B", "C"]:
-            runs = groups.get((depth, key), [])
-            if not runs:
+            if (depth, key) not in groups:
                 continue
             model = create_model(f"plain{depth}") if key == "plain" else create_model(f"resnet{depth}", shortcut=key)
-            errors = [_final(r, "test_top1_error") for r in runs]
             lines.append(f"| {'plain' if key == 'plain' else 'ResNet'}-{depth} | {key} | "
-                         f"{count_parameters(model):,} | {_mean_std(errors)} |")
+                         f"{count_parameters(model):,} | {_mean_std(errors[(depth, key)])} |")
     lines += ["", "## The paper's findings on our runs", "",
               "Table 3 (ImageNet): all three options are considerably better than plain; B is slightly better than A "
               "(A's zero-padded dimensions learn no residual); C is marginally better than B.", ""]
     for depth in sorted({d for d, _ in groups}):
-        err = {key: [_final(r, "test_top1_error") for r in groups.get((depth, key), [])]
-               for key in ("plain", "A", "B", "C")}
+        err = {key: errors.get((depth, key), []) for key in ("plain", "A", "B", "C")}
         claims = [(f"option {o} has lower test error than plain-{depth}", "plain", o) for o in "ABC"]
         claims += [(f"option B has lower test error than option A ({depth} layers)", "A", "B"),
                    (f"option C has lower test error than option B ({depth} layers)", "B", "C")]
