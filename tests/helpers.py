@@ -35,7 +35,8 @@ def make_idx_dataset(root: Path, n_train: int = 512, n_test: int = 128, size: in
     return root
 
 
-def make_image_folder(root: Path, counts: dict[str, int], paint, classes: int = 10, size: int = 32, seed: int = 0) -> Path:
+def make_image_folder(root: Path, counts: dict[str, int], paint, classes: int = 10, size: int = 32,
+                      seed: int = 0) -> Path:
     """An image folder like the CIFAR-10 JPEG set: ``root/<split>/class<k>/<i>.png``, ``counts[split]`` images per
     class, dark noise on which ``paint(image, k)`` marks class k (in place, uint8 HxWx3)."""
     from PIL import Image

@@ -72,7 +72,8 @@ def test_prepare_then_train_source_reads_it(tmp_path, capsys):
     dst = tmp_path / "out" / "small.pt"
     assert main(["data", "prepare", str(root), str(dst), "--size", "8"]) == 1
     assert "0002.png" in capsys.readouterr().err
-    assert main(["data", "prepare", str(root), str(dst), "--size", "8", "--on-bad-image", "skip", "--workers", "1"]) == 0
+    assert main(["data", "prepare", str(root), str(dst), "--size", "8",
+                 "--on-bad-image", "skip", "--workers", "1"]) == 0
     assert "11 train / 6 test" in capsys.readouterr().out
     state = torch.load(dst, weights_only=True)
     assert state["splits"]["train"]["images"].shape == (11, 3, 8, 8) and len(state["skipped"]) == 1

@@ -61,7 +61,8 @@ def test_cifar10_reads_official_python_batches(tmp_path, as_archive):
     # Rows of 3072 are three 32x32 planes, R then G then B.
     assert torch.equal(ds.train.images, torch.from_numpy(train_x)) and ds.train.images.shape == (60, 3, 32, 32)
     assert torch.equal(ds.train.labels, torch.from_numpy(train_y))
-    assert torch.equal(ds.test.images, torch.from_numpy(test_x)) and torch.equal(ds.test.labels, torch.from_numpy(test_y))
+    assert (torch.equal(ds.test.images, torch.from_numpy(test_x))
+            and torch.equal(ds.test.labels, torch.from_numpy(test_y)))
 
 
 def test_cifar100_fine_labels_and_names(tmp_path):
@@ -118,7 +119,8 @@ def test_cifar_offline_error_says_where_to_put_the_file(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as info:
         load_dataset(DataConfig(source="cifar100", data_dir=str(target)))
     message = str(info.value)
-    assert "cifar-100-python.tar.gz" in message and str(target) in message and "eb9058c3a382ffc7106e4002c42a8d85" in message
+    assert ("cifar-100-python.tar.gz" in message and str(target) in message
+            and "eb9058c3a382ffc7106e4002c42a8d85" in message)
     assert not target.exists(), "an offline attempt creates no folders"
 
 

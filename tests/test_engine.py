@@ -102,11 +102,13 @@ def test_exact_resume_after_kill_9(idx_data, tmp_path):
                                              "data.preset": "paper_cifar", "data.gather": "epoch"})
     sets = [a for o in overrides for a in ("--set", o)]
     reference = tmp_path / "reference"
-    assert _cli(["train", "--recipe", str(ROOT / "src/deepres/recipes/toolkit/demo.yaml"), "--run-dir", str(reference), *sets],
+    assert _cli(["train", "--recipe", str(ROOT / "src/deepres/recipes/toolkit/demo.yaml"),
+                 "--run-dir", str(reference), *sets],
                 stderr=subprocess.DEVNULL).wait() == 0
 
     run = tmp_path / "killed"
-    proc = _cli(["train", "--recipe", str(ROOT / "src/deepres/recipes/toolkit/demo.yaml"), "--run-dir", str(run), *sets],
+    proc = _cli(["train", "--recipe", str(ROOT / "src/deepres/recipes/toolkit/demo.yaml"),
+                 "--run-dir", str(run), *sets],
                 stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill mid-epoch, between checkpoints
@@ -121,8 +123,8 @@ def test_exact_resume_after_kill_9(idx_data, tmp_path):
     resumed_from = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
     assert 15 <= resumed_from < killed_at + 1 and resumed_from % 14, resumed_from
 
-    resumed = _cli(["train", "--recipe", str(ROOT / "src/deepres/recipes/toolkit/demo.yaml"), "--run-dir", str(run), *sets,
-                    "--resume", "auto"], stderr=subprocess.DEVNULL)
+    resumed = _cli(["train", "--recipe", str(ROOT / "src/deepres/recipes/toolkit/demo.yaml"),
+                    "--run-dir", str(run), *sets, "--resume", "auto"], stderr=subprocess.DEVNULL)
     assert resumed.wait() == 0
     assert losses(run) == losses(reference)  # every logged loss, bit for bit
     a = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
@@ -134,7 +136,8 @@ def test_sigterm_saves_last_checkpoint(idx_data, tmp_path):
     overrides = small_overrides(idx_data, **{"train.iterations": 400, "train.checkpoint_every": 1000})
     sets = [a for o in overrides for a in ("--set", o)]
     run = tmp_path / "run"
-    proc = _cli(["train", "--recipe", str(ROOT / "src/deepres/recipes/toolkit/demo.yaml"), "--run-dir", str(run), *sets],
+    proc = _cli(["train", "--recipe", str(ROOT / "src/deepres/recipes/toolkit/demo.yaml"),
+                 "--run-dir", str(run), *sets],
                 stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (losses(run) and losses(run)[-1][0] >= 5):

@@ -78,7 +78,8 @@ def test_laptop_report_on_tiny_runs(tmp_path):
     options = Options(scale="laptop", data_dir=str(data), out=tmp_path / "out", iterations=12, depths=[20])
     text = run_experiment("cifar-degradation", options).read_text()
     assert "**Laptop scale**: 12 iterations instead of the paper's 64,000" in text
-    assert "learning rate /10 at 6 and 9, after a linear warm-up" in text and "Hardware:" in text and "native bf16:" in text
+    assert ("learning rate /10 at 6 and 9, after a linear warm-up" in text and "Hardware:" in text
+            and "native bf16:" in text)
     assert "| Plain-20 |" in text and "| ResNet-20 |" in text and "ResNet-110" not in text
     assert ("Engine: the training loop (`deepres train`), 2 runs, one after another in this process: eager step, "
             "fp32, channels_last (2)") in text

@@ -274,7 +274,8 @@ def test_predict_decodes_as_training_does(tmp_path, idx_data):
     for name, channels in (("a.png", 3), ("b.png", 1)):
         trained = read_image(tmp_path / name)
         assert torch.equal(load_image(tmp_path / name, channels, (8, 8)), trained)
-    assert int(read_image(tmp_path / "a.png").min()) == 255 and int(read_image(tmp_path / "b.png").max()) == round(63000 * 255 / 65535)
+    assert (int(read_image(tmp_path / "a.png").min()) == 255
+            and int(read_image(tmp_path / "b.png").max()) == round(63000 * 255 / 65535))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def test_eval_of_an_imagenet_preset_run_on_a_folder_of_mixed_sizes(tmp_path):
             (root / split / f"c{k}").mkdir(parents=True)
             for i in range(n):
                 h, w = rng.integers(36, 70, size=2)
-                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / split / f"c{k}" / f"{i}.jpg")
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+                    root / split / f"c{k}" / f"{i}.jpg")
     config = load_config("paper/imagenet_resnet18", [
         f"data.data_dir={root}", "data.val_size=6", "data.image_size=32", "data.num_workers=0",
         "train.iterations=2", "train.batch_size=6", "train.eval_batch_size=6", "train.eval_every=2",

@@ -49,7 +49,8 @@ def test_family_trains_through_the_command_line(family, idx_sets, tmp_path):
         "--set", "data.source=fashion_mnist", "--set", f"data.data_dir={idx_sets[size]}",
         "--set", "data.val_size=32", "--set", "data.preset=none",
         "--set", "train.batch_size=16", "--set", "train.eval_batch_size=64", "--set", f"train.iterations={iterations}",
-        "--set", "train.log_every=1", "--set", f"train.eval_every={iterations}", "--set", f"train.checkpoint_every={iterations}",
+        "--set", "train.log_every=1", "--set", f"train.eval_every={iterations}",
+        "--set", f"train.checkpoint_every={iterations}",
         "--set", "schedule.name=constant", "--set", f"schedule.warmup_iterations={8 if family in WARMUP else 0}",
         "--set", "schedule.warmup_lr=0", "--set", f"optim.lr={lr}", "--set", "optim.weight_decay=0",
     ]

@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a recipe")
     add_config_arguments(p, recipe_required=True)
     p.add_argument("--run-dir", help="run folder (default: runs/<name>)")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue from the run folder's last.pt (auto) or a checkpoint")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="continue from the run folder's last.pt (auto) or a checkpoint")
     p.add_argument("--quiet", action="store_true",
                    help="no progress lines (the run folder's files are written as usual)")
     p.set_defaults(func=cmd_train)
@@ -358,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or safetensors (checked against PyTorch; "
-                                      "class names and normalisation as metadata)")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or safetensors (checked against "
+                                      "PyTorch; class names and normalisation as metadata)")
     p.add_argument("checkpoint", help="a run's checkpoint (RUN/checkpoints/best.pt or last.pt)")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"],
                    help="onnx (needs the onnx and onnxruntime packages), torchscript (both take [0, 1] images and "

@@ -85,7 +85,8 @@ class Dataset:
     def counts(self) -> dict[str, list[int]]:
         """Images per class in every split."""
         return {
-            name: torch.bincount(split.labels, minlength=self.num_classes).tolist() for name, split in self.splits().items()
+            name: torch.bincount(split.labels, minlength=self.num_classes).tolist()
+            for name, split in self.splits().items()
         }
 
 

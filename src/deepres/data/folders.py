@@ -449,7 +449,8 @@ def _tree_fingerprint(root: Path) -> str:
         dirs.sort()
         for name in sorted(files):
             st = os.stat(os.path.join(folder, name))
-            digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            digest.update(
+                f"{os.path.relpath(os.path.join(folder, name), root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -5,7 +5,8 @@ JPEG goes through torchvision's libjpeg-turbo decoder (measured on 2 CPU cores: 
 encodings, damaged files, so that PIL names the problem), goes through PIL.
 Conversions, all explicit:
 
-- grayscale (``1``, ``L``) stays one channel; RGB-like modes (``RGB``, ``YCbCr``, ``CMYK``, ``LAB``, ``HSV``) become RGB;
+- grayscale (``1``, ``L``) stays one channel; RGB-like modes (``RGB``, ``YCbCr``, ``CMYK``, ``LAB``, ``HSV``) become
+  RGB;
 - palette (``P``, ``PA``) is expanded through its palette, with transparency when it has any;
 - alpha (``RGBA``, ``LA``, palette transparency) is composited over a white background (``ALPHA_BACKGROUND``), so
   transparent pixels become white rather than whatever colour the encoder left under them;

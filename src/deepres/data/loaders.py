@@ -31,7 +31,8 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
 
 @dataclass
 class Normalizer:
-    """x (uint8) -> (x / 255 - mean) / std. ``mean`` is (C, H, W) for the paper's per-pixel mean, (C, 1, 1) per channel."""
+    """x (uint8) -> (x / 255 - mean) / std. ``mean`` is (C, H, W) for the paper's per-pixel mean, (C, 1, 1) per
+    channel."""
 
     mean: torch.Tensor
     std: torch.Tensor

@@ -62,7 +62,8 @@ def train_mix(cfg, num_classes: int):
     from .presets import CutMix, MixChoice, Mixup
 
     if cfg.cutmix_alpha < 0 or cfg.mixup_alpha < 0:
-        raise ValueError(f"data.cutmix_alpha and data.mixup_alpha must be >= 0; got {cfg.cutmix_alpha}, {cfg.mixup_alpha}")
+        raise ValueError(
+            f"data.cutmix_alpha and data.mixup_alpha must be >= 0; got {cfg.cutmix_alpha}, {cfg.mixup_alpha}")
     mixes = []
     if cfg.cutmix_alpha > 0:
         mixes.append(CutMix(cfg.cutmix_alpha, num_classes))
@@ -236,7 +237,8 @@ def _build_worker_data(cfg, batch_size, eval_batch_size, seed, device, rank, wor
         **common,
     )
     evals = {
-        name: WorkerEvalLoader(samples[name], eval_batch_size, transform=eval_tf, on_bad_image=cfg.on_bad_image, **common)
+        name: WorkerEvalLoader(samples[name], eval_batch_size, transform=eval_tf, on_bad_image=cfg.on_bad_image,
+                               **common)
         for name in ("val", "test")
         if name in samples
     }

@@ -118,7 +118,8 @@ class Schedule:
         if self.error_warmup_done:
             return False
         self.recent_errors.append(error_percent)
-        if len(self.recent_errors) == self.WINDOW and sum(self.recent_errors) / self.WINDOW < self.cfg.warmup_until_train_error:
+        if (len(self.recent_errors) == self.WINDOW
+                and sum(self.recent_errors) / self.WINDOW < self.cfg.warmup_until_train_error):
             self.error_warmup_done = True
             return True
         return False

@@ -81,7 +81,8 @@ def eval_transform(cfg: dict):
 
 # torchvision's DenseNet files predate its module names ("norm.1" for "norm1"); it renames them when loading.
 _DENSENET_OLD = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def _renamed(name: str, state: dict) -> dict:

@@ -33,7 +33,8 @@ class ClassificationTask(Task):
         return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
 
     def loss(self, outputs, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, main logits). Auxiliary outputs, when a model returns them in training, add aux_weight x their loss."""
+        """(loss, main logits). Auxiliary outputs, when a model returns them in training, add aux_weight x their
+        loss."""
         logits = main_logits(outputs)
         loss = self.criterion(logits, targets)
         if not isinstance(outputs, torch.Tensor):
