@@ -93,6 +93,18 @@ def test_cpu_train_names_the_cpu_and_its_flags(tmp_path):
     assert result["device"] == f"cpu-{os.cpu_count()}core-" + cpu_label(result["cpu_model"], result["cpu_flags"])
 
 
+def test_imagenet_throughput_records_the_resnet50_bars(tmp_path):
+    # ResNet-50 at a tiny size on the CPU: the file carries the two bars, and a CPU run meets neither.
+    out = subprocess.run([sys.executable, "-m", "deepres", "benchmark", "imagenet-throughput", "--smoke", "--model",
+                          "resnet50", "--size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (path,) = tmp_path.glob("imagenet-throughput-resnet50-cpu-*.json")
+    result = json.loads(path.read_text())
+    assert result["target"] == {"ratio_min": 1.5, "images_per_s_min": 4500.0}
+    assert result["meets_target"] is False and result["image_size"] == 32
+
+
 @pytest.mark.parametrize("model, flags, label", [
     ("Intel(R) Xeon(R) Platinum 8488C", ["amx_bf16", "avx512_bf16"], "intel-xeon-amx"),
     ("AMD EPYC 9R14 96-Core Processor", ["avx2", "avx512_bf16"], "amd-epyc-bf16"),

@@ -57,6 +57,7 @@ def test_graph_replay_equals_eager_steps_and_resumes(folder, tmp_path):
     graph = train(_config(folder, "train.amp=off", "train.cuda_graph=true"), tmp_path / "graph", quiet=True)
     assert graph["cuda_graph"] == (DEVICE == "cuda") and graph["step"] == ("graph" if DEVICE == "cuda" else "eager")
     assert not eager["cuda_graph"]
+    assert eager["tf32"] is graph["tf32"] is (False if DEVICE == "cuda" else None)  # the paper's recipe: full fp32
     a, b = _losses(tmp_path / "eager"), _losses(tmp_path / "graph")
     assert len(a) == len(b) == 50
     assert b[:10] == pytest.approx(a[:10], rel=1e-4)  # the first steps agree to float rounding

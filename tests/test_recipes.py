@@ -17,12 +17,13 @@ def test_recipe_loads_and_names_a_registered_model(path):
     assert config.model.name in list_models()
 
 
-@pytest.mark.parametrize("name", [f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)] + [f"plain{d}" for d in (20, 32, 44, 56, 110)])
+@pytest.mark.parametrize("name", [f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)]
+                         + [f"plain{d}" for d in (20, 32, 44, 56, 110)])
 def test_paper_cifar_recipes(name):
     c = load_config(f"paper/cifar10_{name}")
     # All 50k training images (the released code; the schedule was fixed on a 45k/5k split), fp32 as the paper.
     assert c.model.name == name and c.data.val_size == 0 and c.data.preset == "paper_cifar"
-    assert c.train.amp == "off" and not c.train.channels_last and c.train.compile == "off"
+    assert c.train.amp == "off" and not c.train.tf32 and not c.train.channels_last and c.train.compile == "off"
     assert (c.train.batch_size, c.train.iterations) == (128, 64000)
     assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay, c.optim.decay_norm_and_bias) == (0.1, 0.9, 1e-4, True)
     assert (c.schedule.name, c.schedule.milestones, c.schedule.gamma) == ("multistep", [0.5, 0.75], 0.1)
@@ -38,7 +39,14 @@ def test_paper_imagenet_recipes(depth):
     c = load_config(f"paper/imagenet_resnet{depth}")
     assert c.model.name == f"resnet{depth}" and c.data.preset == "paper_imagenet"
     assert (c.train.batch_size, c.train.iterations, c.optim.lr, c.optim.weight_decay) == (256, 600000, 0.1, 1e-4)
-    assert c.train.amp == "off"
+    assert c.train.amp == "off" and not c.train.tf32
+
+
+def test_tf32_is_a_checked_switch():
+    assert load_config("demo").train.tf32 is True  # PyTorch's own choice for convolutions, outside the paper
+    assert load_config("paper/cifar10_resnet20", ["train.tf32=true"]).train.tf32 is True
+    with pytest.raises(ConfigError, match="train.tf32"):
+        load_config("demo", ["train.tf32=sometimes"])
 
 
 def test_a_shortened_paper_run_keeps_the_paper_shape():

@@ -198,6 +198,10 @@ class TrainConfig:
     # fast there), fp32 (off) elsewhere; fp16 trains with a GradScaler (its state is checkpointed). The paper trained
     # in fp32: its recipes set off.
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    # On CUDA, fp32 convolutions and matrix products on the TF32 tensor cores (10-bit mantissa products, fp32 sums;
+    # PyTorch's default for convolutions). false: full fp32 arithmetic, as the paper's GPUs computed (its recipes set
+    # it). Applies where autocast leaves fp32 (all of train.amp=off); no effect on a CPU.
+    tf32: bool = True
     channels_last: bool = False
     # torch.compile the model with this mode (off: eager kernels).
     compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "off"

@@ -9,7 +9,7 @@ graph capture and the curves' evaluations all included). Reference: the same ten
 reference trainer (``_reference.py``: DataLoader + PIL workers, eager fp32), each measured on its first
 ``--reference-steps`` steps and extrapolated to the whole schedule, summed.
 
-    deepres benchmark cifar-table                         # H100: writes cifar-table-<device>.json, runs under --runs
+    deepres benchmark cifar-table                         # GPU: writes cifar-table-<device>.json, runs under --runs
     deepres benchmark cifar-table --parallel 10 --runs runs/table6-fast
     deepres benchmark cifar-table --smoke --out /tmp/r    # CPU: two tiny runs side by side
 """
@@ -35,7 +35,7 @@ from .common import default_cifar_data, gpu_or_cpu, tiny_image_folder, write_res
 
 DEPTHS = (20, 32, 44, 56, 110)
 PAPER_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}  # Table 6, residual nets (plain: Fig. 6 only)
-TARGET_SECONDS = 20 * 60.0  # one H100 (issue 8)
+TARGET_SECONDS = 20 * 60.0  # one H100 (issue 8); the H200 we measure on has its compute rates
 
 
 def depth_of(net: str) -> int:

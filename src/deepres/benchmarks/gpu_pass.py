@@ -400,7 +400,8 @@ def cifar(args) -> int:
     nets = args.nets.split(",")
     settings = {_run_name(net): (f"paper/cifar10_{net}", precision_overrides(gpu)) for net in nets}
     if args.fp32:  # the paper's numerics beside the fast ones (the captured step changes launches, not arithmetic)
-        settings[FP32_RUN] = ("paper/cifar10_resnet20", ["train.amp=off"] + (["train.cuda_graph=true"] if gpu else []))
+        settings[FP32_RUN] = ("paper/cifar10_resnet20", ["train.amp=off", "train.tf32=false"]
+                              + (["train.cuda_graph=true"] if gpu else []))
         settings[WARMUP_RUN] = ("paper/cifar10_resnet56", precision_overrides(gpu) + WARMUP)
     resumed = _resume_left_runs(list(settings), Path(args.resume_from), runs)
     load_dataset(load_config(settings[_run_name(nets[0])][0], base).data)  # decoded once, before the processes
@@ -415,8 +416,8 @@ def cifar(args) -> int:
     for r in outcome:
         path = runs / r.name / "summary.json"
         summary = json.loads(path.read_text()) if path.is_file() else {}
-        keys = ("iterations", "test_top1_error", "train_seconds", "setup_seconds", "step", "amp", "channels_last",
-                "peak_memory_mib", "diverged")
+        keys = ("iterations", "test_top1_error", "train_seconds", "setup_seconds", "step", "amp", "tf32",
+                "channels_last", "peak_memory_mib", "diverged")
         table[r.name] = {"returncode": r.returncode, "process_seconds": r.seconds, "resumed": r.name in resumed,
                          **{k: summary.get(k) for k in keys}}
     image_root = resolve_image_source(data, str(SCRATCH / "cache"))

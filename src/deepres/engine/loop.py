@@ -229,6 +229,8 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":  # set for every run, so runs in one process do not inherit each other's setting
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tc.tf32
     resume_path = _resume_source(resume, paths)
 
     task = build_task(config.task)
@@ -591,7 +593,7 @@ def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
         "world_size": run.dist.world_size,
         **run.step_fn.describe(),
         "channels_last": config.train.channels_last,
-        "tf32_convolutions": bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None,
+        "tf32": config.train.tf32 if device.type == "cuda" else None,
         "setup_seconds": run.setup_seconds,
         "train_seconds": clock.train_seconds(),
         "eval_seconds": clock.paused,
@@ -655,8 +657,8 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
         run.writer.hparams(_flatten_config(config), {k: summary[k] for k in ("test_top1_error", "test_top5_error")})
         return summary
     except NonFiniteLossError as exc:
-        _write_summary(run, {"run_dir": str(run.paths.root), "model": run.model_class or config.model.name, "diverged": True,
-                             "message": str(exc), **run.step_fn.describe()})
+        _write_summary(run, {"run_dir": str(run.paths.root), "model": run.model_class or config.model.name,
+                             "diverged": True, "message": str(exc), **run.step_fn.describe()})
         raise
     except torch.cuda.OutOfMemoryError as exc:
         tc, world = config.train, run.dist.world_size
@@ -671,7 +673,8 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
             raise
         raise RuntimeError(
             f"rank {run.dist.rank}: another rank did not answer within "
-            f"train.dist_timeout_s={config.train.dist_timeout_s} s (stalled or dead), so the job ends; the last checkpoint in {run.paths.root} is intact ({exc})"
+            f"train.dist_timeout_s={config.train.dist_timeout_s} s (stalled or dead), so the job ends; "
+            f"the last checkpoint in {run.paths.root} is intact ({exc})"
         ) from exc
     finally:
         run.progress.close()

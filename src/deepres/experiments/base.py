@@ -104,18 +104,27 @@ def find_cifar10_jpeg() -> Path | None:
     return None
 
 
+def _as_seen_from_here(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+
+
 def cifar_data_overrides(data_dir: str | None) -> tuple[list[str], str]:
-    """Overrides selecting the CIFAR-10 data, and a sentence naming it for the report."""
+    """Overrides selecting the CIFAR-10 data, and a sentence naming it for the report (the path as seen from the
+    working directory, so a report does not carry the machine's folder layout)."""
     found = find_cifar10_jpeg() if not data_dir else None
     candidates = [Path(data_dir)] if data_dir else [found] if found else []
     for path in candidates:
         if path.exists():
+            shown = _as_seen_from_here(path)
             if (path / "cifar-10-batches-py").exists() or path.name == "cifar-10-python.tar.gz" or \
                     (path / "cifar-10-python.tar.gz").exists():
                 return (["data.source=cifar10", f"data.data_dir={path}"],
-                        f"official CIFAR-10 (python release) from `{path}`")
+                        f"official CIFAR-10 (python release) from `{shown}`")
             return (["data.source=imagefolder", f"data.data_dir={path}"],
-                    f"the CIFAR-10 JPEG set (`{path}`): 32x32 JPEG files at quality 75, not bit-identical to the "
+                    f"the CIFAR-10 JPEG set (`{shown}`): 32x32 JPEG files at quality 75, not bit-identical to the "
                     f"official CIFAR-10 release, so errors here run a few points above the paper's and are not "
                     f"directly comparable with them")
     return ["data.source=cifar10"] + ([f"data.data_dir={data_dir}"] if data_dir else []), "official CIFAR-10"
