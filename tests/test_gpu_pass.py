@@ -22,7 +22,7 @@ KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", 
 def smoke_pass(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-pass")
     # cifar-rest runs the same code as cifar-full (other nets), so the suite leaves it out to save its 10 s.
-    items = "env,slow,cuda-tests,cifar-full,imagenet-throughput,inference,cifar-speedrun,jpeg-pipeline"
+    items = "env,slow,cuda-tests,cifar-steps,cifar-full,imagenet-throughput,inference,cifar-speedrun,jpeg-pipeline"
     proc = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}",
                            f"ARGS=--smoke --out {out} --budget-s 600 --inject-slow 3 --items {items}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
@@ -36,8 +36,8 @@ def test_every_item_runs_and_a_slow_one_is_stopped(smoke_pass):
     status = {row["item"]: row["status"] for row in items}
     assert status.pop("slow") == "timeout"
     assert set(status.values()) == {"ok"}, items
-    assert list(status) == ["env", "cuda-tests", "cifar-full", "imagenet-throughput", "inference", "cifar-speedrun",
-                            "jpeg-pipeline"]
+    assert list(status) == ["env", "cuda-tests", "cifar-steps", "cifar-full", "imagenet-throughput", "inference",
+                            "cifar-speedrun", "jpeg-pipeline"]
     assert "item" in proc.stdout.splitlines()[-len(items) - 2] and "archive" in proc.stdout.splitlines()[-1]
 
 
@@ -112,6 +112,11 @@ def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path
         assert result.get("meets_target") in (False, None)  # targets are met only on the GPU at full size
     speedrun = json.loads(next(results.glob("cifar-speedrun-cpu*.json")).read_text())
     assert speedrun["curve_ours"] and all(0 <= p["test_accuracy"] <= 100 for p in speedrun["curve_ours"])
+    steps = json.loads(next(results.glob("cifar-steps-cpu*.json")).read_text())
+    (alone,) = steps["nets"].values()  # ResNet-20 alone: 3 untimed steps, 4 timed, projected to the 12 of the smoke
+    assert alone["seconds_per_step"] > 0 and alone["first_steps_seconds"] > 0
+    assert alone["projected_recipe_seconds"] == pytest.approx(alone["first_steps_seconds"]
+                                                              + 9 * alone["seconds_per_step"])
     full = json.loads(next(results.glob("cifar-full-cpu*.json")).read_text())
     assert set(full["runs"]) == {"cifar10-resnet20-s0", "cifar10-resnet56-s0", "cifar10-plain20-s0",
                                  "cifar10-plain56-s0", FP32_RUN, WARMUP_RUN}

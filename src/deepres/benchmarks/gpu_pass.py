@@ -13,6 +13,9 @@ still returns what it finished. A summary table is printed last.
 1. ``env``: GPU, driver, clocks, torch / torchvision / CUDA / cuDNN versions, CPU;
 2. ``cuda-tests``: ``tests/test_cuda.py`` (captured step against eager steps, bf16 + channels_last, compiled step,
    exact resume, NCCL DDP through torchrun, the loader's batches on the GPU);
+   ``cifar-steps``: ResNet-20, 56 and 110 each alone on the GPU for 1,300 steps of the paper's recipe with the fast
+   settings: the steady seconds per step, and the recipe's wall time for one run alone projected from them (the
+   runs of ``cifar-full`` share the GPU with each other, so their wall times are not one run's);
 3. ``cifar-full``: the paper's CIFAR recipe at full length (64k iterations) for ResNet-20, ResNet-56, plain-20 and
    plain-56 with the fast settings (bf16, captured step, channels_last), and ResNet-20 with the paper's fp32 beside
    them, as concurrent ``deepres train`` processes, test error every 2,000 iterations; then the reference trainer's
@@ -66,6 +69,9 @@ FP32_RUN = "cifar10-resnet20-fp32-s0"
 # whether the start, not the recipe, decides the final error.
 WARMUP_RUN = "cifar10-resnet56-warmup-s0"
 WARMUP = ["schedule.warmup_iterations=0.01", "schedule.warmup_lr=0.01"]
+# cifar-steps: the nets timed alone, and the steps of each run: untimed (the capture, cuDNN's autotuning), then timed.
+STEPS_NETS = ["resnet20", "resnet56", "resnet110"]
+STEPS_WARMUP, STEPS_TIMED = 300, 1000
 # The CIFAR runs' sizes in smoke mode (the full pass keeps the paper's: 64k iterations, batch 128).
 SMOKE_SIZES = ["train.iterations=12", "train.batch_size=8", "train.eval_batch_size=16", "train.test_every=4",
                "train.checkpoint_every=4", "train.log_every=2", "schedule.milestones=6,9", "optim.lr=0.025"]
@@ -116,6 +122,9 @@ def plan(args, work: Path) -> list[Item]:
     items = [
         Item("env", py + ["-m", "deepres.benchmarks.gpu_pass", "env", "--out", str(results / "env.json")], 60, 5),
         Item("cuda-tests", tests, 60 if smoke else 200, 30, test_env),
+        Item("cifar-steps", py + ["-m", "deepres.benchmarks.gpu_pass", "steps", "--nets",
+                                  ",".join(STEPS_NETS[:1] if smoke else STEPS_NETS), "--results", str(results)]
+             + (["--data", args.data] if args.data else []) + smoke_args, 60 if smoke else 90, 20),
         Item("cifar-full", cifar + ["--nets", ",".join(FULL_NETS), "--fp32"], 120 if smoke else 300, 60),
         Item("imagenet-throughput", bench("imagenet-throughput"), 60 if smoke else 150, 30),
         Item("inference", bench("inference"), 60 if smoke else 90, 20),
@@ -349,7 +358,7 @@ def env_info(out: Path) -> dict:
     return info
 
 
-def _cifar_settings(args, runs: Path) -> tuple[list[str], int, int, str]:
+def _cifar_settings(args) -> tuple[list[str], int, int, str]:
     """(overrides every run shares, iterations, reference steps timed, the data)."""
     from ..experiments.base import FULL
     from .common import default_cifar_data, tiny_image_folder
@@ -365,6 +374,57 @@ def _cifar_settings(args, runs: Path) -> tuple[list[str], int, int, str]:
         sizes, iterations, reference_steps = list(FULL), 64000, 200
     shared = ["data.source=imagefolder", f"data.data_dir={data}", f"data.cache_dir={SCRATCH / 'cache'}"]
     return shared + sizes, iterations, reference_steps, data
+
+
+def step_times(args) -> dict:
+    """Each of ``args.nets`` alone on the device, the paper's recipe with the pass's fast settings, stopped after
+    STEPS_WARMUP + STEPS_TIMED steps: the steady seconds per step over the timed ones, and the recipe's wall time for
+    one run alone projected as (its first steps, capture included) + (the remaining steps at the timed rate). Written
+    to ``cifar-steps-<device>.json``."""
+    import torch
+
+    from ..config import load_config
+    from ..engine import train
+    from .cifar_recipe import TARGET_SECONDS
+    from .common import device_name, gpu_or_cpu
+
+    device = gpu_or_cpu(args.smoke)
+    gpu = device.type == "cuda"
+    base, iterations, _, _ = _cifar_settings(args)
+    warm, timed = (3, 4) if args.smoke else (STEPS_WARMUP, STEPS_TIMED)
+    nets = {}
+    for net in args.nets.split(","):
+        marks: dict[int, float] = {}
+
+        def on_step(step, info, marks=marks):
+            if step in (warm, warm + timed):
+                info["loss"].item()  # waits for the device's queue
+                marks[step] = time.perf_counter()
+            return step < warm + timed
+
+        config = load_config(f"paper/cifar10_{net}", base + precision_overrides(gpu) + [f"name=steps-{net}"])
+        with tempfile.TemporaryDirectory(prefix="deepres-steps-") as run_dir:
+            summary = train(config, run_dir, quiet=True, on_step=on_step)
+        per_step = (marks[warm + timed] - marks[warm]) / timed
+        first = summary["train_seconds"] - (marks[warm + timed] - marks[warm])
+        nets[net] = {"seconds_per_step": per_step, "first_steps_seconds": first,
+                     "projected_recipe_seconds": first + (iterations - warm) * per_step,
+                     "target_seconds": TARGET_SECONDS.get(net), "setup_seconds": summary["setup_seconds"],
+                     "step": summary["step"], "amp": summary["amp"], "channels_last": summary["channels_last"],
+                     "peak_memory_mib": summary["peak_memory_mib"]}
+        print(f"[cifar-steps] {net}: {per_step * 1e3:.3f} ms/step alone, recipe projected "
+              f"{nets[net]['projected_recipe_seconds']:.1f} s", flush=True)
+    out = {"benchmark": "cifar-steps", "device": device_name(device), "torch": torch.__version__,
+           "metric": f"one run alone on the device: seconds per step over {timed} steps after {warm} (the capture and "
+                     f"cuDNN's autotuning among them), batch {config.train.batch_size}; projected wall time of the "
+                     f"{iterations}-iteration recipe = the first {warm} steps as measured + the rest at that rate "
+                     f"(a projection, not a measured run: cifar-recipe-* are the measured wall times)",
+           "iterations": iterations, "warmup_steps": warm, "timed_steps": timed,
+           "settings": precision_overrides(gpu), "nets": nets}
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"cifar-steps-{device_name(device)}.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 def _resume_left_runs(names: list[str], source: Path, runs: Path) -> list[str]:
@@ -395,7 +455,7 @@ def cifar(args) -> int:
     device = gpu_or_cpu(args.smoke)
     runs, results = Path(args.runs), Path(args.results)
     runs.mkdir(parents=True, exist_ok=True)
-    base, iterations, reference_steps, data = _cifar_settings(args, runs)
+    base, iterations, reference_steps, data = _cifar_settings(args)
     gpu = device.type == "cuda"
     nets = args.nets.split(",")
     settings = {_run_name(net): (f"paper/cifar10_{net}", precision_overrides(gpu)) for net in nets}
@@ -536,6 +596,11 @@ def main(argv=None) -> int:
     p.add_argument("--resume-from", default="docs/results/full/runs", help="run folders an earlier pass left")
     p.add_argument("--parallel", type=int, default=6)
     p.add_argument("--smoke", action="store_true")
+    p = sub.add_parser("steps", help="the nets timed alone (item cifar-steps)")
+    p.add_argument("--nets", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--smoke", action="store_true")
     p = sub.add_parser("unpack", help="put a returned archive into the tree")
     p.add_argument("archive")
     p.add_argument("--root", default=".", help="the source checkout (default: here)")
@@ -545,6 +610,9 @@ def main(argv=None) -> int:
         return 0
     if args.command == "cifar":
         return cifar(args)
+    if args.command == "steps":
+        step_times(args)
+        return 0
     if args.command == "unpack":
         print(json.dumps(unpack(Path(args.archive), Path(args.root)), indent=2))
         return 0
