@@ -113,7 +113,7 @@ def plan(args, work: Path) -> list[Item]:
     cifar = py + ["-m", "deepres.benchmarks.gpu_pass", "cifar", "--runs", str(work / "runs"), "--results",
                   str(results), "--resume-from", args.resume_from] + (["--data", args.data] if args.data else []) \
         + smoke_args
-    tests = py + ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py", "--junitxml",
+    tests = py + ["-m", "pytest", "-v", "--durations=0", "-p", "no:cacheprovider", "tests/test_cuda.py", "--junitxml",
                   str(results / "test_cuda.xml")]
     test_env = {}
     if smoke:  # the CPU check of the CUDA tests: the loader test only (the others train; the suite runs them)
