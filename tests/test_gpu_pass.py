@@ -125,7 +125,15 @@ def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path
     assert set(full["resnet56_test_error"]) == {"paper start (lr 0.1)", "linear warm-up over 1%"}
     docs = tmp_path / "docs" / "results" / "full"
     assert (docs / "gpu-pass" / "items.json").is_file() and (docs / "gpu-pass" / "env.json").is_file()
-    assert len(done["reports"]) == 2
+    assert len(done["reports"]) == 3
+    precision = (docs / "precision" / "report.md").read_text()
+    errors = {name: json.loads((docs / "runs" / name / "summary.json").read_text())["test_top1_error"]
+              for name in ("cifar10-resnet20-s0", FP32_RUN, "cifar10-resnet56-s0", WARMUP_RUN)}
+    row = f"| ResNet-20 | {FP32_RUN} | fp32, eager step | the paper's fp32 | {errors[FP32_RUN]:.2f} | 8.75 |"
+    assert row in precision
+    bf16_vs_fp32 = errors["cifar10-resnet20-s0"] - errors[FP32_RUN]
+    assert f"- ResNet-20, the fast settings against the paper's fp32: {bf16_vs_fp32:+.2f} points" in precision
+    assert "12 iterations at batch 8" in precision
     degradation = (docs / "cifar-degradation" / "report.md").read_text()
     for net in ("Plain-20", "Plain-56", "ResNet-20", "ResNet-56"):
         assert f"| {net} |" in degradation

@@ -31,7 +31,8 @@ resumable; each throughput benchmark first compiles ResNet-50 and fits in a minu
 
 Back here, ``python -m deepres.benchmarks.gpu_pass unpack gpu-pass.tar.gz`` puts the result files into
 ``benchmarks/results/``, the runs and the pass's logs into ``docs/results/full/``, and regenerates the Fig. 6 and
-Table 6 reports there from the returned runs when they are complete. ``--smoke`` runs the whole pass on a CPU at tiny
+Table 6 reports there from the returned runs when they are complete, and ``precision/report.md`` (bf16 against fp32,
+the paper's start against a warm-up). ``--smoke`` runs the whole pass on a CPU at tiny
 sizes (the test suite does).
 """
 
@@ -523,11 +524,76 @@ def cifar(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Unpacking here
 
+# The paper's seed spread on CIFAR-10: ResNet-110 over 5 runs, 6.61 +/- 0.16 (Table 6). Two of its standard deviations
+# are what one seed against one seed can tell apart.
+PAPER_SEED_STD = 0.16
+# (run, the net's label, what differs) of the precision report, in pairs: the fast run, then the one it is held to.
+PRECISION_PAIRS = [
+    (("cifar10-resnet20-s0", "ResNet-20", "the fast settings"), (FP32_RUN, "ResNet-20", "the paper's fp32")),
+    (("cifar10-resnet56-s0", "ResNet-56", "the paper's start (lr 0.1)"),
+     (WARMUP_RUN, "ResNet-56", "lr warm-up 0.01 -> 0.1 over the first 1%")),
+]
+
+
+def _settings(summary: dict) -> str:
+    """What a run computed with, read from its summary."""
+    amp = {"off": "fp32" + (" (no TF32)" if summary.get("tf32") is False else ""), "bf16": "bf16 autocast",
+           "fp16": "fp16 autocast"}.get(summary.get("amp"), str(summary.get("amp")))
+    parts = [amp, f"{summary.get('step')} step"] + (["channels_last"] if summary.get("channels_last") else [])
+    return ", ".join(parts)
+
+
+def precision_report(full: Path, env: dict) -> Path | None:
+    """``full/precision/report.md``: the fast settings against the paper's fp32 (ResNet-20), and the paper's start
+    against a warm-up (ResNet-56), one seed each, from the returned runs; None when a pair is incomplete."""
+    from ..experiments.cifar import PAPER_TABLE6
+
+    summaries = {}
+    for pair in PRECISION_PAIRS:
+        for name, _, _ in pair:
+            path = full / "runs" / name / "summary.json"
+            if not path.is_file():
+                return None
+            summaries[name] = json.loads(path.read_text())
+    import yaml
+
+    device = env.get("gpu") or env.get("cpu") or "unknown device"
+    name = PRECISION_PAIRS[0][0][0]
+    first = summaries[name]
+    batch = yaml.safe_load((full / "runs" / name / "config.yaml").read_text())["train"]["batch_size"]
+    lines = ["# The fast settings against the paper's numerics (CIFAR-10)", "",
+             f"Device: {device}; torch {env.get('torch', '?')}. Each run: the paper's recipe, {first['iterations']:,} "
+             f"iterations at batch {batch} on {first['splits']['train']:,} training images ({first['data']}), seed 0, "
+             f"tested on {first['splits']['test']:,}; the GPU pass (`make gpu-check`) trained them side by side.", "",
+             "| net | run | computed with | what differs | test error % | paper % | training seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for pair in PRECISION_PAIRS:
+        for name, net, what in pair:
+            s = summaries[name]
+            depth = int(net.split("-")[1])
+            lines.append(f"| {net} | {name} | {_settings(s)} | {what} | {s['test_top1_error']:.2f} | "
+                         f"{PAPER_TABLE6[depth][1]} | {s['train_seconds']:.0f} |")
+    lines += ["", "## Findings", "",
+              f"One seed each. The paper's seed spread: ResNet-110 over 5 runs, standard deviation {PAPER_SEED_STD} "
+              f"(6.61 +/- 0.16); a difference under two of them ({2 * PAPER_SEED_STD:.2f} points) is within what "
+              f"seeds alone move.", ""]
+    for (fast, net, what), (ref, _, ref_what) in PRECISION_PAIRS:
+        diff = summaries[fast]["test_top1_error"] - summaries[ref]["test_top1_error"]
+        within = abs(diff) < 2 * PAPER_SEED_STD
+        lines.append(f"- {net}, {what} against {ref_what}: {diff:+.2f} points "
+                     f"({'within' if within else 'beyond'} the seed spread)")
+    out = full / "precision" / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 
 def unpack(archive: Path, root: Path) -> dict:
     """Put a pass's archive (and the weights archive beside it, if any) into the tree: result files into
     ``benchmarks/results/``, runs, logs and the item table into ``docs/results/full/``; regenerate the Fig. 6 and
-    Table 6 reports (depths 20 and 56) from the runs when they are complete (no training happens here)."""
+    Table 6 reports (depths 20 and 56) and the precision report from the runs when they are complete (no training
+    happens here)."""
     from ..experiments import Options, run_experiment
 
     staging = Path(tempfile.mkdtemp(prefix="gpu-pass-unpack-"))
@@ -553,12 +619,15 @@ def unpack(archive: Path, root: Path) -> dict:
             shutil.copytree(src / "logs", full / "gpu-pass" / "logs", dirs_exist_ok=True)
         if (src / "runs").is_dir():
             shutil.copytree(src / "runs", full / "runs", dirs_exist_ok=True)
+        env = json.loads((src / "results" / "env.json").read_text()) if (src / "results" / "env.json").is_file() \
+            else {}
         reports = []
+        precision = precision_report(full, env)
+        if precision is not None:
+            reports.append(str(precision))
         complete = lambda nets: all((full / "runs" / _run_name(n) / "summary.json").is_file() for n in nets)  # noqa
         if complete(FULL_NETS):
             # The reports ask for exactly what the pass trained (reproduce reuses a run only for its own config).
-            env = json.loads((src / "results" / "env.json").read_text()) if (src / "results" / "env.json").is_file() \
-                else {}
             items = json.loads((src / "items.json").read_text()) if (src / "items.json").is_file() else {}
             overrides = precision_overrides(bool(env.get("cuda_available"))) + \
                 (list(SMOKE_SIZES) if items.get("smoke") else [])
