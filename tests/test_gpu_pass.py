@@ -22,7 +22,7 @@ KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", 
 def smoke_pass(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-pass")
     # cifar-rest runs the same code as cifar-full (other nets), so the suite leaves it out to save its 10 s.
-    items = "env,slow,cuda-tests,cifar-steps,cifar-full,imagenet-throughput,inference,cifar-speedrun,jpeg-pipeline"
+    items = "env,slow,cuda-tests,cifar-steps,imagenet-throughput,inference,cifar-full,cifar-speedrun,jpeg-pipeline"
     proc = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}",
                            f"ARGS=--smoke --out {out} --budget-s 600 --inject-slow 3 --items {items}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
@@ -36,7 +36,7 @@ def test_every_item_runs_and_a_slow_one_is_stopped(smoke_pass):
     status = {row["item"]: row["status"] for row in items}
     assert status.pop("slow") == "timeout"
     assert set(status.values()) == {"ok"}, items
-    assert list(status) == ["env", "cuda-tests", "cifar-steps", "cifar-full", "imagenet-throughput", "inference",
+    assert list(status) == ["env", "cuda-tests", "cifar-steps", "imagenet-throughput", "inference", "cifar-full",
                             "cifar-speedrun", "jpeg-pipeline"]
     assert "item" in proc.stdout.splitlines()[-len(items) - 2] and "archive" in proc.stdout.splitlines()[-1]
 
@@ -140,6 +140,42 @@ def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path
     table = (docs / "cifar-table6" / "report.md").read_text()
     assert "6.43 (best of 5); 6.61 +/- 0.16 (mean of 5)" not in table  # ResNet-110 is not among depths 20 and 56
     assert "| ResNet-56 | 0.85M | 0.85M |" in table and "Engine: the training loop" in table
+
+
+def test_what_an_earlier_pass_brought_back_is_not_run_again(smoke_pass, tmp_path):
+    """The first pass's result files and finished runs, put where ``unpack`` puts them, make a second pass skip those
+    items (after ``env`` names the device); ``--redo`` runs them again."""
+    out, _ = smoke_pass
+    root = tmp_path / "tree"
+    unpack(out / ARCHIVE, root)
+    committed, runs = root / "benchmarks" / "results", root / "docs" / "results" / "full" / "runs"
+
+    def second_pass(items="env,inference,cifar-full,jpeg-pipeline", *extra):
+        again = tmp_path / f"again-{len(list(tmp_path.iterdir()))}"
+        proc = subprocess.run([sys.executable, "-m", "deepres.benchmarks.gpu_pass", "--smoke", "--out", str(again),
+                               "--committed", str(committed), "--resume-from", str(runs), "--items", items, *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        return {r["item"]: r for r in json.loads((again / "pass" / "items.json").read_text())["items"]}, proc
+
+    rows, proc = second_pass()
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "env": "ok", "inference": "skipped", "cifar-full": "skipped", "jpeg-pipeline": "skipped"}, proc.stdout
+    assert "committed: " in rows["inference"]["error"] and "inference-resnet18-cpu" in rows["inference"]["error"]
+    assert "6 finished runs" in rows["cifar-full"]["error"]
+    (committed / next(committed.glob("jpeg-pipeline-*.json")).name).unlink()  # no longer committed: it runs
+    rows, _ = second_pass("env,inference,jpeg-pipeline")
+    assert rows["jpeg-pipeline"]["status"] == "ok" and rows["inference"]["status"] == "skipped"
+    rows, _ = second_pass("env,inference", "--redo")
+    assert rows["inference"]["status"] == "ok"
+
+
+def test_a_smoke_pass_never_continues_the_committed_full_length_runs(monkeypatch):
+    seen = []
+    monkeypatch.setattr(gpu_pass, "cifar", lambda args: seen.append(args.resume_from) or 0)
+    for smoke in ([], ["--smoke"]):
+        gpu_pass.main(["cifar", "--nets", "resnet20", "--runs", "r", "--results", "x", *smoke])
+    assert seen[0] == gpu_pass.RESUME_FROM == str(Path("docs/results/full/runs"))
+    assert "docs" not in seen[1] and Path(seen[1]).is_relative_to(gpu_pass.SCRATCH)
 
 
 def test_an_item_that_does_not_fit_is_skipped(tmp_path):

@@ -16,24 +16,24 @@ still returns what it finished. A summary table is printed last.
    ``cifar-steps``: ResNet-20, 56 and 110 each alone on the GPU for 1,300 steps of the paper's recipe with the fast
    settings: the steady seconds per step, and the recipe's wall time for one run alone projected from them (the
    runs of ``cifar-full`` share the GPU with each other, so their wall times are not one run's);
-3. ``cifar-full``: the paper's CIFAR recipe at full length (64k iterations) for ResNet-20, ResNet-56, plain-20 and
+3. ``imagenet-throughput`` (ResNet-50, ours against torchvision eager AMP) and ``inference``;
+4. ``cifar-full``: the paper's CIFAR recipe at full length (64k iterations) for ResNet-20, ResNet-56, plain-20 and
    plain-56 with the fast settings (bf16, captured step, channels_last), and ResNet-20 with the paper's fp32 beside
    them, as concurrent ``deepres train`` processes, test error every 2,000 iterations; then the reference trainer's
    step time. Run folders resume: a pass cut short returns checkpoints (every 2,000 iterations) that the next pass
    continues from (``--resume-from``, default ``docs/results/full/runs``, where ``unpack`` puts them);
-4. ``imagenet-throughput`` (ResNet-50, ours against torchvision eager AMP) and ``inference``;
 5. ``cifar-speedrun``, ``jpeg-pipeline``;
 6. ``cifar-rest``: the other Table 6 depths (32, 44, 110) and their plain nets, with what budget is left.
 
-The full-length CIFAR runs come before the throughput benchmarks (the issue's order has them after): they are the
-evidence no other item gives (Fig. 6 and Table 6 at the paper's scale, the recipe's wall time), the longest item, and
-resumable; each throughput benchmark first compiles ResNet-50 and fits in a minute or two of whatever is left.
+This is the issue's order. The items before ``cifar-full`` are short and complete in one pass; ``cifar-full`` (six
+runs of 64k iterations sharing one GPU) may not, and resumes in the next. An item whose result is already committed
+is skipped (its result file for this device in ``benchmarks/results/``, or its runs finished in ``--resume-from``;
+``--redo`` runs it again), so a later pass spends its minutes on what is still missing.
 
 Back here, ``python -m deepres.benchmarks.gpu_pass unpack gpu-pass.tar.gz`` puts the result files into
 ``benchmarks/results/``, the runs and the pass's logs into ``docs/results/full/``, and regenerates the Fig. 6 and
 Table 6 reports there from the returned runs when they are complete, and ``precision/report.md`` (bf16 against fp32,
-the paper's start against a warm-up). ``--smoke`` runs the whole pass on a CPU at tiny
-sizes (the test suite does).
+the paper's start against a warm-up). ``--smoke`` runs the whole pass on a CPU at tiny sizes (the test suite does).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ ARCHIVE_LIMIT = 16 * 2**20  # bytes: the largest file that comes back from the G
 TAR_ENTRY_BYTES = 4096  # a tar member's header, padding and its folders' entries, at most (paths under 100 characters)
 SCRATCH = Path(tempfile.gettempdir()) / "deepres-gpu-pass"  # decoded-data cache, smoke data: never packed
 PACK_RESERVE_S = 20.0  # kept back from the budget for the last packing
+RESUME_FROM = str(Path("docs") / "results" / "full" / "runs")  # where unpack puts the runs, and the next pass reads
 FAST = ["train.amp=bf16", "train.cuda_graph=true", "train.channels_last=true"]
 FULL_NETS = ["resnet20", "resnet56", "plain20", "plain56"]
 REST_NETS = ["resnet32", "resnet44", "resnet110", "plain32", "plain44", "plain110"]
@@ -94,6 +95,10 @@ class Item:
     timeout_s: float
     min_s: float = 10.0
     env: dict[str, str] = field(default_factory=dict)
+    # What makes the item unnecessary once committed (an earlier pass brought it back): its result file's name before
+    # ``-<device>.json``, or the run folders it trains (each finished: summary.json at full length).
+    result: str | None = None
+    runs: list[str] = field(default_factory=list)
 
 
 def _python() -> list[str]:
@@ -120,19 +125,25 @@ def plan(args, work: Path) -> list[Item]:
     if smoke:  # the CPU check of the CUDA tests: the loader test only (the others train; the suite runs them)
         tests += ["-k", "device_loader"]
         test_env = {"DEEPRES_TEST_DEVICE": "cpu"}
+    model = "resnet18" if smoke else "resnet50"  # the throughput benchmarks' net
+    rest = REST_NETS[:1] if smoke else REST_NETS
     items = [
-        Item("env", py + ["-m", "deepres.benchmarks.gpu_pass", "env", "--out", str(results / "env.json")], 60, 5),
+        Item("env", py + ["-m", "deepres.benchmarks.gpu_pass", "env", "--out", str(results / "env.json")]
+             + smoke_args, 60, 5),
         Item("cuda-tests", tests, 60 if smoke else 200, 30, test_env),
         Item("cifar-steps", py + ["-m", "deepres.benchmarks.gpu_pass", "steps", "--nets",
                                   ",".join(STEPS_NETS[:1] if smoke else STEPS_NETS), "--results", str(results)]
-             + (["--data", args.data] if args.data else []) + smoke_args, 60 if smoke else 90, 20),
-        Item("cifar-full", cifar + ["--nets", ",".join(FULL_NETS), "--fp32"], 120 if smoke else 300, 60),
-        Item("imagenet-throughput", bench("imagenet-throughput"), 60 if smoke else 150, 30),
-        Item("inference", bench("inference"), 60 if smoke else 90, 20),
-        Item("cifar-speedrun", bench("cifar-speedrun"), 60 if smoke else 90, 30),
-        Item("jpeg-pipeline", bench("jpeg-pipeline"), 60 if smoke else 90, 30),
-        Item("cifar-rest", cifar + ["--nets", ",".join(REST_NETS[:1] if smoke else REST_NETS)],
-             120 if smoke else 600, 60),
+             + (["--data", args.data] if args.data else []) + smoke_args, 60 if smoke else 90, 20,
+             result="cifar-steps"),
+        Item("imagenet-throughput", bench("imagenet-throughput"), 60 if smoke else 150, 30,
+             result=f"imagenet-throughput-{model}"),
+        Item("inference", bench("inference"), 60 if smoke else 90, 20, result=f"inference-{model}"),
+        Item("cifar-full", cifar + ["--nets", ",".join(FULL_NETS), "--fp32"], 120 if smoke else 300, 60,
+             runs=[_run_name(net) for net in FULL_NETS] + [FP32_RUN, WARMUP_RUN]),
+        Item("cifar-speedrun", bench("cifar-speedrun"), 60 if smoke else 90, 30, result="cifar-speedrun"),
+        Item("jpeg-pipeline", bench("jpeg-pipeline"), 60 if smoke else 90, 30, result="jpeg-pipeline"),
+        Item("cifar-rest", cifar + ["--nets", ",".join(rest)], 120 if smoke else 600, 60,
+             runs=[_run_name(net) for net in rest]),
     ]
     if args.inject_slow:  # the budget logic's own check: an item that outlives its timeout
         items.insert(1, Item("slow", py + ["-c", "import time; time.sleep(600)"], args.inject_slow, 1))
@@ -177,6 +188,24 @@ def run_item(item: Item, timeout: float, log: Path, cwd: Path) -> tuple[str, str
     return "ok", ""
 
 
+def already_done(item: Item, device_label: str | None, args) -> str | None:
+    """Why ``item`` need not run again (its result for this device is committed, or its runs are finished where
+    ``unpack`` put them), or None. Nothing is done before ``env`` has named the device, or with ``--redo``."""
+    if args.redo or device_label is None:
+        return None
+    if item.result:
+        path = Path(args.committed) / f"{item.result}-{device_label}.json"
+        return f"committed: {path}" if path.is_file() else None
+    if item.runs:
+        iterations = 12 if args.smoke else 64000
+        for name in item.runs:
+            summary = Path(args.resume_from) / name / "summary.json"
+            if not summary.is_file() or json.loads(summary.read_text()).get("iterations") != iterations:
+                return None
+        return f"committed: {len(item.runs)} finished runs in {args.resume_from}"
+    return None
+
+
 def run_pass(args) -> list[dict]:
     out = Path(args.out)
     work = out / "pass"
@@ -189,16 +218,22 @@ def run_pass(args) -> list[dict]:
     start = time.perf_counter()
     deadline = start + args.budget_s
     rows: list[dict] = []
+    device_label = None
     for item in plan(args, work):
         left = deadline - time.perf_counter() - PACK_RESERVE_S
         row = {"item": item.name, "timeout_s": item.timeout_s}
-        if left < item.min_s:
+        done = already_done(item, device_label, args)
+        if done:
+            row.update(status="skipped", seconds=0.0, error=f"{done} (--redo runs it again)")
+        elif left < item.min_s:
             row.update(status="skipped", seconds=0.0, error=f"{left:.0f} s of the budget left, needs {item.min_s:.0f}")
         else:
             timeout = min(item.timeout_s, left)
             t0 = time.perf_counter()
             status, error = run_item(item, timeout, work / "logs" / f"{item.name}.log", root)
             row.update(status=status, seconds=time.perf_counter() - t0, error=error, timeout_s=timeout)
+            if item.name == "env" and status == "ok":
+                device_label = json.loads((work / "results" / "env.json").read_text()).get("device_label")
         rows.append(row)
         print(f"[gpu-pass] {item.name}: {row['status']} ({row['seconds']:.0f} s) {row['error'][:200]}", flush=True)
         (work / "items.json").write_text(json.dumps({"budget_s": args.budget_s, "smoke": args.smoke,
@@ -327,16 +362,19 @@ def pack(work: Path, archive: Path) -> Path:
 # Items implemented here: env, cifar
 
 
-def env_info(out: Path) -> dict:
+def env_info(out: Path, smoke: bool = False) -> dict:
     import platform
 
     import torch
     import torchvision
 
+    from .common import device_name, gpu_or_cpu
+
     info = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "cpu_cores": os.cpu_count(),
             "cuda_available": torch.cuda.is_available(), "tf32_convolutions": torch.backends.cudnn.allow_tf32,
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "device_label": device_name(gpu_or_cpu(smoke))}  # the result files' device, as the benchmarks name it
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
     except (OSError, StopIteration):
@@ -651,18 +689,23 @@ def main(argv=None) -> int:
         q.add_argument("--budget-s", type=float, default=480.0, help="seconds for the whole pass (default 480)")
         q.add_argument("--smoke", action="store_true", help="the whole pass on a CPU at tiny sizes")
         q.add_argument("--items", default=None, help="only these items, comma-separated")
-        q.add_argument("--resume-from", default="docs/results/full/runs",
-                       help="where unfinished runs of an earlier pass are (default docs/results/full/runs)")
+        q.add_argument("--resume-from", default=None, help="where the runs of earlier passes are (default "
+                       "docs/results/full/runs; with --smoke none: a smoke pass never continues full-length runs)")
+        q.add_argument("--redo", action="store_true",
+                       help="run items whose results are committed already (by default they are skipped)")
+        q.add_argument("--committed", default=str(Path("benchmarks") / "results"),
+                       help="where committed result files are looked for (default benchmarks/results)")
         q.add_argument("--inject-slow", type=float, default=0.0, help=argparse.SUPPRESS)
     p = sub.add_parser("env", help="item 1 alone")
     p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true")
     p = sub.add_parser("cifar", help="the CIFAR runs of items 4 and 6")
     p.add_argument("--nets", required=True)
     p.add_argument("--runs", required=True)
     p.add_argument("--results", required=True)
     p.add_argument("--data", default=None)
     p.add_argument("--fp32", action="store_true", help="also ResNet-20 with the paper's fp32")
-    p.add_argument("--resume-from", default="docs/results/full/runs", help="run folders an earlier pass left")
+    p.add_argument("--resume-from", default=None, help="run folders an earlier pass left (as the pass's)")
     p.add_argument("--parallel", type=int, default=6)
     p.add_argument("--smoke", action="store_true")
     p = sub.add_parser("steps", help="the nets timed alone (item cifar-steps)")
@@ -674,8 +717,10 @@ def main(argv=None) -> int:
     p.add_argument("archive")
     p.add_argument("--root", default=".", help="the source checkout (default: here)")
     args = parser.parse_args(argv)
+    if getattr(args, "resume_from", "") is None:
+        args.resume_from = str(SCRATCH / "no-earlier-runs") if args.smoke else RESUME_FROM
     if args.command == "env":
-        env_info(Path(args.out))
+        env_info(Path(args.out), args.smoke)
         return 0
     if args.command == "cifar":
         return cifar(args)
