@@ -24,7 +24,8 @@ def smoke_pass(tmp_path_factory):
     # cifar-rest runs the same code as cifar-full (other nets), so the suite leaves it out to save its 10 s.
     items = "env,slow,cuda-tests,cifar-steps,imagenet-throughput,inference,cifar-full,cifar-speedrun,jpeg-pipeline"
     proc = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}",
-                           f"ARGS=--smoke --out {out} --budget-s 600 --inject-slow 3 --items {items}"],
+                           f"ARGS=--smoke --out {out} --budget-s 600 --inject-slow 3 --items {items} "
+                           f"--committed {out / 'nothing-committed'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
     return out, proc
 
