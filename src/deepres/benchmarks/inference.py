@@ -47,7 +47,9 @@ def main(argv=None) -> int:
     reference, ref_mem = measure(args, device, ours=False)
     write_result(f"inference-{args.model}", device, "inference images/s", ours, reference, target=None, out=args.out,
                  batch_size=args.batch_size, image_size=args.size, peak_memory_mib_ours=ours_mem,
-                 peak_memory_mib_reference=ref_mem)
+                 peak_memory_mib_reference=ref_mem,
+                 # PyTorch's default on CUDA: the reference's fp32 convolutions run on the TF32 tensor cores
+                 reference_tf32_convolutions=torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None)
     return 0
 
 
