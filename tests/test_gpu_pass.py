@@ -125,7 +125,9 @@ def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path
     assert set(full["resnet20_test_error"]) == {"bf16 (fast settings)", "fp32 (paper)"}
     assert set(full["resnet56_test_error"]) == {"paper start (lr 0.1)", "linear warm-up over 1%"}
     docs = tmp_path / "docs" / "results" / "full"
-    assert (docs / "gpu-pass" / "items.json").is_file() and (docs / "gpu-pass" / "env.json").is_file()
+    (record,) = (docs / "gpu-pass").iterdir()  # the pass's own folder, named by its start (UTC)
+    assert record.name.endswith("Z") and record.name[:2] == "20" and done["record"] == str(record)
+    assert {"items.json", "env.json", "test_cuda.xml", "logs"} <= {p.name for p in record.iterdir()}
     assert len(done["reports"]) == 3
     precision = (docs / "precision" / "report.md").read_text()
     errors = {name: json.loads((docs / "runs" / name / "summary.json").read_text())["test_top1_error"]

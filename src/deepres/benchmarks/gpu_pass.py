@@ -216,6 +216,7 @@ def run_pass(args) -> list[dict]:
     if not (root / "tests" / "test_cuda.py").is_file():
         raise SystemExit("run the GPU pass from the root of a deepres source checkout (it runs tests/test_cuda.py)")
     start = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # names the pass's folder once unpacked
     deadline = start + args.budget_s
     rows: list[dict] = []
     device_label = None
@@ -236,8 +237,8 @@ def run_pass(args) -> list[dict]:
                 device_label = json.loads((work / "results" / "env.json").read_text()).get("device_label")
         rows.append(row)
         print(f"[gpu-pass] {item.name}: {row['status']} ({row['seconds']:.0f} s) {row['error'][:200]}", flush=True)
-        (work / "items.json").write_text(json.dumps({"budget_s": args.budget_s, "smoke": args.smoke,
-                                                      "items": rows}, indent=2) + "\n")
+        (work / "items.json").write_text(json.dumps({"started": started, "budget_s": args.budget_s,
+                                                      "smoke": args.smoke, "items": rows}, indent=2) + "\n")
         pack(work, out / ARCHIVE)
     print_table(rows, time.perf_counter() - start, out / ARCHIVE)
     return rows
@@ -649,12 +650,16 @@ def unpack(archive: Path, root: Path) -> dict:
             if path.name != "env.json":
                 shutil.copy2(path, results / path.name)
                 copied.append(path.name)
-        (full / "gpu-pass").mkdir(parents=True, exist_ok=True)
+        # Each pass's own record (items, environment, test report, logs) in a folder named by its start (UTC): a
+        # later pass, which skips what is committed, does not overwrite the one that ran it.
+        items = json.loads((src / "items.json").read_text()) if (src / "items.json").is_file() else {}
+        record = full / "gpu-pass" / items.get("started", "undated").replace(":", "")
+        record.mkdir(parents=True, exist_ok=True)
         for name in ("items.json", "results/env.json", "results/test_cuda.xml"):
             if (src / name).is_file():
-                shutil.copy2(src / name, full / "gpu-pass" / Path(name).name)
+                shutil.copy2(src / name, record / Path(name).name)
         if (src / "logs").is_dir():
-            shutil.copytree(src / "logs", full / "gpu-pass" / "logs", dirs_exist_ok=True)
+            shutil.copytree(src / "logs", record / "logs", dirs_exist_ok=True)
         if (src / "runs").is_dir():
             shutil.copytree(src / "runs", full / "runs", dirs_exist_ok=True)
         env = json.loads((src / "results" / "env.json").read_text()) if (src / "results" / "env.json").is_file() \
@@ -666,13 +671,12 @@ def unpack(archive: Path, root: Path) -> dict:
         complete = lambda nets: all((full / "runs" / _run_name(n) / "summary.json").is_file() for n in nets)  # noqa
         if complete(FULL_NETS):
             # The reports ask for exactly what the pass trained (reproduce reuses a run only for its own config).
-            items = json.loads((src / "items.json").read_text()) if (src / "items.json").is_file() else {}
             overrides = precision_overrides(bool(env.get("cuda_available"))) + \
                 (list(SMOKE_SIZES) if items.get("smoke") else [])
             options = Options(scale="full", depths=[20, 56], out=full, parallel=1, overrides=overrides)
             reports.append(str(run_experiment("cifar-degradation", options)))
             reports.append(str(run_experiment("cifar-table6", options)))
-        return {"results": copied, "runs": sorted(p.name for p in (full / "runs").glob("*")) if (full / "runs").is_dir()
+        return {"results": copied, "record": str(record), "runs": sorted(p.name for p in (full / "runs").glob("*")) if (full / "runs").is_dir()
                 else [], "reports": reports}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
