@@ -623,17 +623,18 @@ HONOURED_BY_EVERY_STEP = frozenset({
     "schedule.warmup_until_train_error", "schedule.min_lr",
     "train.iterations", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.seed", "train.eval_every",
     "train.test_every", "train.checkpoint_every", "train.log_every", "train.channels_last", "train.cuda_graph",
-    "train.deterministic", "train.stop_at_accuracy", "train.dist_timeout_s", "train.fit_to_data",
+    "train.deterministic", "train.stop_at_accuracy", "train.dist_timeout_s", "train.fit_to_data", "train.tf32",
     "task.label_smoothing", "task.teacher", "task.temperature", "task.alpha", "task.pseudo_labels", "task.threshold",
     "finetune.mode", "finetune.backbone_lr_scale",
 })
 
 
 # Keys that say where and how fast a run trains, not what it trains: two configs that differ only in these describe
-# the same run (a run trained on a GPU and read back on a CPU, with the data at another path).
-ENVIRONMENT_KEYS = frozenset({"name", "train.device", "train.cuda_graph", "train.compile", "data.data_dir",
-                              "data.cache_dir", "data.num_workers", "data.loader", "train.eval_batch_size",
-                              "train.dist_timeout_s"})
+# the same run (a run trained on a GPU and read back on a CPU, with the data at another path). train.tf32 is one, as
+# train.compile: both round fp32 arithmetic differently on a GPU, neither changes the experiment (and a CPU ignores it).
+ENVIRONMENT_KEYS = frozenset({"name", "train.device", "train.cuda_graph", "train.compile", "train.tf32",
+                              "data.data_dir", "data.cache_dir", "data.num_workers", "data.loader",
+                              "train.eval_batch_size", "train.dist_timeout_s"})
 
 
 def config_differences(a: Config, b: Config, ignore=ENVIRONMENT_KEYS) -> dict[str, tuple]:
