@@ -528,6 +528,8 @@ def cifar(args) -> int:
                                   batch_size=8 if args.smoke else 128,
                                   workers=0 if args.smoke else min(16, os.cpu_count() or 1), val_size=0)
             reference[net] = {k: ref[k] for k in ("seconds", "seconds_per_step", "measured_steps", "extrapolated")}
+            # eager fp32 with PyTorch's CUDA default: convolutions on the TF32 tensor cores (a faster reference)
+            reference[net]["tf32_convolutions"] = torch.backends.cudnn.allow_tf32 if gpu else None
     for net, ref in reference.items():
         row = table[_run_name(net)]
         if row.get("iterations") != iterations or row.get("resumed") or not row.get("train_seconds"):
