@@ -172,6 +172,30 @@ def test_what_an_earlier_pass_brought_back_is_not_run_again(smoke_pass, tmp_path
     assert rows["inference"]["status"] == "ok"
 
 
+def test_the_precision_report_compares_each_pair_and_names_a_diverged_run(tmp_path):
+    errors = {"cifar10-resnet20-s0": 8.5, FP32_RUN: 8.95, "cifar10-resnet56-s0": None, WARMUP_RUN: 6.9}
+    for name, error in errors.items():
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("train:\n  batch_size: 128\n")
+        summary = {"iterations": 64000, "splits": {"train": 50000, "test": 10000}, "data": "cifar10-jpeg",
+                   "amp": "off" if name == FP32_RUN else "bf16", "tf32": False, "step": "graph",
+                   "channels_last": name != FP32_RUN, "train_seconds": 50.0}
+        if error is None:
+            summary["diverged"] = True
+        else:
+            summary["test_top1_error"] = error
+        (run / "summary.json").write_text(json.dumps(summary))
+    text = gpu_pass.precision_report(tmp_path, {"gpu": "NVIDIA H200", "torch": "2.11.0"}).read_text()
+    assert "Device: NVIDIA H200; torch 2.11.0" in text and "64,000 iterations at batch 128 on 50,000" in text
+    assert f"| ResNet-20 | {FP32_RUN} | fp32 (no TF32), graph step | the paper's fp32 | 8.95 | 8.75 | 50 |" in text
+    assert "| ResNet-20 | cifar10-resnet20-s0 | bf16 autocast, graph step, channels_last |" in text
+    assert "the fast settings against the paper's fp32: -0.45 points (beyond the seed spread)" in text
+    assert "no comparison, cifar10-resnet56-s0 diverged" in text and "| diverged | 6.97 |" in text
+    (tmp_path / "runs" / WARMUP_RUN / "summary.json").unlink()
+    assert gpu_pass.precision_report(tmp_path, {}) is None  # a pair not complete yet: no report
+
+
 def test_a_smoke_pass_never_continues_the_committed_full_length_runs(monkeypatch):
     seen = []
     monkeypatch.setattr(gpu_pass, "cifar", lambda args: seen.append(args.resume_from) or 0)

@@ -587,6 +587,8 @@ def _settings(summary: dict) -> str:
 def precision_report(full: Path, env: dict) -> Path | None:
     """``full/precision/report.md``: the fast settings against the paper's fp32 (ResNet-20), and the paper's start
     against a warm-up (ResNet-56), one seed each, from the returned runs; None when a pair is incomplete."""
+    import yaml
+
     from ..experiments.cifar import PAPER_TABLE6
 
     summaries = {}
@@ -596,7 +598,9 @@ def precision_report(full: Path, env: dict) -> Path | None:
             if not path.is_file():
                 return None
             summaries[name] = json.loads(path.read_text())
-    import yaml
+
+    def error(name: str) -> float | None:  # None: the run diverged
+        return summaries[name].get("test_top1_error")
 
     device = env.get("gpu") or env.get("cpu") or "unknown device"
     name = PRECISION_PAIRS[0][0][0]
@@ -612,14 +616,20 @@ def precision_report(full: Path, env: dict) -> Path | None:
         for name, net, what in pair:
             s = summaries[name]
             depth = int(net.split("-")[1])
-            lines.append(f"| {net} | {name} | {_settings(s)} | {what} | {s['test_top1_error']:.2f} | "
-                         f"{PAPER_TABLE6[depth][1]} | {s['train_seconds']:.0f} |")
+            shown = "diverged" if error(name) is None else f"{error(name):.2f}"
+            seconds = f"{s['train_seconds']:.0f}" if s.get("train_seconds") is not None else "-"
+            lines.append(f"| {net} | {name} | {_settings(s)} | {what} | {shown} | {PAPER_TABLE6[depth][1]} | "
+                         f"{seconds} |")
     lines += ["", "## Findings", "",
               f"One seed each. The paper's seed spread: ResNet-110 over 5 runs, standard deviation {PAPER_SEED_STD} "
               f"(6.61 +/- 0.16); a difference under two of them ({2 * PAPER_SEED_STD:.2f} points) is within what "
-              f"seeds alone move.", ""]
+              f"seeds alone move. Each difference is the first run's test error minus the second's.", ""]
     for (fast, net, what), (ref, _, ref_what) in PRECISION_PAIRS:
-        diff = summaries[fast]["test_top1_error"] - summaries[ref]["test_top1_error"]
+        if error(fast) is None or error(ref) is None:
+            lines.append(f"- {net}, {what} against {ref_what}: no comparison, "
+                         f"{' and '.join(n for n in (fast, ref) if error(n) is None)} diverged")
+            continue
+        diff = error(fast) - error(ref)
         within = abs(diff) < 2 * PAPER_SEED_STD
         lines.append(f"- {net}, {what} against {ref_what}: {diff:+.2f} points "
                      f"({'within' if within else 'beyond'} the seed spread)")
@@ -627,7 +637,6 @@ def precision_report(full: Path, env: dict) -> Path | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     return out
-
 
 
 def unpack(archive: Path, root: Path) -> dict:
@@ -678,8 +687,8 @@ def unpack(archive: Path, root: Path) -> dict:
             options = Options(scale="full", depths=[20, 56], out=full, parallel=1, overrides=overrides)
             reports.append(str(run_experiment("cifar-degradation", options)))
             reports.append(str(run_experiment("cifar-table6", options)))
-        return {"results": copied, "record": str(record), "runs": sorted(p.name for p in (full / "runs").glob("*")) if (full / "runs").is_dir()
-                else [], "reports": reports}
+        runs = sorted(p.name for p in (full / "runs").glob("*")) if (full / "runs").is_dir() else []
+        return {"results": copied, "record": str(record), "runs": runs, "reports": reports}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
