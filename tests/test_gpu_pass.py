@@ -132,7 +132,7 @@ def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path
     precision = (docs / "precision" / "report.md").read_text()
     errors = {name: json.loads((docs / "runs" / name / "summary.json").read_text())["test_top1_error"]
               for name in ("cifar10-resnet20-s0", FP32_RUN, "cifar10-resnet56-s0", WARMUP_RUN)}
-    row = f"| ResNet-20 | {FP32_RUN} | fp32, eager step | the paper's fp32 | {errors[FP32_RUN]:.2f} | 8.75 |"
+    row = f"| ResNet-20 | {FP32_RUN} | eager step, fp32 | the paper's fp32 | {errors[FP32_RUN]:.2f} | 8.75 |"
     assert row in precision
     bf16_vs_fp32 = errors["cifar10-resnet20-s0"] - errors[FP32_RUN]
     assert f"- ResNet-20, the fast settings against the paper's fp32: {bf16_vs_fp32:+.2f} points" in precision
@@ -188,8 +188,8 @@ def test_the_precision_report_compares_each_pair_and_names_a_diverged_run(tmp_pa
         (run / "summary.json").write_text(json.dumps(summary))
     text = gpu_pass.precision_report(tmp_path, {"gpu": "NVIDIA H200", "torch": "2.11.0"}).read_text()
     assert "Device: NVIDIA H200; torch 2.11.0" in text and "64,000 iterations at batch 128 on 50,000" in text
-    assert f"| ResNet-20 | {FP32_RUN} | fp32 (no TF32), graph step | the paper's fp32 | 8.95 | 8.75 | 50 |" in text
-    assert "| ResNet-20 | cifar10-resnet20-s0 | bf16 autocast, graph step, channels_last |" in text
+    assert f"| ResNet-20 | {FP32_RUN} | graph step, fp32 (no TF32) | the paper's fp32 | 8.95 | 8.75 | 50 |" in text
+    assert "| ResNet-20 | cifar10-resnet20-s0 | graph step, bf16, channels_last |" in text
     assert "the fast settings against the paper's fp32: -0.45 points (beyond the seed spread)" in text
     assert "no comparison, cifar10-resnet56-s0 diverged" in text and "| diverged | 6.97 |" in text
     (tmp_path / "runs" / WARMUP_RUN / "summary.json").unlink()

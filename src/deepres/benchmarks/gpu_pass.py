@@ -565,9 +565,6 @@ def cifar(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Unpacking here
 
-# The paper's seed spread on CIFAR-10: ResNet-110 over 5 runs, 6.61 +/- 0.16 (Table 6). Two of its standard deviations
-# are what one seed against one seed can tell apart.
-PAPER_SEED_STD = 0.16
 # (run, the net's label, what differs) of the precision report, in pairs: the fast run, then the one it is held to.
 PRECISION_PAIRS = [
     (("cifar10-resnet20-s0", "ResNet-20", "the fast settings"), (FP32_RUN, "ResNet-20", "the paper's fp32")),
@@ -576,20 +573,17 @@ PRECISION_PAIRS = [
 ]
 
 
-def _settings(summary: dict) -> str:
-    """What a run computed with, read from its summary."""
-    amp = {"off": "fp32" + (" (no TF32)" if summary.get("tf32") is False else ""), "bf16": "bf16 autocast",
-           "fp16": "fp16 autocast"}.get(summary.get("amp"), str(summary.get("amp")))
-    parts = [amp, f"{summary.get('step')} step"] + (["channels_last"] if summary.get("channels_last") else [])
-    return ", ".join(parts)
-
-
 def precision_report(full: Path, env: dict) -> Path | None:
     """``full/precision/report.md``: the fast settings against the paper's fp32 (ResNet-20), and the paper's start
     against a warm-up (ResNet-56), one seed each, from the returned runs; None when a pair is incomplete."""
     import yaml
 
-    from ..experiments.cifar import PAPER_TABLE6
+    from ..experiments.base import run_settings
+    from ..experiments.cifar import PAPER_110_MEAN, PAPER_TABLE6
+
+    # The paper's seed spread on CIFAR-10 (ResNet-110 over 5 runs): two of its standard deviations are what one seed
+    # against one seed can tell apart.
+    mean, std = PAPER_110_MEAN
 
     summaries = {}
     for pair in PRECISION_PAIRS:
@@ -618,11 +612,11 @@ def precision_report(full: Path, env: dict) -> Path | None:
             depth = int(net.split("-")[1])
             shown = "diverged" if error(name) is None else f"{error(name):.2f}"
             seconds = f"{s['train_seconds']:.0f}" if s.get("train_seconds") is not None else "-"
-            lines.append(f"| {net} | {name} | {_settings(s)} | {what} | {shown} | {PAPER_TABLE6[depth][1]} | "
+            lines.append(f"| {net} | {name} | {run_settings(s)} | {what} | {shown} | {PAPER_TABLE6[depth][1]} | "
                          f"{seconds} |")
     lines += ["", "## Findings", "",
-              f"One seed each. The paper's seed spread: ResNet-110 over 5 runs, standard deviation {PAPER_SEED_STD} "
-              f"(6.61 +/- 0.16); a difference under two of them ({2 * PAPER_SEED_STD:.2f} points) is within what "
+              f"One seed each. The paper's seed spread: ResNet-110 over 5 runs, standard deviation {std} "
+              f"({mean} +/- {std}); a difference under two of them ({2 * std:.2f} points) is within what "
               f"seeds alone move. Each difference is the first run's test error minus the second's.", ""]
     for (fast, net, what), (ref, _, ref_what) in PRECISION_PAIRS:
         if error(fast) is None or error(ref) is None:
@@ -630,7 +624,7 @@ def precision_report(full: Path, env: dict) -> Path | None:
                          f"{' and '.join(n for n in (fast, ref) if error(n) is None)} diverged")
             continue
         diff = error(fast) - error(ref)
-        within = abs(diff) < 2 * PAPER_SEED_STD
+        within = abs(diff) < 2 * std
         lines.append(f"- {net}, {what} against {ref_what}: {diff:+.2f} points "
                      f"({'within' if within else 'beyond'} the seed spread)")
     out = full / "precision" / "report.md"

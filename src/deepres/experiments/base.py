@@ -345,7 +345,14 @@ def environment() -> dict:
 
 
 def _precision(summary: dict) -> str:
-    return {"off": "fp32", None: "fp32"}.get(summary.get("amp"), summary.get("amp"))
+    fp32 = "fp32 (no TF32)" if summary.get("tf32") is False else "fp32"  # tf32 is recorded on CUDA only
+    return {"off": fp32, None: fp32}.get(summary.get("amp"), summary.get("amp"))
+
+
+def run_settings(summary: dict) -> str:
+    """What one run computed with, from its summary: step kind, precision, memory format."""
+    return f"{summary.get('step', 'eager')} step, {_precision(summary)}" + (
+        ", channels_last" if summary.get("channels_last") else "")
 
 
 def engine_line(results: list[RunResult], parallel: int) -> str:
@@ -356,8 +363,7 @@ def engine_line(results: list[RunResult], parallel: int) -> str:
         if s.get("diverged"):
             key = "diverged"
         else:
-            key = (f"{s.get('step', 'eager')} step, {_precision(s)}" + (", channels_last" if s.get("channels_last")
-                                                                         else ""))
+            key = run_settings(s)
         settings[key] = settings.get(key, 0) + 1
     how = "one after another in this process" if parallel == 1 else f"{parallel} processes at a time"
     return (f"Engine: the training loop (`deepres train`), {len(results)} runs, {how}: "
