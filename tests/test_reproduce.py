@@ -1,5 +1,8 @@
 """deepres reproduce at smoke scale: runs, resume-or-skip, and the report with its figures."""
 
+import dataclasses
+import re
+
 import numpy as np
 import pytest
 
@@ -171,6 +174,16 @@ def test_parallel_runs_are_deepres_train_processes_that_feed_every_report(tiny_c
     (run / "summary.json").unlink()
     run_experiment("cifar-table6", options)
     assert json.loads((run / "summary.json").read_text())["iterations"] == 24 and rows() == before
+
+    # Fig. 7 over seeds: a second seed at depth 20 trains two more runs; each net's mean std over the seeds, and the
+    # findings weigh the difference against the seeds' spread.
+    responses = run_experiment("layer-responses", dataclasses.replace(options, seeds=2, depths=[20])).read_text()
+    assert re.search(r"\| resnet-20 \| 19 \| \d\.\d{3} \+/- \d\.\d{3} \(n=2\) \|", responses)
+    assert re.search(r"\| plain-20 \| 19 \| \d\.\d{3} \+/- \d\.\d{3} \(n=2\) \|", responses)
+    finding = responses.split("## The paper's findings on our runs", 1)[1]
+    assert re.search(r"- ResNet-20's responses are smaller than plain-20's \(mean std \d\.\d{3} vs \d\.\d{3}\): "
+                     r"(holds \(by|does not hold \()\d\.\d{3}.*; seed spread \d\.\d{3}: (beyond|within) it\)", finding)
+    assert "ResNet-56" not in finding and (tmp_path / "runs" / "cifar10-plain20-s1" / "summary.json").is_file()
 
 
 def test_waves_put_a_student_after_its_teacher(tmp_path):

@@ -165,19 +165,21 @@ def verdict(claim: str, holds: bool | None) -> str:
                              else "not measured (a run missing or diverged)")
 
 
-def lower(claim: str, higher: list[float] | None, lower_: list[float] | None) -> str:
-    """The findings line of a claim that one net's error (``lower_``, over seeds) is below another's (``higher``):
-    holds or not, by how many points, and whether the difference exceeds the seeds' spread (the larger of the two
-    standard deviations) when both have several seeds."""
+def lower(claim: str, higher: list[float] | None, lower_: list[float] | None, digits: int = 2,
+          unit: str = " points") -> str:
+    """The findings line of a claim that one net's value (``lower_``, over seeds; an error in points unless ``unit``
+    says otherwise) is below another's (``higher``): holds or not, by how much (to ``digits`` decimals), and whether
+    the difference exceeds the seeds' spread (the larger of the two standard deviations) when both have several
+    seeds."""
     if not higher or not lower_ or any(math.isnan(v) for v in higher + lower_):
         return verdict(claim, None)
-    diff = round(statistics.mean(higher) - statistics.mean(lower_), 2)  # a tie at two decimals: equal, not -0.00
-    line = verdict(claim, diff > 0) + (f" (by {diff:.2f} points" if diff > 0 else
-                                       f" ({-diff:.2f} points the other way" if diff < 0 else " (equal means")
+    diff = round(statistics.mean(higher) - statistics.mean(lower_), digits)  # a tie when rounded: equal, not -0.00
+    line = verdict(claim, diff > 0) + (f" (by {diff:.{digits}f}{unit}" if diff > 0 else
+                                       f" ({-diff:.{digits}f}{unit} the other way" if diff < 0 else " (equal means")
     if min(len(higher), len(lower_)) < 2:
         return line + ", one seed)"
     spread = max(statistics.stdev(higher), statistics.stdev(lower_))
-    return line + f"; seed spread {spread:.2f}: {'beyond' if abs(diff) > spread else 'within'} it)"
+    return line + f"; seed spread {spread:.{digits}f}: {'beyond' if abs(diff) > spread else 'within'} it)"
 
 
 def analyze_degradation(options: Options, results: list[RunResult], out: Path) -> str:
@@ -279,8 +281,7 @@ def plan_responses(options: Options) -> list[RunSpec]:
     chosen = options.depths or (LAPTOP_DEPTHS if options.scale == "laptop" else None)
     wanted = [(f, d) for f, d in RESPONSE_NETS if chosen is None or d in chosen]
     depths = sorted({d for _, d in wanted})
-    return [s for s in _runs(options, ["plain", "resnet"], depths)
-            if (s.meta["family"], s.meta["depth"]) in wanted and s.meta["seed"] == 0]
+    return [s for s in _runs(options, ["plain", "resnet"], depths) if (s.meta["family"], s.meta["depth"]) in wanted]
 
 
 def analyze_responses(options: Options, results: list[RunResult], out: Path) -> str:
@@ -289,22 +290,25 @@ def analyze_responses(options: Options, results: list[RunResult], out: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {}
+    curves: dict[str, list[list[float]]] = {}  # net -> each seed's std per layer
     test_images = None
-    for r in results:
+    for r in sorted(results, key=lambda r: r.spec.meta["seed"]):
         ckpt = load_checkpoint(r.run_dir / "checkpoints" / "last.pt")
         model, normalizer, config = load_for_inference(ckpt)
         if test_images is None:
             dataset = load_dataset(config.data)
             test_images = normalizer(dataset.test.images[:1000])
         stds = [row["std"] for row in layer_responses(model, test_images)]
-        curves[f"{r.spec.meta['family']}-{r.spec.meta['depth']}"] = stds
+        curves.setdefault(f"{r.spec.meta['family']}-{r.spec.meta['depth']}", []).append(stds)
+    seeds = max(len(runs) for runs in curves.values())
     fig, (ax_layer, ax_sorted) = plt.subplots(2, 1, figsize=(8, 7))
-    for label, stds in curves.items():
+    for label, runs in curves.items():
         style = "--" if label.startswith("plain") else "-"
-        ax_layer.plot(range(1, len(stds) + 1), stds, style, label=label)
-        ax_sorted.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, label=label)
-    ax_layer.set(xlabel="layer index (original)", ylabel="std")
+        layer_mean = [statistics.mean(column) for column in zip(*runs)]
+        sorted_mean = [statistics.mean(column) for column in zip(*(sorted(stds, reverse=True) for stds in runs))]
+        ax_layer.plot(range(1, len(layer_mean) + 1), layer_mean, style, label=label)
+        ax_sorted.plot(range(1, len(sorted_mean) + 1), sorted_mean, style, label=label)
+    ax_layer.set(xlabel="layer index (original)", ylabel="std" + (f", mean of {seeds} seeds" if seeds > 1 else ""))
     ax_sorted.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
     for ax in (ax_layer, ax_sorted):
         ax.grid(alpha=0.3)
@@ -312,25 +316,32 @@ def analyze_responses(options: Options, results: list[RunResult], out: Path) -> 
     fig.tight_layout()
     fig.savefig(out / "plots" / "layer_responses.png", dpi=110)
     plt.close(fig)
+    means = {label: [statistics.mean(stds) for stds in runs] for label, runs in curves.items()}  # per seed
     lines = [_data_line(options, results), "Standard deviation of each 3x3 layer's response (after BN, before the "
              "addition and ReLU) on 1,000 test images; the paper finds residual responses smaller than plain ones, "
-             "and smaller still in deeper ResNets.", "", "| net | layers | mean std |", "|---|---|---|"]
-    means = {label: statistics.mean(stds) for label, stds in curves.items()}
-    for label, stds in curves.items():
-        lines.append(f"| {label} | {len(stds)} | {means[label]:.3f} |")
+             "and smaller still in deeper ResNets. Mean std: the mean over a net's layers"
+             + (", then mean +/- std over seeds; the plot shows the seeds' mean per layer." if seeds > 1 else "."),
+             "", "| net | layers | mean std |", "|---|---|---|"]
+    for label, runs in curves.items():
+        values = means[label]
+        shown = (f"{statistics.mean(values):.3f} +/- {statistics.stdev(values):.3f} (n={len(values)})"
+                 if len(values) > 1 else f"{values[0]:.3f}")
+        lines.append(f"| {label} | {len(runs[0])} | {shown} |")
     lines += ["", "![layer responses](plots/layer_responses.png)", "", "## The paper's findings on our runs", ""]
-    smaller = lambda a, b: None if math.isnan(means[a]) or math.isnan(means[b]) else means[a] < means[b]  # noqa
+
+    def smaller(a: str, b: str) -> str:  # a's responses below b's, over seeds
+        name = lambda label: label.replace("resnet", "ResNet")  # noqa: E731
+        claim = (f"{name(a)}'s responses are smaller than {name(b)}'s (mean std {statistics.mean(means[a]):.3f} vs "
+                 f"{statistics.mean(means[b]):.3f})")
+        return lower(claim, means[b], means[a], digits=3, unit="")
+
     depths = sorted({int(label.split("-")[1]) for label in means})
     for depth in depths:
         if f"plain-{depth}" in means and f"resnet-{depth}" in means:
-            lines.append(verdict(f"ResNet-{depth}'s responses are smaller than plain-{depth}'s (mean std "
-                                 f"{means[f'resnet-{depth}']:.3f} vs {means[f'plain-{depth}']:.3f})",
-                                 smaller(f"resnet-{depth}", f"plain-{depth}")))
+            lines.append(smaller(f"resnet-{depth}", f"plain-{depth}"))
     resnets = [d for d in depths if f"resnet-{d}" in means]
     for shallow, deep in zip(resnets, resnets[1:]):
-        lines.append(verdict(f"ResNet-{deep}'s responses are smaller than ResNet-{shallow}'s (mean std "
-                             f"{means[f'resnet-{deep}']:.3f} vs {means[f'resnet-{shallow}']:.3f})",
-                             smaller(f"resnet-{deep}", f"resnet-{shallow}")))
+        lines.append(smaller(f"resnet-{deep}", f"resnet-{shallow}"))
     return "\n".join(lines)
 
 
