@@ -153,7 +153,7 @@ def test_what_an_earlier_pass_brought_back_is_not_run_again(smoke_pass, tmp_path
     unpack(out / ARCHIVE, root)
     committed, runs = root / "benchmarks" / "results", root / "docs" / "results" / "full" / "runs"
 
-    def second_pass(items="env,inference,cifar-full,jpeg-pipeline", *extra):
+    def second_pass(items="env,cifar-steps,inference,cifar-full,jpeg-pipeline", *extra):
         again = tmp_path / f"again-{len(list(tmp_path.iterdir()))}"
         proc = subprocess.run([sys.executable, "-m", "deepres.benchmarks.gpu_pass", "--smoke", "--out", str(again),
                                "--committed", str(committed), "--resume-from", str(runs), "--items", items, *extra],
@@ -162,12 +162,18 @@ def test_what_an_earlier_pass_brought_back_is_not_run_again(smoke_pass, tmp_path
 
     rows, proc = second_pass()
     assert {name: row["status"] for name, row in rows.items()} == {
-        "env": "ok", "inference": "skipped", "cifar-full": "skipped", "jpeg-pipeline": "skipped"}, proc.stdout
+        "env": "ok", "cifar-steps": "skipped", "inference": "skipped", "cifar-full": "skipped",
+        "jpeg-pipeline": "skipped"}, proc.stdout
     assert "committed: " in rows["inference"]["error"] and "inference-resnet18-cpu" in rows["inference"]["error"]
     assert "6 finished runs" in rows["cifar-full"]["error"]
     (committed / next(committed.glob("jpeg-pipeline-*.json")).name).unlink()  # no longer committed: it runs
-    rows, _ = second_pass("env,inference,jpeg-pipeline")
+    steps = next(committed.glob("cifar-steps-*.json"))  # an item stopped before its last net: it runs again
+    result = json.loads(steps.read_text())
+    assert result["nets_asked"] == list(result["nets"]) == ["resnet20"]
+    steps.write_text(json.dumps({**result, "nets": {}}))
+    rows, _ = second_pass("env,cifar-steps,inference,jpeg-pipeline")
     assert rows["jpeg-pipeline"]["status"] == "ok" and rows["inference"]["status"] == "skipped"
+    assert rows["cifar-steps"]["status"] == "ok"
     rows, _ = second_pass("env,inference", "--redo")
     assert rows["inference"]["status"] == "ok"
 

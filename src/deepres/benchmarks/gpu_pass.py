@@ -195,7 +195,12 @@ def already_done(item: Item, device_label: str | None, args) -> str | None:
         return None
     if item.result:
         path = Path(args.committed) / f"{item.result}-{device_label}.json"
-        return f"committed: {path}" if path.is_file() else None
+        if not path.is_file():
+            return None
+        result = json.loads(path.read_text())
+        if set(result.get("nets_asked", ())) - set(result.get("nets", {})):  # stopped before its last net
+            return None
+        return f"committed: {path}"
     if item.runs:
         iterations = 12 if args.smoke else 64000
         for name in item.runs:
@@ -420,7 +425,7 @@ def step_times(args) -> dict:
     """Each of ``args.nets`` alone on the device, the paper's recipe with the pass's fast settings, stopped after
     STEPS_WARMUP + STEPS_TIMED steps: the steady seconds per step over the timed ones, and the recipe's wall time for
     one run alone projected as (its first steps, capture included) + (the remaining steps at the timed rate). Written
-    to ``cifar-steps-<device>.json``."""
+    to ``cifar-steps-<device>.json`` after each net, so an item stopped at its timeout keeps the nets it finished."""
     import torch
 
     from ..config import load_config
@@ -454,16 +459,16 @@ def step_times(args) -> dict:
                      "peak_memory_mib": summary["peak_memory_mib"]}
         print(f"[cifar-steps] {net}: {per_step * 1e3:.3f} ms/step alone, recipe projected "
               f"{nets[net]['projected_recipe_seconds']:.1f} s", flush=True)
-    out = {"benchmark": "cifar-steps", "device": device_name(device), "torch": torch.__version__,
-           "metric": f"one run alone on the device: seconds per step over {timed} steps after {warm} (the capture and "
-                     f"cuDNN's autotuning among them), batch {config.train.batch_size}; projected wall time of the "
-                     f"{iterations}-iteration recipe = the first {warm} steps as measured + the rest at that rate "
-                     f"(a projection, not a measured run: cifar-recipe-* are the measured wall times)",
-           "iterations": iterations, "warmup_steps": warm, "timed_steps": timed,
-           "settings": precision_overrides(gpu), "nets": nets}
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"cifar-steps-{device_name(device)}.json").write_text(json.dumps(out, indent=2) + "\n")
+        out = {"benchmark": "cifar-steps", "device": device_name(device), "torch": torch.__version__,
+               "metric": f"one run alone on the device: seconds per step over {timed} steps after {warm} (the capture "
+                         f"and cuDNN's autotuning among them), batch {config.train.batch_size}; projected wall time of "
+                         f"the {iterations}-iteration recipe = the first {warm} steps as measured + the rest at that "
+                         f"rate (a projection, not a measured run: cifar-recipe-* are the measured wall times)",
+               "iterations": iterations, "warmup_steps": warm, "timed_steps": timed,
+               "settings": precision_overrides(gpu), "nets": nets, "nets_asked": args.nets.split(",")}
+        results = Path(args.results)
+        results.mkdir(parents=True, exist_ok=True)
+        (results / f"cifar-steps-{device_name(device)}.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
