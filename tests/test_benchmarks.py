@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from deepres.benchmarks.common import cpu_label
+from deepres.benchmarks.common import cpu_label, measure_ours
 
 KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", "target"}
 
@@ -103,6 +103,31 @@ def test_imagenet_throughput_records_the_resnet50_bars(tmp_path):
     result = json.loads(path.read_text())
     assert result["target"] == {"ratio_min": 1.5, "images_per_s_min": 4500.0}
     assert result["meets_target"] is False and result["image_size"] == 32
+
+
+def test_ours_is_recorded_eager_first_and_kept_when_compilation_fails():
+    """The GPU benchmarks write ours eager before compiling, so a compiler that fails or is stopped mid-way leaves a
+    result; a finished compiled measurement replaces it."""
+    written = []
+
+    def measure(compiled):
+        if compiled and fail:
+            raise RuntimeError("inductor: no working C compiler")
+        return (300.0, 10.0) if compiled else (200.0, 12.0)
+
+    fail = False
+    fields = measure_ours(measure, True, written.append)
+    assert written[0] == {"ours": 200.0, "peak_memory_mib_ours": 12.0, "ours_eager": 200.0, "compiled": False,
+                          "unfinished": "the compiled measurement was still running"}
+    assert written[1] == fields == {"ours": 300.0, "peak_memory_mib_ours": 10.0, "ours_eager": 200.0,
+                                    "compiled": True}
+    written.clear()
+    fail = True
+    fields = measure_ours(measure, True, written.append)
+    assert fields["ours"] == 200.0 and not fields["compiled"] and "unfinished" not in written[-1]
+    assert fields["compile_error"] == "RuntimeError: inductor: no working C compiler" == written[-1]["compile_error"]
+    written.clear()
+    assert measure_ours(measure, False, written.append)["compiled"] is False and len(written) == 1  # the CPU: eager
 
 
 @pytest.mark.parametrize("model, flags, label", [

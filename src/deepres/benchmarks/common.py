@@ -63,6 +63,28 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int, step
     return (time.perf_counter() - t0) / steps
 
 
+def measure_ours(measure: Callable[[bool], tuple[float, float | None]], compile_wanted: bool,
+                 record: Callable[[dict], object]) -> dict:
+    """Ours eager (``measure(False)``: images/s, peak MiB), then compiled (``measure(True)``) when ``compile_wanted``.
+    The eager number is recorded first (``record(fields)`` writes the result file; it gets a dict of its own), marked
+    ``unfinished``, so a compilation that fails, or never finishes before the caller is stopped, still leaves a
+    result saying so; the compiled number replaces it as ``ours`` when it comes. Returns the result's fields:
+    ``ours``, ``peak_memory_mib_ours``, ``ours_eager``, ``compiled`` and, when compilation failed,
+    ``compile_error``."""
+    rate, memory = measure(False)
+    fields = {"ours": rate, "peak_memory_mib_ours": memory, "ours_eager": rate, "compiled": False}
+    if compile_wanted:
+        record({**fields, "unfinished": "the compiled measurement was still running"})
+        try:
+            rate, memory = measure(True)
+            fields.update(ours=rate, peak_memory_mib_ours=memory, compiled=True)
+        except Exception as exc:  # any compiler failure: the eager result stands, with the reason
+            fields["compile_error"] = f"{type(exc).__name__}: {exc}"[:600]
+            print(f"compiled measurement failed, keeping the eager one: {fields['compile_error']}", flush=True)
+    record(dict(fields))
+    return fields
+
+
 def peak_memory_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 

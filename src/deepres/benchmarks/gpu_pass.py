@@ -197,10 +197,8 @@ def already_done(item: Item, device_label: str | None, args) -> str | None:
         path = Path(args.committed) / f"{item.result}-{device_label}.json"
         if not path.is_file():
             return None
-        result = json.loads(path.read_text())
-        if set(result.get("nets_asked", ())) - set(result.get("nets", {})):  # stopped before its last net
-            return None
-        return f"committed: {path}"
+        # A result written before its item finished (the item stopped at its timeout) says so: run it again.
+        return None if json.loads(path.read_text()).get("unfinished") else f"committed: {path}"
     if item.runs:
         iterations = 12 if args.smoke else 64000
         for name in item.runs:
@@ -465,7 +463,10 @@ def step_times(args) -> dict:
                          f"the {iterations}-iteration recipe = the first {warm} steps as measured + the rest at that "
                          f"rate (a projection, not a measured run: cifar-recipe-* are the measured wall times)",
                "iterations": iterations, "warmup_steps": warm, "timed_steps": timed,
-               "settings": precision_overrides(gpu), "nets": nets, "nets_asked": args.nets.split(",")}
+               "settings": precision_overrides(gpu), "nets": nets}
+        left = [n for n in args.nets.split(",") if n not in nets]
+        if left:
+            out["unfinished"] = f"not yet timed: {', '.join(left)}"
         results = Path(args.results)
         results.mkdir(parents=True, exist_ok=True)
         (results / f"cifar-steps-{device_name(device)}.json").write_text(json.dumps(out, indent=2) + "\n")
