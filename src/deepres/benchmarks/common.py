@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -85,8 +86,22 @@ def measure_ours(measure: Callable[[bool], tuple[float, float | None]], compile_
     return fields
 
 
-def peak_memory_mib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+def images_per_s(step: Callable[[], None], device: torch.device, args) -> tuple[float, float | None]:
+    """Images/s of ``step`` (one batch of ``args.batch_size``) over ``args.steps`` after ``args.warmup`` untimed
+    steps, and the peak GPU memory (MiB) it took (None on a CPU)."""
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_steps(step, device, args.warmup, args.steps)
+    return args.batch_size / seconds, torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None
+
+
+def parse_model_arguments(prog: str, description: str, argv) -> tuple[argparse.Namespace, torch.device]:
+    """The command line of a model-speed benchmark (``model_arguments``) and its device, defaults filled in."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    model_arguments(parser)
+    args = parser.parse_args(argv)
+    return args, resolve_model_arguments(args)
 
 
 def model_arguments(parser) -> None:

@@ -9,15 +9,12 @@ CPU smoke (CI): ``deepres benchmark imagenet-throughput --smoke`` (ResNet-18, 64
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 import torchvision
 
 from ..models import create_model
-from .common import (measure_ours, model_arguments, peak_memory_mib, resolve_model_arguments, time_steps,
-                     write_result)
+from .common import images_per_s, measure_ours, parse_model_arguments, write_result
 
 # ResNet-50 training at 224 on one H200 (issue 14): at least 4,500 images/s and 1.5x torchvision eager AMP, same run.
 RESNET50_IMAGES_PER_S = 4500.0
@@ -53,17 +50,11 @@ def measure(args, device: torch.device, ours: bool, compiled: bool = False) -> t
         model = getattr(torchvision.models, args.model)().to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         step = train_step_fn(model, optimizer, x, y, torch.float16 if gpu else None)
-    if gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_steps(step, device, args.warmup, args.steps)
-    return args.batch_size / seconds, peak_memory_mib(device)
+    return images_per_s(step, device, args)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="deepres benchmark imagenet-throughput", description=__doc__)
-    model_arguments(parser)
-    args = parser.parse_args(argv)
-    device = resolve_model_arguments(args)
+    args, device = parse_model_arguments("deepres benchmark imagenet-throughput", __doc__, argv)
     gpu = device.type == "cuda"
     reference, ref_mem = measure(args, device, ours=False)
     target = {"ratio_min": RATIO_MIN, "images_per_s_min": RESNET50_IMAGES_PER_S} if args.model == "resnet50" else None

@@ -4,14 +4,11 @@ same device, same run; peak GPU memory of each. Ours is measured eager first and
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torchvision
 
 from ..models import create_model
-from .common import (measure_ours, model_arguments, peak_memory_mib, resolve_model_arguments, time_steps,
-                     write_result)
+from .common import images_per_s, measure_ours, parse_model_arguments, write_result
 
 
 @torch.no_grad()
@@ -34,17 +31,11 @@ def measure(args, device: torch.device, ours: bool, compiled: bool = False) -> t
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             model(x)
 
-    if gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_steps(step, device, args.warmup, args.steps)
-    return args.batch_size / seconds, peak_memory_mib(device)
+    return images_per_s(step, device, args)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="deepres benchmark inference", description=__doc__)
-    model_arguments(parser)
-    args = parser.parse_args(argv)
-    device = resolve_model_arguments(args)
+    args, device = parse_model_arguments("deepres benchmark inference", __doc__, argv)
     gpu = device.type == "cuda"
     reference, ref_mem = measure(args, device, ours=False)
 
