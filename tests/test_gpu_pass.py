@@ -5,6 +5,7 @@ and unpacking it into the tree with the reports regenerated from the returned ru
 import json
 import subprocess
 import sys
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -122,6 +123,12 @@ def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path
     assert set(full["runs"]) == {"cifar10-resnet20-s0", "cifar10-resnet56-s0", "cifar10-plain20-s0",
                                  "cifar10-plain56-s0", FP32_RUN, WARMUP_RUN}
     assert all(r["iterations"] == 12 for r in full["runs"].values())
+    # ResNet-20 and ResNet-56 alone first, after the reference: their cifar-recipe files; the others side by side.
+    assert full["alone"] == ["cifar10-resnet20-s0", "cifar10-resnet56-s0"] and set(full["reference"]) == {
+        "resnet20", "resnet56"}
+    assert [name for name, r in full["runs"].items() if r["alone"]] == full["alone"]
+    recipe = json.loads(next(results.glob("cifar-recipe-resnet56-cpu*.json")).read_text())
+    assert recipe["concurrent_runs"] == 1 and recipe["ours"] == full["runs"]["cifar10-resnet56-s0"]["train_seconds"]
     assert set(full["resnet20_test_error"]) == {"bf16 (fast settings)", "fp32 (paper)"}
     assert set(full["resnet56_test_error"]) == {"paper start (lr 0.1)", "linear warm-up over 1%"}
     docs = tmp_path / "docs" / "results" / "full"
@@ -176,6 +183,15 @@ def test_what_an_earlier_pass_brought_back_is_not_run_again(smoke_pass, tmp_path
     assert rows["cifar-steps"]["status"] == "ok"
     rows, _ = second_pass("env,inference", "--redo")
     assert rows["inference"]["status"] == "ok"
+    # A run missing (never started): cifar-full trains that one alone and keeps the five an earlier pass finished.
+    shutil.rmtree(runs / WARMUP_RUN)
+    rows, proc = second_pass("env,cifar-full")
+    assert rows["cifar-full"]["status"] == "ok", proc.stdout[-3000:]
+    again = max(tmp_path.glob("again-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert sorted(p.name for p in (again / "pass" / "runs").iterdir()) == [WARMUP_RUN]
+    full = json.loads(next((again / "pass" / "results").glob("cifar-full-*.json")).read_text())
+    assert len(full["earlier_pass"]) == 5 and full["alone"] == [] and full["reference"] == {}
+    assert full["runs"][WARMUP_RUN]["iterations"] == 12 and full["runs"]["cifar10-resnet20-s0"]["earlier_pass"]
 
 
 def test_the_precision_report_compares_each_pair_and_names_a_diverged_run(tmp_path):
