@@ -193,6 +193,20 @@ def test_what_an_earlier_pass_brought_back_is_not_run_again(smoke_pass, tmp_path
     assert len(full["earlier_pass"]) == 5 and full["alone"] == [] and full["reference"] == {}
     assert full["runs"][WARMUP_RUN]["iterations"] == 12 and full["runs"]["cifar10-resnet20-s0"]["earlier_pass"]
 
+    # An --alone run that an earlier pass cut short (no summary; started alone once) starts again from scratch, alone.
+    resnet56 = runs / "cifar10-resnet56-s0"
+    (resnet56 / "summary.json").unlink()
+    (resnet56 / gpu_pass.ALONE_MARKER).write_text("1\n")
+    rows, proc = second_pass("env,cifar-full")
+    assert rows["cifar-full"]["status"] == "ok", proc.stdout[-3000:]
+    again = max(tmp_path.glob("again-*"), key=lambda p: int(p.name.split("-")[1]))
+    full = json.loads(next((again / "pass" / "results").glob("cifar-full-*.json")).read_text())
+    assert full["alone"] == ["cifar10-resnet56-s0"] and not full["runs"]["cifar10-resnet56-s0"]["resumed"]
+    assert (again / "pass" / "runs" / "cifar10-resnet56-s0" / gpu_pass.ALONE_MARKER).read_text() == "2\n"
+    metrics = (again / "pass" / "runs" / "cifar10-resnet56-s0" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(metrics[0])["step"] < 12  # trained from the start, not continued
+    assert next((again / "pass" / "results").glob("cifar-recipe-resnet56-*.json"))
+
 
 def test_the_precision_report_compares_each_pair_and_names_a_diverged_run(tmp_path):
     errors = {"cifar10-resnet20-s0": 8.5, FP32_RUN: 8.95, "cifar10-resnet56-s0": None, WARMUP_RUN: 6.9}

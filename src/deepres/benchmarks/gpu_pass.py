@@ -24,7 +24,8 @@ still returns what it finished. A summary table is printed last.
    each that finishes writes its ``cifar-recipe`` file (the recipe's wall time against the reference: the issue's
    targets); then the other runs train side by side. Run folders resume: a pass cut short returns checkpoints
    (every 2,000 iterations, and at the stop) that the next pass continues from (``--resume-from``, default
-   ``docs/results/full/runs``, where ``unpack`` puts them); runs an earlier pass finished are not trained again;
+   ``docs/results/full/runs``, where ``unpack`` puts them); runs an earlier pass finished are not trained again,
+   and a run timed alone that a pass cut short starts again from scratch (twice at most);
 5. ``cifar-speedrun``, ``jpeg-pipeline``;
 6. ``cifar-rest``: the other Table 6 depths (32, 44, 110) and their plain nets, with what budget is left (ResNet-110
    alone first, for its ``cifar-recipe`` file).
@@ -497,6 +498,7 @@ def _resume_left_runs(names: list[str], source: Path, runs: Path) -> list[str]:
     return resumed
 
 
+ALONE_MARKER, ALONE_TRIES = "alone-starts", 2  # in an --alone run's folder: how many passes started it alone
 RUN_KEYS = ("iterations", "test_top1_error", "train_seconds", "setup_seconds", "step", "amp", "tf32", "channels_last",
             "peak_memory_mib", "diverged")
 
@@ -531,9 +533,17 @@ def cifar(args) -> int:
         settings[WARMUP_RUN] = ("paper/cifar10_resnet56", precision_overrides(gpu) + WARMUP)
     earlier = {name: summary for name in settings if (summary := _finished(source / name, iterations))}
     todo = [name for name in settings if name not in earlier]
-    resumed = _resume_left_runs(todo, source, runs)
-    alone = [net for net in (args.alone.split(",") if args.alone else []) if net in nets
-             and _run_name(net) in todo and _run_name(net) not in resumed]  # only a run trained start to end here
+    # An --alone run trains start to end in one pass (its wall time is the point): one an earlier pass cut short
+    # starts again from scratch, up to ALONE_TRIES starts; after that it continues side by side with the others.
+    tries = {}
+    for net in (args.alone.split(",") if args.alone else []):
+        name = _run_name(net)
+        marker = source / name / ALONE_MARKER
+        started = int(marker.read_text()) if marker.is_file() else 0
+        if net in nets and name in todo and started < ALONE_TRIES:
+            tries[net] = started + 1
+    alone = list(tries)
+    resumed = _resume_left_runs([name for name in todo if name not in {_run_name(n) for n in alone}], source, runs)
     jobs = {name: training_job(name, recipe, base + extra + [f"name={name}"], runs / name,
                                cost=float("".join(ch for ch in name.split("-")[1] if ch.isdigit())))
             for name, (recipe, extra) in settings.items() if name in todo}
@@ -561,6 +571,8 @@ def cifar(args) -> int:
     outcome, table = [], {}
     for net in alone:
         name = _run_name(net)
+        (runs / name).mkdir(parents=True, exist_ok=True)
+        (runs / name / ALONE_MARKER).write_text(f"{tries[net]}\n")  # travels back with the run folder
         (result,) = run_concurrent([jobs.pop(name)], 1)
         outcome.append(result)
         table[name] = r = row(name, result)
