@@ -98,7 +98,11 @@ def test_checkpoints_past_the_limit_go_into_weights_archives_and_come_back(tmp_p
 
 def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path):
     out, _ = smoke_pass
+    stale = tmp_path / "docs" / "results" / "full" / "runs" / "cifar10-resnet56-s0" / "from-an-earlier-start.txt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("a returned run folder replaces the tree's copy whole")
     done = unpack(out / ARCHIVE, tmp_path)
+    assert not stale.exists()
     results = tmp_path / "benchmarks" / "results"
     # The benchmarks the pass runs, each a complete result file (these are their smoke tests).
     higher_is_better = {"imagenet-throughput-resnet18": True, "inference-resnet18": True, "cifar-speedrun": False,

@@ -721,8 +721,10 @@ def unpack(archive: Path, root: Path) -> dict:
                 shutil.copy2(src / name, record / Path(name).name)
         if (src / "logs").is_dir():
             shutil.copytree(src / "logs", record / "logs", dirs_exist_ok=True)
-        if (src / "runs").is_dir():
-            shutil.copytree(src / "runs", full / "runs", dirs_exist_ok=True)
+        # Each returned run folder replaces the tree's copy whole (a run restarted from scratch leaves nothing stale).
+        for run in sorted((src / "runs").iterdir()) if (src / "runs").is_dir() else []:
+            shutil.rmtree(full / "runs" / run.name, ignore_errors=True)
+            shutil.copytree(run, full / "runs" / run.name)
         env = json.loads((src / "results" / "env.json").read_text()) if (src / "results" / "env.json").is_file() \
             else {}
         reports = []
