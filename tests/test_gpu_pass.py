@@ -163,7 +163,7 @@ def test_what_an_earlier_pass_brought_back_is_not_run_again(smoke_pass, tmp_path
     unpack(out / ARCHIVE, root)
     committed, runs = root / "benchmarks" / "results", root / "docs" / "results" / "full" / "runs"
 
-    def second_pass(items="env,cifar-steps,inference,cifar-full,jpeg-pipeline", *extra):
+    def second_pass(items="env,cuda-tests,cifar-steps,inference,cifar-full,jpeg-pipeline", *extra):
         again = tmp_path / f"again-{len(list(tmp_path.iterdir()))}"
         proc = subprocess.run([sys.executable, "-m", "deepres.benchmarks.gpu_pass", "--smoke", "--out", str(again),
                                "--committed", str(committed), "--resume-from", str(runs), "--items", items, *extra],
@@ -172,8 +172,17 @@ def test_what_an_earlier_pass_brought_back_is_not_run_again(smoke_pass, tmp_path
 
     rows, proc = second_pass()
     assert {name: row["status"] for name, row in rows.items()} == {
-        "env": "ok", "cifar-steps": "skipped", "inference": "skipped", "cifar-full": "skipped",
+        "env": "ok", "cuda-tests": "skipped", "cifar-steps": "skipped", "inference": "skipped", "cifar-full": "skipped",
         "jpeg-pipeline": "skipped"}, proc.stdout
+    # The CUDA tests passed on this code in the first pass's record; other code (a changed source) runs them again.
+    assert "passed with this code on this device" in rows["cuda-tests"]["error"]
+    records, label = root / "docs" / "results" / "full" / "gpu-pass", json.loads(
+        next(root.glob("docs/results/full/gpu-pass/*/env.json")).read_text())["device_label"]
+    assert gpu_pass._tests_passed_on(gpu_pass.code_fingerprint(ROOT), label, records)
+    assert gpu_pass._tests_passed_on("0" * 16, label, records) is None
+    junit = next(records.glob("*/test_cuda.xml"))  # a report with skipped tests (no GPU there) is no pass
+    junit.write_text(junit.read_text().replace('skipped="0"', 'skipped="1"', 1))
+    assert gpu_pass._tests_passed_on(gpu_pass.code_fingerprint(ROOT), label, records) is None
     assert "committed: " in rows["inference"]["error"] and "inference-resnet18-cpu" in rows["inference"]["error"]
     assert "6 finished runs" in rows["cifar-full"]["error"]
     (committed / next(committed.glob("jpeg-pipeline-*.json")).name).unlink()  # no longer committed: it runs

@@ -33,7 +33,8 @@ still returns what it finished. A summary table is printed last.
 This is the issue's order. The items before ``cifar-full`` are short and complete in one pass; ``cifar-full`` (six
 runs of 64k iterations on one GPU) may not, and continues in the next. An item whose result is already committed
 is skipped (its result file for this device in ``benchmarks/results/``, unless marked unfinished, or its runs
-finished in ``--resume-from``; ``--redo`` runs it again), so a later pass spends its minutes on what is missing.
+finished in ``--resume-from``; the CUDA tests when an earlier pass's record shows all of them passed on this device
+with the same Python sources; ``--redo`` runs it again), so a later pass spends its minutes on what is missing.
 
 Back here, ``python -m deepres.benchmarks.gpu_pass unpack gpu-pass.tar.gz`` puts the result files into
 ``benchmarks/results/``, the runs and the pass's logs into ``docs/results/full/``, and regenerates the Fig. 6 and
@@ -104,6 +105,8 @@ class Item:
     # ``-<device>.json``, or the run folders it trains (each finished: summary.json at full length).
     result: str | None = None
     runs: list[str] = field(default_factory=list)
+    # The CUDA tests: unnecessary once an earlier pass's record shows them passed on this device with this code.
+    tests_code: bool = False
 
 
 def _python() -> list[str]:
@@ -135,7 +138,7 @@ def plan(args, work: Path) -> list[Item]:
     items = [
         Item("env", py + ["-m", "deepres.benchmarks.gpu_pass", "env", "--out", str(results / "env.json")]
              + smoke_args, 60, 5),
-        Item("cuda-tests", tests, 60 if smoke else 200, 30, test_env),
+        Item("cuda-tests", tests, 60 if smoke else 200, 30, test_env, tests_code=True),
         Item("cifar-steps", py + ["-m", "deepres.benchmarks.gpu_pass", "steps", "--nets",
                                   ",".join(STEPS_NETS[:1] if smoke else STEPS_NETS), "--results", str(results)]
              + (["--data", args.data] if args.data else []) + smoke_args, 60 if smoke else 90, 20,
@@ -194,11 +197,50 @@ def run_item(item: Item, timeout: float, log: Path, cwd: Path) -> tuple[str, str
     return "ok", ""
 
 
+def code_fingerprint(root: Path) -> str:
+    """A hash of the package's and the tests' Python sources under ``root``: the code the CUDA tests exercised."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "src" / "deepres").rglob("*.py"), *(root / "tests").glob("*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _tests_passed_on(code: str, device_label: str, records: Path) -> Path | None:
+    """The record (``unpack``'s folder of an earlier pass) whose CUDA tests passed on this device with this code."""
+    for record in sorted(records.glob("*/items.json")):
+        items, env = json.loads(record.read_text()), record.parent / "env.json"
+        if items.get("code") != code or not env.is_file() or \
+                json.loads(env.read_text()).get("device_label") != device_label:
+            continue
+        if any(row["item"] == "cuda-tests" and row["status"] == "ok" for row in items.get("items", [])) \
+                and _all_ran_and_passed(record.parent / "test_cuda.xml"):
+            return record.parent
+    return None
+
+
+def _all_ran_and_passed(junit: Path) -> bool:
+    """Whether pytest's JUnit report shows tests run, none skipped (no GPU: every CUDA test skips), none failed."""
+    import xml.etree.ElementTree as ElementTree
+
+    if not junit.is_file():
+        return False
+    root = ElementTree.parse(junit).getroot()
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    count = lambda key: sum(int(suite.get(key, 0)) for suite in suites)  # noqa: E731
+    return count("tests") > 0 and count("skipped") == count("failures") == count("errors") == 0
+
+
 def already_done(item: Item, device_label: str | None, args) -> str | None:
     """Why ``item`` need not run again (its result for this device is committed, or its runs are finished where
     ``unpack`` put them), or None. Nothing is done before ``env`` has named the device, or with ``--redo``."""
     if args.redo or device_label is None:
         return None
+    if item.tests_code:
+        records = Path(args.resume_from).parent / "gpu-pass"  # where unpack puts each pass's record
+        record = _tests_passed_on(code_fingerprint(Path.cwd()), device_label, records)
+        return f"committed: passed with this code on this device ({record})" if record else None
     if item.result:
         path = Path(args.committed) / f"{item.result}-{device_label}.json"
         if not path.is_file():
@@ -223,6 +265,7 @@ def run_pass(args) -> list[dict]:
         raise SystemExit("run the GPU pass from the root of a deepres source checkout (it runs tests/test_cuda.py)")
     start = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # names the pass's folder once unpacked
+    code = code_fingerprint(root)  # the CUDA tests need not run again on code they passed on
     deadline = start + args.budget_s
     rows: list[dict] = []
     device_label = None
@@ -244,7 +287,8 @@ def run_pass(args) -> list[dict]:
         rows.append(row)
         print(f"[gpu-pass] {item.name}: {row['status']} ({row['seconds']:.0f} s) {row['error'][:200]}", flush=True)
         (work / "items.json").write_text(json.dumps({"started": started, "budget_s": args.budget_s,
-                                                      "smoke": args.smoke, "items": rows}, indent=2) + "\n")
+                                                      "smoke": args.smoke, "code": code, "items": rows},
+                                                     indent=2) + "\n")
         pack(work, out / ARCHIVE)
     print_table(rows, time.perf_counter() - start, out / ARCHIVE)
     return rows
