@@ -3,9 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deepres-installed
-# Two workers on the two cores (pytest-xdist): about 1.5x faster than one process. loadgroup keeps the tests that
-# share an expensive module fixture (marked xdist_group: the GPU pass smoke run) in one worker, so it runs once.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# Two workers on the two cores (pytest-xdist): about 1.5x faster than one process.
+PYTEST_ARGS ?= -n 2
 
 .PHONY: install demo test test-slow gpu-check clean
 

@@ -16,9 +16,6 @@ from deepres.benchmarks.gpu_pass import ARCHIVE, ARCHIVE_LIMIT, FP32_RUN, WARMUP
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", "target"}
-# The smoke pass (a module fixture, about a minute) runs once: these tests stay in one xdist worker (make test runs
-# pytest with --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("gpu-pass")
 
 
 @pytest.fixture(scope="module")
