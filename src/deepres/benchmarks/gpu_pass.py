@@ -232,14 +232,15 @@ def _all_ran_and_passed(junit: Path) -> bool:
     return count("tests") > 0 and count("skipped") == count("failures") == count("errors") == 0
 
 
-def already_done(item: Item, device_label: str | None, args) -> str | None:
-    """Why ``item`` need not run again (its result for this device is committed, or its runs are finished where
-    ``unpack`` put them), or None. Nothing is done before ``env`` has named the device, or with ``--redo``."""
+def already_done(item: Item, device_label: str | None, args, code: str) -> str | None:
+    """Why ``item`` need not run again (its result for this device is committed, its runs are finished where
+    ``unpack`` put them, or the CUDA tests passed on ``code``, the pass's source hash), or None. Nothing is done before
+    ``env`` has named the device, or with ``--redo``."""
     if args.redo or device_label is None:
         return None
     if item.tests_code:
         records = Path(args.resume_from).parent / "gpu-pass"  # where unpack puts each pass's record
-        record = _tests_passed_on(code_fingerprint(Path.cwd()), device_label, records)
+        record = _tests_passed_on(code, device_label, records)
         return f"committed: passed with this code on this device ({record})" if record else None
     if item.result:
         path = Path(args.committed) / f"{item.result}-{device_label}.json"
@@ -272,7 +273,7 @@ def run_pass(args) -> list[dict]:
     for item in plan(args, work):
         left = deadline - time.perf_counter() - PACK_RESERVE_S
         row = {"item": item.name, "timeout_s": item.timeout_s}
-        done = already_done(item, device_label, args)
+        done = already_done(item, device_label, args, code)
         if done:
             row.update(status="skipped", seconds=0.0, error=f"{done} (--redo runs it again)")
         elif left < item.min_s:
@@ -593,7 +594,8 @@ def cifar(args) -> int:
         if net in nets and name in todo and started < ALONE_TRIES:
             tries[net] = started + 1
     alone = list(tries)
-    resumed = _resume_left_runs([name for name in todo if name not in {_run_name(n) for n in alone}], source, runs)
+    alone_runs = {_run_name(net) for net in alone}
+    resumed = _resume_left_runs([name for name in todo if name not in alone_runs], source, runs)
     jobs = {name: training_job(name, recipe, base + extra + [f"name={name}"], runs / name,
                                cost=float("".join(ch for ch in name.split("-")[1] if ch.isdigit())))
             for name, (recipe, extra) in settings.items() if name in todo}
@@ -615,7 +617,7 @@ def cifar(args) -> int:
         path = runs / name / "summary.json"
         summary = json.loads(path.read_text()) if path.is_file() else {}
         return {"returncode": result.returncode, "process_seconds": result.seconds, "resumed": name in resumed,
-                "alone": name in {_run_name(n) for n in alone}, **{k: summary.get(k) for k in RUN_KEYS}}
+                "alone": name in alone_runs, **{k: summary.get(k) for k in RUN_KEYS}}
 
     t0 = time.perf_counter()
     outcome, table = [], {}
