@@ -15,6 +15,10 @@ os.environ["DEEPRES_CPU_BF16"] = "0"
 
 # Under pytest-xdist (`make test` runs two workers on two cores) each worker keeps one intra-op thread.
 THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The processes a test starts (deepres train, the GPU pass's runs) keep one thread too: a second OpenMP thread
+    # spin-waits against the other worker's core (the smoke GPU pass's CIFAR runs took 124 s instead of 20).
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)

@@ -79,6 +79,24 @@ def test_concurrent_runs_longest_first_and_reports_failures(tmp_path):
         run_concurrent([job("a", 1), job("a", 2)], parallel=2)
 
 
+def test_concurrent_jobs_take_omp_num_threads_else_share_the_cores(tmp_path, monkeypatch):
+    from deepres.config import available_cores
+    from deepres.engine.concurrent import Job, job_threads, run_concurrent
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert job_threads(1) == available_cores() and job_threads(10 * available_cores()) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "bad")
+    assert job_threads(1) == available_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert job_threads(1) == job_threads(4) == 3
+    script = "import os; print('threads', os.environ['OMP_NUM_THREADS'])"
+    jobs = [Job(name, [sys.executable, "-c", script], tmp_path / f"{name}.log") for name in ("a", "b")]
+    run_concurrent(jobs, parallel=2, echo=False)
+    run_concurrent(jobs[1:], parallel=1, threads_per_job=5, echo=False)
+    assert (tmp_path / "a.log").read_text() == "threads 3\n"
+    assert (tmp_path / "b.log").read_text() == "threads 3\nthreads 5\n"  # a log is appended to, never lost
+
+
 def test_cpu_train_names_the_cpu_and_its_flags(tmp_path):
     out = subprocess.run([sys.executable, "-m", "deepres", "benchmark", "cpu-train", "--smoke", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)

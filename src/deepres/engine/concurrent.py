@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import available_cores
+
 __all__ = ["Job", "JobResult", "run_concurrent", "training_job"]
 
 
@@ -38,19 +40,30 @@ class JobResult:
     log: Path
 
 
+def job_threads(processes: int) -> int:
+    """Intra-op threads for each of ``processes`` concurrent jobs: OMP_NUM_THREADS when set to a positive number (the
+    caller's choice per process), else this process's cores shared out."""
+    try:
+        threads = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        threads = 0
+    return threads if threads > 0 else max(1, available_cores() // max(1, processes))
+
+
 def run_concurrent(jobs: list[Job], parallel: int, threads_per_job: int | None = None,
                    poll_seconds: float = 0.1, echo: bool = True) -> list[JobResult]:
     """Run ``jobs``, at most ``parallel`` at once, largest ``cost`` first; returns their results in ``jobs`` order.
 
     A failed job does not stop the others (its return code and log are in its result). ``threads_per_job`` sets
-    OMP_NUM_THREADS for each process (default: the cores shared out), so CPU thread pools do not oversubscribe.
+    OMP_NUM_THREADS for each process; by default an OMP_NUM_THREADS already set here is each job's (as torchrun
+    reads it), else the cores this process may use are shared out, so CPU thread pools do not oversubscribe.
     """
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1; got {parallel}")
     names = [job.name for job in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"job names must be unique; got {names}")
-    threads = threads_per_job or max(1, (os.cpu_count() or 1) // min(parallel, max(1, len(jobs))))
+    threads = threads_per_job or job_threads(min(parallel, max(1, len(jobs))))
     waiting = sorted(jobs, key=lambda job: -job.cost)
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     results: dict[str, JobResult] = {}
