@@ -227,3 +227,71 @@ def test_cli_config_refuses_what_train_would_refuse():
                                 capture_output=True, text=True)
         assert result.returncode == 2, (command, result.stderr)
         assert f"'{key}'" in result.stderr and "graph" in result.stderr
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cpu_quota_reads_the_smallest_limit_of_the_group_and_its_ancestors(tmp_path):
+    from deepres.config import cpu_quota
+
+    v2, proc = tmp_path / "v2", tmp_path / "cgroup"
+    _write(v2 / "cpu.max", "max 100000\n")
+    _write(v2 / "kubepods" / "cpu.max", "400000 100000\n")
+    _write(v2 / "kubepods" / "pod1" / "cpu.max", "250000 100000\n")
+    _write(proc, "0::/kubepods/pod1\n")
+    assert cpu_quota(v2, proc) == 2.5
+    _write(v2 / "kubepods" / "cpu.max", "150000 100000\n")  # a parent's limit binds its children too
+    assert cpu_quota(v2, proc) == 1.5
+    _write(proc, "0::/\n")
+    assert cpu_quota(v2, proc) is None  # the root says max: no limit
+
+    v1 = tmp_path / "v1"
+    _write(proc, "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n")
+    _write(v1 / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
+    _write(v1 / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    _write(v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "300000\n")
+    _write(v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    assert cpu_quota(v1, proc) == 3.0
+    _write(v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "-1\n")
+    assert cpu_quota(v1, proc) is None
+    _write(v1 / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "garbage\n")
+    assert cpu_quota(v1, proc) is None  # unreadable: no limit assumed
+    assert cpu_quota(tmp_path / "missing", tmp_path / "missing-cgroup") is None
+
+
+def test_available_cores_round_the_quota_down(monkeypatch):
+    import deepres.config as config
+
+    seen = config.affinity_cores()
+    monkeypatch.setattr(config, "cpu_quota", lambda: None)
+    assert config.available_cores() == seen
+    monkeypatch.setattr(config, "cpu_quota", lambda: seen + 0.9)
+    assert config.available_cores() == seen
+    monkeypatch.setattr(config, "cpu_quota", lambda: 0.5)
+    assert config.available_cores() == 1
+    if seen >= 2:
+        monkeypatch.setattr(config, "cpu_quota", lambda: 1.9)
+        assert config.available_cores() == 1
+
+
+def test_the_command_line_bounds_torch_threads_by_the_cpu_quota(monkeypatch, capsys):
+    import torch
+
+    import deepres.config as config
+    from deepres.cli import main
+
+    if config.affinity_cores() < 2:
+        pytest.skip("needs two cores to bound the threads below")
+    monkeypatch.setattr(config, "cpu_quota", lambda: 1.0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    assert main(["models", "resnet20", "--json"]) == 0
+    assert torch.get_num_threads() == 1
+    assert "PyTorch threads 2 -> 1" in capsys.readouterr().err
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice wins
+    torch.set_num_threads(2)
+    assert main(["models", "resnet20", "--json"]) == 0
+    assert torch.get_num_threads() == 2 and "PyTorch threads" not in capsys.readouterr().err

@@ -468,11 +468,13 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     import time
 
+    from .config import available_cores
     from .data import prepare_image_folder
 
     start = time.perf_counter()
+    workers = args.workers if args.workers is not None else available_cores()
     dataset = prepare_image_folder(args.src, args.dst, image_size=args.size, channels=args.channels,
-                                   on_bad_image=args.on_bad_image, workers=args.workers, cache_dir=args.cache_dir)
+                                   on_bad_image=args.on_bad_image, workers=workers, cache_dir=args.cache_dir)
     seconds = time.perf_counter() - start
     shape = "x".join(str(s) for s in dataset.train.images.shape[1:])
     skipped = len(dataset.extra.get("skipped", []))
@@ -530,15 +532,33 @@ def add_data_commands(sub) -> None:
                    help="1 or 3 (default: 1 when every image is grayscale, else 3)")
     q.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
                    help="a bad file is an error (default) or is skipped and logged")
-    q.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    q.add_argument("--workers", type=int, default=None, help="decoding processes (default: every core this process may use)")
     q.add_argument("--cache-dir", help="where a .tar.gz source is extracted (default: $DEEPRES_DATA/cache or "
                    "~/.cache/deepres)")
     q.set_defaults(func=_data_guarded(cmd_data_prepare))
 
 
+def _threads_within_quota() -> None:
+    """PyTorch starts a thread per physical core of the machine; a container's CPU quota (``--cpus``, a Kubernetes
+    limit) hides no core, so its threads would contend for fewer cores' time and stall each other. When a quota binds
+    and OMP_NUM_THREADS does not choose, PyTorch's threads are bounded by the cores the quota allows."""
+    from .config import affinity_cores, available_cores
+
+    cores = available_cores()
+    if os.environ.get("OMP_NUM_THREADS") or cores >= affinity_cores():
+        return  # the common case answers without importing torch
+    import torch
+
+    if torch.get_num_threads() > cores:
+        print(f"deepres: PyTorch threads {torch.get_num_threads()} -> {cores}: this process's CPU quota allows "
+              f"{cores} of the {affinity_cores()} cores it sees (OMP_NUM_THREADS chooses)", file=sys.stderr)
+        torch.set_num_threads(cores)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _threads_within_quota()
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # the reader went away (deepres models | head): nothing more to say

@@ -84,12 +84,55 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, else the machine's count)."""
+def _group_quota(folder: Path) -> float | None:
+    """The CPU limit one control group folder sets, in cores: cgroup v2 ``cpu.max`` ("200000 100000"; "max ...":
+    none) or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1: none)."""
+    try:
+        if (folder / "cpu.max").is_file():
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        if (folder / "cpu.cfs_quota_us").is_file():
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            return None if quota <= 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        pass
+    return None
+
+
+def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPU time this process's control group may use, in cores, or None without a limit: a container's
+    ``--cpus`` or a Kubernetes CPU limit, which throttle time without hiding any core from the affinity mask. The
+    smallest limit of the process's group and its ancestors (cgroup v2, else v1's ``cpu`` controller)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    folders = [cgroup_root]  # inside a container's namespace the group is the root
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        bases = [cgroup_root] if controllers == "" else \
+            [cgroup_root / "cpu", cgroup_root / "cpu,cpuacct"] if "cpu" in controllers.split(",") else []
+        relative = Path(path.strip().lstrip("/"))
+        for base in bases:
+            folders += [base / relative, *(base / parent for parent in relative.parents)]
+    limits = [q for q in map(_group_quota, dict.fromkeys(folders)) if q is not None]
+    return min(limits) if limits else None
+
+
+def affinity_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask, else the machine's count."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def available_cores() -> int:
+    """The CPU cores this process may keep busy: :func:`affinity_cores` bounded by its control group's CPU quota
+    rounded down (one thread more than the quota lets every thread of a pool wait on it)."""
+    cores = affinity_cores()
+    quota = cpu_quota()
+    return max(1, min(cores, int(quota))) if quota is not None else cores
 
 
 def data_workers(data) -> int:

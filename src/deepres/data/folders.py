@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import data_workers
+from ..config import available_cores, data_workers
 from .archives import cache_root, extracted_archive, file_fingerprint, is_archive
 from .datasets import Dataset, Split, subset_indices
 from .images import IMAGE_EXTENSIONS, BadImageError, read_image, resize_square, set_max_image_pixels, to_channels
@@ -272,7 +272,7 @@ def _pool_init(max_pixels: int | None = None) -> None:
 
 def _decode_paths(paths: list[str], image_size: int | None, workers: int) -> list[tuple[np.ndarray | None, str | None]]:
     chunks = [(paths[i : i + _CHUNK], image_size) for i in range(0, len(paths), _CHUNK)]
-    workers = max(1, min(workers, os.cpu_count() or 1, len(chunks)))
+    workers = max(1, min(workers, available_cores(), len(chunks)))
     if workers == 1 or len(paths) < _POOL_MIN_FILES:
         return [r for chunk in chunks for r in _decode_chunk(chunk)]
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"

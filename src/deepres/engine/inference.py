@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..config import data_workers
+from ..config import available_cores, data_workers
 from ..data import load_dataset
 from ..evaluation import RawLoader, evaluate, multiscale_predict, single_predict, ten_crop_predict
 from ..evaluation.crops import resize_shorter
@@ -62,7 +62,7 @@ def evaluate_checkpoint_modes(
     ckpt = load_checkpoint(path)
     model, normalizer, config = load_for_inference(ckpt, device)
     data_cfg = config.data if data_dir is None else dataclasses.replace(config.data, data_dir=data_dir)
-    workers = min(data_workers(config.data), os.cpu_count() or 1) if workers is None else workers
+    workers = min(data_workers(config.data), available_cores()) if workers is None else workers
     data_cfg = dataclasses.replace(data_cfg, train_subset=None, num_workers=max(0, workers))
     if data_cfg.preset != "paper_imagenet" and any(ten or sc for ten, sc in modes):
         import warnings
