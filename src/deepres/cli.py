@@ -532,7 +532,8 @@ def add_data_commands(sub) -> None:
                    help="1 or 3 (default: 1 when every image is grayscale, else 3)")
     q.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
                    help="a bad file is an error (default) or is skipped and logged")
-    q.add_argument("--workers", type=int, default=None, help="decoding processes (default: every core this process may use)")
+    q.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: every core this process may use)")
     q.add_argument("--cache-dir", help="where a .tar.gz source is extracted (default: $DEEPRES_DATA/cache or "
                    "~/.cache/deepres)")
     q.set_defaults(func=_data_guarded(cmd_data_prepare))

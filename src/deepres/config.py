@@ -99,7 +99,8 @@ def _group_quota(folder: Path) -> float | None:
     return None
 
 
-def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup"),
+              proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
     """The CPU time this process's control group may use, in cores, or None without a limit: a container's
     ``--cpus`` or a Kubernetes CPU limit, which throttle time without hiding any core from the affinity mask. The
     smallest limit of the process's group and its ancestors (cgroup v2, else v1's ``cpu`` controller)."""
