@@ -184,6 +184,14 @@ def test_parallel_runs_are_deepres_train_processes_that_feed_every_report(tiny_c
     assert re.search(r"- ResNet-20's responses are smaller than plain-20's \(mean std \d\.\d{3} vs \d\.\d{3}\): "
                      r"(holds \(by|does not hold \()\d\.\d{3}.*; seed spread \d\.\d{3}: (beyond|within) it\)", finding)
     assert "ResNet-56" not in finding and (tmp_path / "runs" / "cifar10-plain20-s1" / "summary.json").is_file()
+    # Table 6 over the same two seeds (nothing trains): mean +/- std, the plot with the seeds' spread
+    stamp = (tmp_path / "runs" / "cifar10-resnet20-s1" / "summary.json").stat().st_mtime_ns
+    plot = tmp_path / "cifar-table6" / "plots" / "table6.png"
+    plot.unlink()
+    table = run_experiment("cifar-table6", dataclasses.replace(options, seeds=2, depths=[20])).read_text()
+    assert re.search(r"\| ResNet-20 \| 0\.27M \| 0\.27M \| \d+\.\d\d \+/- \d+\.\d\d \(n=2\) \|", table)
+    assert plot.stat().st_size > 0
+    assert (tmp_path / "runs" / "cifar10-resnet20-s1" / "summary.json").stat().st_mtime_ns == stamp
 
 
 def test_waves_put_a_student_after_its_teacher(tmp_path):

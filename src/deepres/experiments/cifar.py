@@ -122,7 +122,13 @@ def analyze_table6(options: Options, results: list[RunResult], out: Path) -> str
         ours_x.append(depth)
         ours_y.append(statistics.mean(errors))
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ours_x, ours_y, "o-", label="ours")
+    several = any(len(errors) > 1 for errors in by_depth.values())
+    spread = [statistics.stdev(by_depth[d]) if len(by_depth[d]) > 1 else 0.0 for d in ours_x]
+    ax.errorbar(ours_x, ours_y, yerr=spread if several else None, fmt="o-", capsize=3,
+                label="ours (mean +/- std, seeds as dots)" if several else "ours")
+    if several:
+        for depth in ours_x:
+            ax.plot([depth] * len(by_depth[depth]), by_depth[depth], ".", color="C0", alpha=0.5)
     ax.plot(ours_x, [PAPER_TABLE6[d][1] for d in ours_x], "s--", label="paper (Table 6)")
     ax.set(xscale="log", xlabel="depth", ylabel="test error (%)", title="CIFAR-10 ResNets")
     ax.set_xticks(ours_x, [str(d) for d in ours_x])
