@@ -231,12 +231,40 @@ def test_schedules():
         assert warm.lr_at(5) == 0.01
         warm.observe_train_error(85.0)
     assert not warm.error_warmup_done
-    for _ in range(Schedule.WINDOW):
-        warm.observe_train_error(70.0)
+    for step in range(Schedule.WINDOW, 2 * Schedule.WINDOW):
+        warm.observe_train_error(70.0, step)
     assert warm.error_warmup_done and warm.lr_at(6) == 0.1
+    # The window's mean fell below 80% with its 7th batch at 70% (13 x 85 + 7 x 70 = 1595 < 20 x 80), iteration 26.
+    assert warm.error_warmup_iterations == Schedule.WINDOW + 7
     again = Schedule(load_config(None, ["schedule.warmup_until_train_error=80"]).schedule, 0.1, 64000)
     again.load_state_dict(json.loads(json.dumps(warm.state_dict())))
-    assert again.lr_at(6) == 0.1
+    assert again.lr_at(6) == 0.1 and again.error_warmup_iterations == Schedule.WINDOW + 7
+
+
+def test_error_driven_warmup_is_reported(idx_data, tmp_path):
+    """The paper's ResNet-110 hold (lr 0.01 until the training error is below a threshold): the summary says how
+    many iterations it lasted, and the logged rates switch right after them; a hold that never ends is a notice."""
+    hold = {"schedule.name": "constant", "optim.lr": 0.1, "schedule.warmup_lr": 0.01, "train.eval_every": 100,
+            "train.checkpoint_every": 100}
+    config = load_config(None, small_overrides(idx_data, **hold, **{"train.iterations": 60,
+                                                                     "schedule.warmup_until_train_error": 5}))
+    summary = train(config, tmp_path / "ends", quiet=True)
+    held = summary["error_warmup_iterations"]
+    # The first batches are near chance (90% wrong), so the first full window's mean is far above 5%; the synthetic
+    # classes (a bar each) are learnt within about 15 iterations at lr 0.01, and the mean falls below 5% soon after.
+    assert Schedule.WINDOW < held < 60, held
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "ends" / "metrics.jsonl") if "lr" in r}
+    assert {lrs[s] for s in range(1, held + 1)} == {0.01} and {lrs[s] for s in range(held + 1, 61)} == {0.1}
+    assert not summary["notices"]
+
+    config = load_config(None, small_overrides(idx_data, **hold, **{"train.iterations": 25,
+                                                                     "schedule.warmup_until_train_error": 0.001}))
+    summary = train(config, tmp_path / "never", quiet=True)
+    assert summary["error_warmup_iterations"] is None
+    assert any("never fell below schedule.warmup_until_train_error=0.001%" in n for n in summary["notices"])
+    plain = train(load_config(None, small_overrides(idx_data, **{"train.iterations": 5})), tmp_path / "off",
+                  quiet=True)
+    assert "error_warmup_iterations" not in plain
 
 
 def test_out_of_memory_names_a_batch_size(idx_data, tmp_path, monkeypatch):

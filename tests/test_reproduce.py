@@ -1,12 +1,16 @@
 """deepres reproduce at smoke scale: runs, resume-or-skip, and the report with its figures."""
 
 import dataclasses
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from deepres.experiments import Options, run_experiment
+from deepres.experiments.base import RunResult, RunSpec
+from deepres.experiments.cifar import _warmup_hold
 
 from .helpers import make_image_folder
 
@@ -44,8 +48,24 @@ def test_degradation_smoke_writes_both_panels(tiny_cifar, tmp_path):
     # Table 6 reuses the residual runs of the same --out; Fig. 7 reads their checkpoints.
     table = run_experiment("cifar-table6", options).read_text()
     assert "| ResNet-110 | 1.73M | 1.7M |" in table
+    held = json.loads((tmp_path / "runs" / "cifar10-resnet110-s0" / "summary.json").read_text())
+    count = held["error_warmup_iterations"]
+    assert f"held lr 0.01 for these iterations: cifar10-resnet110-s0 {'never' if count is None else count}" in table
     responses = run_experiment("layer-responses", options).read_text()
     assert "| plain-56 | 55 |" in responses and "| resnet-110 | 109 |" in responses
+
+
+def test_reports_say_how_long_the_resnet110_warmup_held():
+    """Runs with the paper's ResNet-110 rule name how many iterations held lr 0.01 (or that it never ended); runs
+    without the rule, or older than the summary's count, add nothing."""
+    def result(name, **summary):
+        return RunResult(RunSpec(name, "r", []), Path(name), summary, [])
+
+    lines = _warmup_hold([result("cifar10-resnet20-s0"), result("cifar10-resnet110-s0", error_warmup_iterations=1234),
+                          result("cifar10-resnet110-s1", error_warmup_iterations=None)])
+    assert lines[-1].endswith("held lr 0.01 for these iterations: cifar10-resnet110-s0 1,234; "
+                              "cifar10-resnet110-s1 never (the whole run).")
+    assert _warmup_hold([result("cifar10-resnet56-s0", test_top1_error=7.0)]) == []
 
 
 def test_degradation_table6_and_responses_on_two_depths(tiny_cifar, tmp_path):

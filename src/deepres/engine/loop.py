@@ -490,7 +490,7 @@ def _observe_warmup(run: Run, wrong: torch.Tensor, count: int) -> None:
     the whole global batch, summed over every rank, so all replicas switch on the same step."""
     counts = torch.stack([wrong.double(), torch.tensor(float(count), dtype=torch.float64, device=run.device)])
     wrong_all, count_all = distributed.all_reduce_sum(counts).tolist()
-    if run.schedule.observe_train_error(100.0 * wrong_all / count_all):
+    if run.schedule.observe_train_error(100.0 * wrong_all / count_all, run.step):
         run.progress.write(f"step {run.step + 1}: training error below "
                            f"{run.config.schedule.warmup_until_train_error}%, lr {run.config.optim.lr}")
 
@@ -601,6 +601,10 @@ def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
         "elapsed_s": clock.elapsed(),
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "notices": run.notices,
+        # The paper's ResNet-110 rule: iterations held at warmup_lr until the training error fell below the threshold
+        # (None: it never did). Absent when the rule is off.
+        **({"error_warmup_iterations": run.schedule.error_warmup_iterations}
+           if config.schedule.warmup_until_train_error is not None else {}),
         **run.init_info,
         **run.task.summary(),
     }
@@ -652,6 +656,10 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
             _write_eval(run, final)
         if run.data.val is None:  # no validation to choose by: best.pt holds the final weights
             _save(run, run.paths.best)
+        if not run.schedule.error_warmup_done:
+            _notice(run, f"the training error never fell below schedule.warmup_until_train_error="
+                         f"{config.schedule.warmup_until_train_error}%: every iteration trained at "
+                         f"schedule.warmup_lr={config.schedule.warmup_lr}")
         summary = _summary(run, final, clock, stopped is not None)
         _write_summary(run, summary)
         run.writer.hparams(_flatten_config(config), {k: summary[k] for k in ("test_top1_error", "test_top5_error")})

@@ -62,8 +62,9 @@ class Schedule:
 
     multistep: lr x gamma^(milestones passed); cosine: from lr to min_lr; onecycle: up to lr over the warmup, then
     linearly down to min_lr; constant. ``warmup_iterations`` ramps linearly from warmup_lr. The paper's ResNet-110 rule
-    (``warmup_until_train_error``) holds warmup_lr until the training error falls below the threshold; that switch is
-    state, saved with the checkpoint.
+    (``warmup_until_train_error``) holds warmup_lr until the training error falls below the threshold; that switch
+    (and ``error_warmup_iterations``, how many iterations trained at warmup_lr before it) is state, saved with the
+    checkpoint.
     """
 
     WINDOW = 20  # training batches averaged for the warmup-until-error test
@@ -73,6 +74,7 @@ class Schedule:
         self.base_lr = base_lr
         self.total = max(1, total_iterations)
         self.error_warmup_done = cfg.warmup_until_train_error is None
+        self.error_warmup_iterations: int | None = None  # iterations held at warmup_lr, once the hold has ended
         self.recent_errors: deque[float] = deque(maxlen=self.WINDOW)
         # Values below 1 are fractions of the run.
         self.milestones = [self.iteration(m) for m in cfg.milestones]
@@ -113,20 +115,24 @@ class Schedule:
             return self.base_lr
         raise ValueError(f"schedule.name={cfg.name!r} is unknown")
 
-    def observe_train_error(self, error_percent: float) -> bool:
-        """Feed one batch's training error; returns True when this call ends the error-driven warmup."""
+    def observe_train_error(self, error_percent: float, step: int | None = None) -> bool:
+        """Feed the training error of the batch of iteration ``step`` (0-based); returns True when this call ends
+        the error-driven warmup (the next iteration trains at the base rate)."""
         if self.error_warmup_done:
             return False
         self.recent_errors.append(error_percent)
         if (len(self.recent_errors) == self.WINDOW
                 and sum(self.recent_errors) / self.WINDOW < self.cfg.warmup_until_train_error):
             self.error_warmup_done = True
+            self.error_warmup_iterations = None if step is None else step + 1
             return True
         return False
 
     def state_dict(self) -> dict:
-        return {"error_warmup_done": self.error_warmup_done, "recent_errors": list(self.recent_errors)}
+        return {"error_warmup_done": self.error_warmup_done, "recent_errors": list(self.recent_errors),
+                "error_warmup_iterations": self.error_warmup_iterations}
 
     def load_state_dict(self, state: dict) -> None:
         self.error_warmup_done = bool(state["error_warmup_done"])
+        self.error_warmup_iterations = state.get("error_warmup_iterations")  # absent in older checkpoints
         self.recent_errors = deque((float(e) for e in state["recent_errors"]), maxlen=self.WINDOW)

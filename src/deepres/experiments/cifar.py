@@ -102,6 +102,18 @@ def plan_table6(options: Options) -> list[RunSpec]:
     return _runs(options, ["resnet"], depths, laptop=[20, 32, 44, 56])
 
 
+def _warmup_hold(results: list[RunResult]) -> list[str]:
+    """How long the paper's ResNet-110 warm-up held lr 0.01 in each run that used it (runs that predate the
+    summary's ``error_warmup_iterations`` are left out)."""
+    held = [r for r in results if "error_warmup_iterations" in r.summary]
+    if not held:
+        return []
+    counts = [r.summary["error_warmup_iterations"] for r in held]
+    parts = [f"{r.run_dir.name} {'never (the whole run)' if n is None else f'{n:,}'}" for r, n in zip(held, counts)]
+    return ["", "The paper's ResNet-110 warm-up (section 4.2: lr 0.01 until the training error is below 80%, about "
+            "400 iterations, then 0.1) held lr 0.01 for these iterations: " + "; ".join(parts) + "."]
+
+
 def analyze_table6(options: Options, results: list[RunResult], out: Path) -> str:
     import matplotlib
 
@@ -121,6 +133,7 @@ def analyze_table6(options: Options, results: list[RunResult], out: Path) -> str
                      f"{p_error} |")
         ours_x.append(depth)
         ours_y.append(statistics.mean(errors))
+    lines += _warmup_hold(results)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     several = any(len(errors) > 1 for errors in by_depth.values())
     spread = [statistics.stdev(by_depth[d]) if len(by_depth[d]) > 1 else 0.0 for d in ours_x]
@@ -215,6 +228,7 @@ def analyze_degradation(options: Options, results: list[RunResult], out: Path) -
             paper = PAPER_TABLE6[depth][1] if family == "resnet" else "(curves only)"
             net = f"{'Plain' if family == 'plain' else 'ResNet'}-{depth}"
             lines.append(f"| {net} | {_mean_std(tr)} | {_mean_std(te)} | {paper} |")
+    lines += _warmup_hold(results)
     lines += ["", "Training error is over the last logged window of augmented training batches.", "",
               "![plain and residual panels](plots/degradation.png)", "", "## The paper's findings on our runs", ""]
     trained = {r.spec.meta["depth"] for r in results}
