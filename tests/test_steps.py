@@ -4,16 +4,17 @@ on a CPU."""
 
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from deepres.config import load_config
 from deepres.engine import load_checkpoint, train
-from deepres.engine import steps as steps_module
 from deepres.engine.logging import read_metrics
 from deepres.engine.optim import build_optimizer
-from deepres.engine.steps import CapturedStep, EagerStep, Precision
+from deepres.engine.steps import CapturedStep, EagerStep, Precision, _inductor_default_cache_dir, inductor_cache_dir
 from deepres.models import create_model
 from deepres.tasks import ClassificationTask
 
@@ -125,13 +126,42 @@ def test_fp16_without_a_scaler_state_in_an_old_checkpoint_still_resumes(idx_data
                  quiet=True)["iterations"] == 6
 
 
+def test_inductor_cache_dir_is_apart_only_under_a_capability_override():
+    default = os.path.abspath(_inductor_default_cache_dir())
+    assert inductor_cache_dir({}) is None
+    assert inductor_cache_dir({"ATEN_CPU_CAPABILITY": "avx2"}) == default + "-aten-avx2"
+    # Importing torchvision writes Inductor's default into the variable: that is no choice of the user's.
+    assert inductor_cache_dir({"ATEN_CPU_CAPABILITY": "default", "TORCHINDUCTOR_CACHE_DIR": default}) == \
+        default + "-aten-default"
+    assert inductor_cache_dir({"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": "/data/cache"}) is None
+
+
+COMPILE_ONCE = """
+import torch
+from deepres.engine.steps import compile_model
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+x = torch.randn(4, 3, 16, 16)
+torch.testing.assert_close(compile_model(net)(x), net(x), rtol=1e-4, atol=1e-4)
+"""
+
+
+def test_compiled_code_of_a_capability_override_does_not_meet_the_native_code(tmp_path):
+    """Inductor's cache does not key its code on ATEN_CPU_CAPABILITY: with torch.compile alone, a compile under
+    =default after a native one on the same machine fails to build (the native run's vectorised C++ is reused), and
+    under =avx2 on an AVX-512 CPU it crashed. compile_model keeps the override's code in a folder of its own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    env["TMPDIR"] = str(tmp_path)  # Inductor's default cache folder lies in the temporary folder: a fresh one
+    for capability in ({}, {"ATEN_CPU_CAPABILITY": "default"}):
+        out = subprocess.run([sys.executable, "-c", COMPILE_ONCE], env={**env, **capability}, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, (capability, out.stderr[-3000:])
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("torchinductor_"))
+    assert len(folders) == 2 and folders[1] == folders[0] + "-aten-default", folders
+
+
 def test_compiled_step_sees_the_eager_batches_and_honours_init_and_feature_extraction(idx_data, tmp_path):
     """torch.compile changes kernels, not the run: the same seed gives the same batches and, to float rounding, the
     same losses; model.init and finetune.mode=feature_extraction take effect under it too."""
-    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-        # Inductor still emits vectorised C++ there, without the headers it needs (torch 2.14: "at::vec has not been
-        # declared"): a build failure of the compiler under that override, not of the step.
-        pytest.skip("torch.compile's C++ build fails under ATEN_CPU_CAPABILITY=default")
     net = {**TINY, "data.preset": "paper_cifar",
            "train.iterations": 6, "train.deterministic": False, "train.eval_every": 6, "train.checkpoint_every": 6}
     eager = train(load_config(None, small_overrides(idx_data, **net)), tmp_path / "eager", quiet=True)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from ..engine.steps import compile_model
 from ..models import create_model
 from .common import images_per_s, measure_ours, parse_model_arguments, write_result
 
@@ -44,7 +45,7 @@ def measure(args, device: torch.device, ours: bool, compiled: bool = False) -> t
             x = x.contiguous(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
                                     **({"fused": True} if gpu else {"foreach": True}))
-        step_model = torch.compile(model) if compiled else model
+        step_model = compile_model(model) if compiled else model
         step = train_step_fn(step_model, optimizer, x, y, torch.bfloat16 if gpu else None)
     else:
         model = getattr(torchvision.models, args.model)().to(device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torchvision
 
+from ..engine.steps import compile_model
 from ..models import create_model
 from .common import images_per_s, measure_ours, parse_model_arguments, write_result
 
@@ -21,7 +22,7 @@ def measure(args, device: torch.device, ours: bool, compiled: bool = False) -> t
         if gpu:
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-            model = torch.compile(model) if compiled else model
+            model = compile_model(model) if compiled else model
         dtype = torch.bfloat16 if gpu else None
     else:
         model = getattr(torchvision.models, args.model)().to(device).eval()

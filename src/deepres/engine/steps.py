@@ -16,7 +16,10 @@ is checkpointed so a resumed run stays exact.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
+import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,8 +27,48 @@ import torch.nn as nn
 
 from ..config import ConfigError, step_kind
 
-__all__ = ["CapturedStep", "EagerStep", "Precision", "build_step", "cpu_description", "native_bf16_cpu",
-           "resolve_amp"]
+__all__ = ["CapturedStep", "EagerStep", "Precision", "build_step", "compile_model", "cpu_description",
+           "native_bf16_cpu", "resolve_amp"]
+
+
+def _inductor_default_cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # older PyTorch: the same rule
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = f"uid_{os.getuid()}"
+        return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+    return default_cache_dir()
+
+
+def inductor_cache_dir(environ=os.environ) -> str | None:
+    """The folder torch.compile should cache its code in: None (Inductor's own choice) unless the process overrides
+    ATEN_CPU_CAPABILITY and names no cache folder of its own (TORCHINDUCTOR_CACHE_DIR unset, or Inductor's default,
+    which importing torchvision already writes there), then a folder beside the default for that capability.
+
+    Inductor's cache does not tell code generated for one vector width from code for another: on an AVX-512 CPU
+    (torch 2.14.1), a compiled run under ATEN_CPU_CAPABILITY=avx2 after one without it died of a segmentation fault
+    in a fused batch-norm kernel, and one in the other order too; under =default the C++ build failed ("at::vec has
+    not been declared"). Each capability in its own folder, all three compile and run."""
+    capability = environ.get("ATEN_CPU_CAPABILITY")
+    if not capability:
+        return None
+    default = os.path.abspath(_inductor_default_cache_dir())
+    named = environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if named and os.path.abspath(named) != default:
+        return None
+    return f"{default}-aten-{re.sub(r'[^A-Za-z0-9_.-]', '_', capability)}"
+
+
+def compile_model(model: nn.Module, mode: str | None = None) -> nn.Module:
+    """``torch.compile(model, mode=mode)``, its code cached apart under an ATEN_CPU_CAPABILITY override
+    (:func:`inductor_cache_dir`)."""
+    folder = inductor_cache_dir()
+    if folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # read by Inductor when it compiles; inherited by workers
+    return torch.compile(model, mode=mode)
 
 
 def native_bf16_cpu(cpuinfo: str | None = None) -> bool:
@@ -239,7 +282,7 @@ def build_step(config, model: nn.Module, train_model: nn.Module, task, optimizer
     (``notice`` says so); with several processes (DDP) it is refused."""
     tc = config.train
     precision = Precision(tc.amp, device)
-    step_model = torch.compile(train_model, mode=tc.compile) if tc.compile != "off" else train_model
+    step_model = compile_model(train_model, tc.compile) if tc.compile != "off" else train_model
     if step_kind(config) == "graph":
         if world_size > 1:
             raise ConfigError("train.cuda_graph", f"not supported with {world_size} processes (DDP); "
