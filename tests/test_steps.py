@@ -14,7 +14,8 @@ from deepres.config import load_config
 from deepres.engine import load_checkpoint, train
 from deepres.engine.logging import read_metrics
 from deepres.engine.optim import build_optimizer
-from deepres.engine.steps import CapturedStep, EagerStep, Precision, _inductor_default_cache_dir, inductor_cache_dir
+from deepres.engine.steps import (CapturedStep, EagerStep, Precision, _inductor_default_cache_dir, compile_model,
+                                  inductor_cache_dir)
 from deepres.models import create_model
 from deepres.tasks import ClassificationTask
 
@@ -136,6 +137,14 @@ def test_inductor_cache_dir_is_apart_only_under_a_capability_override():
     assert inductor_cache_dir({"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": "/data/cache"}) is None
 
 
+def test_compile_model_points_inductor_at_the_capability_folder(monkeypatch):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    net = torch.nn.Linear(2, 2)
+    compile_model(net)  # compiles lazily, at the first call
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.abspath(_inductor_default_cache_dir()) + "-aten-default"
+
+
 COMPILE_ONCE = """
 import torch
 from deepres.engine.steps import compile_model
@@ -145,6 +154,9 @@ torch.testing.assert_close(compile_model(net)(x), net(x), rtol=1e-4, atol=1e-4)
 """
 
 
+# Two fresh compiles in subprocesses: 45 s under `make test`, so `make test-slow`; the two tests above check the folder
+# choice in the default suite.
+@pytest.mark.slow
 def test_compiled_code_of_a_capability_override_does_not_meet_the_native_code(tmp_path):
     """Inductor's cache does not key its code on ATEN_CPU_CAPABILITY: with torch.compile alone, a compile under
     =default after a native one on the same machine fails to build (the native run's vectorised C++ is reused), and
