@@ -227,9 +227,9 @@ def test_schedules():
     assert cos.lr_at(60) == pytest.approx(0.05) and cos.lr_at(110) == pytest.approx(0.0)
     # ResNet-110: 0.01 until the training error is below 80%, then 0.1 (section 4.2).
     warm = Schedule(load_config(None, ["schedule.warmup_until_train_error=80"]).schedule, 0.1, 64000)
-    for _ in range(Schedule.WINDOW):
-        assert warm.lr_at(5) == 0.01
-        warm.observe_train_error(85.0)
+    for step in range(Schedule.WINDOW):
+        assert warm.lr_at(step) == 0.01
+        warm.observe_train_error(85.0, step)
     assert not warm.error_warmup_done
     for step in range(Schedule.WINDOW, 2 * Schedule.WINDOW):
         warm.observe_train_error(70.0, step)

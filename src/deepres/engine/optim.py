@@ -115,7 +115,7 @@ class Schedule:
             return self.base_lr
         raise ValueError(f"schedule.name={cfg.name!r} is unknown")
 
-    def observe_train_error(self, error_percent: float, step: int | None = None) -> bool:
+    def observe_train_error(self, error_percent: float, step: int) -> bool:
         """Feed the training error of the batch of iteration ``step`` (0-based); returns True when this call ends
         the error-driven warmup (the next iteration trains at the base rate)."""
         if self.error_warmup_done:
@@ -124,7 +124,7 @@ class Schedule:
         if (len(self.recent_errors) == self.WINDOW
                 and sum(self.recent_errors) / self.WINDOW < self.cfg.warmup_until_train_error):
             self.error_warmup_done = True
-            self.error_warmup_iterations = None if step is None else step + 1
+            self.error_warmup_iterations = step + 1
             return True
         return False
 

@@ -108,8 +108,10 @@ def _warmup_hold(results: list[RunResult]) -> list[str]:
     held = [r for r in results if "error_warmup_iterations" in r.summary]
     if not held:
         return []
-    counts = [r.summary["error_warmup_iterations"] for r in held]
-    parts = [f"{r.run_dir.name} {'never (the whole run)' if n is None else f'{n:,}'}" for r, n in zip(held, counts)]
+    parts = []
+    for r in held:
+        n = r.summary["error_warmup_iterations"]
+        parts.append(f"{r.run_dir.name} {'never (the whole run)' if n is None else f'{n:,}'}")
     return ["", "The paper's ResNet-110 warm-up (section 4.2: lr 0.01 until the training error is below 80%, about "
             "400 iterations, then 0.1) held lr 0.01 for these iterations: " + "; ".join(parts) + "."]
 
