@@ -23,6 +23,8 @@ from .resnet import Bottleneck, ResNet, imagenet_resnet
 
 __all__ = ["DeformConv2d", "deform_resnet"]
 
+LOW_PRECISION = {torch.bfloat16, torch.float16}
+
 
 class DeformConv2d(nn.Conv2d):
     """A :class:`torch.nn.Conv2d` sampling at learned offsets; ``offset`` is the conv that predicts them (zero init).
@@ -71,9 +73,17 @@ class DeformConv2d(nn.Conv2d):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torchvision.ops.deform_conv2d(
-            x, self.offset(x), self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation
-        )
+        offset = self.offset(x)
+        if not {x.dtype, offset.dtype, self.weight.dtype} & LOW_PRECISION:
+            return torchvision.ops.deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride,
+                                                 padding=self.padding, dilation=self.dilation)
+        # torchvision's kernels lack bf16 (and the CPU one fp16), and it has no CPU autocast rule: the sampling and the
+        # product run in fp32, as its CUDA autocast rule does, and the output takes the input's dtype.
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            out = torchvision.ops.deform_conv2d(x.float(), offset.float(), self.weight.float(), bias,
+                                                stride=self.stride, padding=self.padding, dilation=self.dilation)
+        return out.to(x.dtype)
 
     def macs(self, output: torch.Tensor) -> int:
         """Multiply-adds of the convolution and of the offset conv (the bilinear sampling is not counted)."""
