@@ -122,6 +122,38 @@ def test_export_round_trip(trained, tmp_path, fmt):
     assert json.loads(props["normalization_std"]) == normalizer.std.flatten().tolist()
 
 
+def test_onnx_export_of_deformable_convolutions(tmp_path):
+    """torchvision's deform_conv2d goes out as ONNX's DeformConv (opset 19): onnxruntime's outputs equal PyTorch's at
+    fractional, position-dependent offsets, with stride, dilation, groups and offset groups."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from deepres.engine.inference import _export
+    from deepres.models import DeformConv2d
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(DeformConv2d(4, 8, 3, padding=1, offset_groups=2), torch.nn.ReLU(),
+                              DeformConv2d(8, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False))
+    with torch.no_grad():
+        for conv in net[0], net[2]:
+            conv.offset.weight.normal_(0, 0.3)
+    example = torch.randn(2, 4, 11, 11)
+    got = _export(net.eval(), example, tmp_path / "deform.onnx", "onnx", {"classes": "[]"})
+    with torch.no_grad():
+        expected = net(example)
+    assert got.shape == expected.shape == (2, 6, 6, 6)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert [n.op_type for n in onnx.load(tmp_path / "deform.onnx").graph.node].count("DeformConv") == 2
+
+
+def test_an_onnx_export_onnx_cannot_express_names_the_other_formats(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from deepres.engine.inference import _export
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(6))  # 10x10 into 6x6 bins
+    with pytest.raises(RuntimeError, match="ONNX export failed: .*adaptive_avg_pool2d.*--format torchscript"):
+        _export(net.eval(), torch.randn(1, 1, 12, 12), tmp_path / "pool.onnx", "onnx", {})
+
+
 def test_safetensors_export_holds_the_weights_and_metadata(trained, tmp_path):
     from deepres.runs import read_safetensors
 

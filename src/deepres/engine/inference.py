@@ -262,10 +262,19 @@ def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str, meta
             raise ImportError("ONNX export needs onnx and onnxruntime: pip install 'deepres[export]'") from None
         import warnings
 
+        from ..models.deform import DeformConv2d, register_onnx_deform_conv
+
+        deformable = any(isinstance(m, DeformConv2d) for m in wrapped.modules())
+        batch = {0: "batch"}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapped, (example,), str(out), dynamo=False, input_names=["images"],
-                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+            try:
+                torch.onnx.export(wrapped, (example,), str(out), dynamo=False, input_names=["images"],
+                                  output_names=["logits"], dynamic_axes={"images": batch, "logits": batch},
+                                  opset_version=register_onnx_deform_conv() if deformable else None)
+            except torch.onnx.errors.OnnxExporterError as exc:  # an operator or shape ONNX cannot express
+                raise RuntimeError(f"ONNX export failed: {str(exc).splitlines()[0]} (--format torchscript or "
+                                   f"safetensors export every model)") from None
         import onnx
 
         proto = onnx.load(str(out))

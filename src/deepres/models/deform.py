@@ -21,9 +21,10 @@ import torchvision.ops
 from .registry import register_model
 from .resnet import Bottleneck, ResNet, imagenet_resnet
 
-__all__ = ["DeformConv2d", "deform_resnet"]
+__all__ = ["DeformConv2d", "deform_resnet", "register_onnx_deform_conv"]
 
 LOW_PRECISION = {torch.bfloat16, torch.float16}
+ONNX_OPSET = 19  # the first ONNX opset with DeformConv
 
 
 class DeformConv2d(nn.Conv2d):
@@ -92,6 +93,23 @@ class DeformConv2d(nn.Conv2d):
         conv = output.numel() * (self.in_channels // self.groups) * kh * kw
         offsets = positions * self.offset.out_channels * self.in_channels * kh * kw
         return conv + offsets
+
+
+def register_onnx_deform_conv() -> int:
+    """Teach torch.onnx's TorchScript-based exporter torchvision's ``deform_conv2d`` as ONNX's ``DeformConv``, and
+    return the opset that has it (torchvision registers ONNX forms for nms and roi_align, not this one)."""
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx.symbolic_helper import parse_args
+
+    @parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i", "b")
+    def symbolic(g, x, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
+                 offset_groups, use_mask):
+        inputs = [x, weight, offset, bias] + ([mask] if use_mask else [])
+        return g.op("DeformConv", *inputs, dilations_i=[dil_h, dil_w], group_i=groups, offset_group_i=offset_groups,
+                    pads_i=[pad_h, pad_w, pad_h, pad_w], strides_i=[stride_h, stride_w])
+
+    register_custom_op_symbolic("torchvision::deform_conv2d", symbolic, ONNX_OPSET)
+    return ONNX_OPSET
 
 
 def deform_resnet(depth: int = 50, *, stages: tuple[int, ...] = (2, 3, 4), offset_groups: int = 1, **options) -> ResNet:
