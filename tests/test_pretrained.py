@@ -58,6 +58,38 @@ def test_densenet_files_with_the_old_names_load(hub):
         assert (ours(x) - theirs(x)).abs().max().item() < 1e-5
 
 
+def test_googlenet_gives_torchvisions_logits_and_new_heads_for_new_classes(hub):
+    """torchvision's GoogLeNet weights take inputs in [-1, 1]: ours is built with transform_input, so the same
+    ImageNet-normalised input gives the same logits. A new class count leaves the classifier and both auxiliary heads'
+    logits layers fresh, the rest pretrained; without auxiliary heads the file's are not loaded."""
+    torch.manual_seed(0)
+    theirs = torchvision.models.googlenet(aux_logits=True, init_weights=True, transform_input=True).eval()
+    with torch.no_grad():
+        for module in theirs.modules():  # trained-looking running statistics, so a wrong transform shows
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    _publish(hub, "googlenet", theirs.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the input stays ImageNet-normalised
+        ours = create_model("googlenet", pretrained=True).eval()
+    assert ours.transform_input and ours.pretrained_cfg["crop_size"] == 224 and ours.pretrained_cfg["top1"] > 69
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = theirs(x)
+        assert (ours(x) - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
+    tuned = create_model("googlenet", pretrained=True, num_classes=10)
+    for head in (tuned.fc, tuned.aux1.fc2, tuned.aux2.fc2):
+        assert head.out_features == 10
+    assert not torch.equal(tuned.fc.weight, theirs.fc.weight[:10])
+    assert torch.equal(tuned.aux1.fc1.weight, theirs.aux1.fc1.weight)
+    assert torch.equal(tuned.inception5b.branch1.conv.weight, theirs.inception5b.branch1.conv.weight)
+    bare = create_model("googlenet", pretrained=True, aux_logits=False)
+    assert not bare.aux_logits and torch.equal(bare.fc.weight, theirs.fc.weight)
+    with pytest.raises(ValueError, match="in_channels"):
+        create_model("googlenet", pretrained=True, in_chans=1)
+
+
 def test_what_has_no_weights_or_contradicts_them_is_an_error(hub):
     with pytest.raises(ValueError, match="no pretrained weights for 'resnet56'.*resnet50"):
         create_model("resnet56", pretrained=True)

@@ -244,6 +244,11 @@ class GoogLeNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    def aux_classifiers(self) -> list[nn.Module]:
+        """The auxiliary heads' logits layers (empty without the heads): a classifier of another size than a
+        checkpoint's leaves them fresh too."""
+        return [self.aux1.fc2, self.aux2.fc2] if self.aux_logits else []
+
     def reset_classifier(self, num_classes: int) -> None:
         """New logits layers for ``num_classes``: the main one and the auxiliary heads' last layers (0: no classifier,
         and no auxiliary heads, since a feature extractor has no use for them)."""

@@ -11,7 +11,9 @@ net on a grey image repeated three times).
 ``pretrained_cfg(name)`` describes the weights (source, file, input size, resize and crop, mean and std,
 interpolation, the 1,000 class names and their published accuracy); ``eval_transform(cfg)`` builds the matching
 preprocessing. The CIFAR nets have no published weights: asking for them says which models have some.
-GoogLeNet is left out: torchvision's GoogLeNet weights expect its own input transform (``transform_input``).
+GoogLeNet's weights were trained on inputs scaled to [-1, 1]: it is built with ``transform_input=True``, which maps the
+ImageNet-normalised input it is given to that (torchvision does the same); like torchvision's, its auxiliary heads
+load the file's untrained ones (built with ``aux_logits=False``, it has none).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ PRETRAINED: dict[str, dict] = {
     "resnet50": {"stride_on": "3x3"}, "resnet101": {"stride_on": "3x3"}, "resnet152": {"stride_on": "3x3"},
     "resnext50_32x4d": {}, "wide_resnet50_2": {},
     "alexnet": {},
+    "googlenet": {"transform_input": True},
     **{f"vgg{d}{bn}": {} for d in (11, 13, 16, 19) for bn in ("", "_bn")},
     **{f"densenet{d}": {} for d in (121, 161, 169, 201)},
     **{f"efficientnet_b{i}": {} for i in range(8)},
@@ -85,7 +88,9 @@ _DENSENET_OLD = re.compile(
     r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
-def _renamed(name: str, state: dict) -> dict:
+def _renamed(name: str, state: dict, model: nn.Module) -> dict:
+    if name == "googlenet" and not model.aux_logits:  # the file holds the auxiliary heads torchvision trains with
+        return {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
     if not name.startswith("densenet"):
         return state
     out = {}
@@ -111,10 +116,9 @@ def load_pretrained(model: nn.Module, name: str, num_classes: int) -> dict:
     from .transfer import load_fitted
 
     cfg = pretrained_cfg(name)
-    state = _renamed(name, _download(cfg))
+    state = _renamed(name, _download(cfg), model)
     load_fitted(model, state, keep_head=num_classes == cfg["num_classes"], source=cfg["file_name"])
-    if cfg["options"]:
-        described = ", ".join(f"{k}={v!r}" for k, v in cfg["options"].items())
-        warnings.warn(f"{name}: torchvision's weights were trained as {described} (the paper's ResNets put the stride "
-                      "on the 1x1); the model is built that way", stacklevel=3)
+    if "stride_on" in cfg["options"]:
+        warnings.warn(f"{name}: torchvision's weights were trained as stride_on={cfg['options']['stride_on']!r} (the "
+                      "paper's ResNets put the stride on the 1x1); the model is built that way", stacklevel=3)
     return cfg

@@ -64,12 +64,14 @@ def _paper_bottleneck(model: nn.Module) -> bool:
     return getattr(model, "stride_on", None) == "1x1" and getattr(getattr(model, "block", None), "expansion", 1) > 1
 
 
-def _classifier_prefix(model: nn.Module) -> str:
-    head = model.get_classifier()
-    for name, module in model.named_modules():
-        if module is head:
-            return name + "."
-    raise ValueError("the model's classifier is not one of its modules")
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The state-dict prefixes of the layers that map features to classes: the classifier, and the auxiliary heads'
+    last layers where a model has them (GoogLeNet's ``aux_classifiers()``)."""
+    heads = [model.get_classifier(), *getattr(model, "aux_classifiers", list)()]
+    names = {id(module): name for name, module in model.named_modules()}
+    if id(heads[0]) not in names:
+        raise ValueError("the model's classifier is not one of its modules")
+    return tuple(names[id(head)] + "." for head in heads)
 
 
 def _adapt_channels(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
@@ -98,7 +100,7 @@ def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = No
                       "this model puts it on the 1x1 (the paper's): set model.stride_on=3x3 to match the weights",
                       stacklevel=2)
     own = model.state_dict()
-    prefix = _classifier_prefix(model)
+    prefix = _classifier_prefixes(model)
     head_keys = [k for k in own if k.startswith(prefix)]
     fits = all(k in state and tuple(state[k].shape) == tuple(own[k].shape) for k in head_keys)
     if head == "auto":
@@ -123,7 +125,7 @@ def load_fitted(model: nn.Module, state: dict, keep_head: bool, source: str) -> 
     the model's fresh one stays) and a first convolution of another channel count (adapted, see the module doc).
     Returns the adapted keys; raises ValueError naming what neither fits nor adapts."""
     own = model.state_dict()
-    prefix = _classifier_prefix(model)
+    prefix = _classifier_prefixes(model)
     new_state, adapted, bad = {}, [], []
     for key, value in own.items():
         if key.startswith(prefix) and not keep_head:
