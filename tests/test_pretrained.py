@@ -90,6 +90,24 @@ def test_googlenet_gives_torchvisions_logits_and_new_heads_for_new_classes(hub):
         create_model("googlenet", pretrained=True, in_chans=1)
 
 
+def test_deformable_resnet50_starts_from_resnet50s_weights(hub):
+    """Zero offsets: the pretrained deformable net is exactly torchvision's ResNet-50 until training moves them."""
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet50().eval()
+    _publish(hub, "resnet50", theirs.state_dict())
+    with pytest.warns(UserWarning, match="stride_on='3x3'"):
+        ours = create_model("deform_resnet50", pretrained=True).eval()
+    assert ours.pretrained_cfg["weights_of"] == "resnet50" and ours.pretrained_cfg["file_name"].startswith("resnet50")
+    offsets = [p for name, p in ours.named_parameters() if ".offset." in name]
+    assert len(offsets) == 2 * 13 and all(not p.any() for p in offsets)
+    # In float64 (fp32's rounding differs between deform_conv2d's and the convolution's kernels: 2e-5 of logits near
+    # 50, as torchvision's own fp32 is from its float64): the same function.
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = theirs.double()(x)
+        assert (ours.double()(x) - expected).abs().max().item() < 1e-10 * expected.abs().max().item()
+
+
 def test_what_has_no_weights_or_contradicts_them_is_an_error(hub):
     with pytest.raises(ValueError, match="no pretrained weights for 'resnet56'.*resnet50"):
         create_model("resnet56", pretrained=True)

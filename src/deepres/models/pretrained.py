@@ -13,7 +13,9 @@ interpolation, the 1,000 class names and their published accuracy); ``eval_trans
 preprocessing. The CIFAR nets have no published weights: asking for them says which models have some.
 GoogLeNet's weights were trained on inputs scaled to [-1, 1]: it is built with ``transform_input=True``, which maps the
 ImageNet-normalised input it is given to that (torchvision does the same); like torchvision's, its auxiliary heads
-load the file's untrained ones (built with ``aux_logits=False``, it has none).
+load the file's untrained ones (built with ``aux_logits=False``, it has none). ``deform_resnet50`` starts from
+ResNet-50's weights, as Dai et al. start from an ImageNet-trained ResNet: its offsets start at zero, so it computes
+exactly ResNet-50's function until training moves them.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import torch.nn as nn
 
 __all__ = ["PRETRAINED", "eval_transform", "load_pretrained", "pretrained_cfg"]
 
+# A model that starts from another's weights -> that model (its own parameters, here the offsets, start fresh).
+WEIGHTS_OF = {"deform_resnet50": "resnet50"}
 # Our name -> the options that build the architecture torchvision's weights were trained as.
 PRETRAINED: dict[str, dict] = {
     "resnet18": {}, "resnet34": {},
     "resnet50": {"stride_on": "3x3"}, "resnet101": {"stride_on": "3x3"}, "resnet152": {"stride_on": "3x3"},
     "resnext50_32x4d": {}, "wide_resnet50_2": {},
+    "deform_resnet50": {"stride_on": "3x3"},
     "alexnet": {},
     "googlenet": {"transform_input": True},
     **{f"vgg{d}{bn}": {} for d in (11, 13, 16, 19) for bn in ("", "_bn")},
@@ -46,7 +51,7 @@ def pretrained_cfg(name: str) -> dict | None:
         return None
     from torchvision.models import get_model_weights
 
-    weights = get_model_weights(name).DEFAULT
+    weights = get_model_weights(WEIGHTS_OF.get(name, name)).DEFAULT
     transform = weights.transforms()
     metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
     crop = int(transform.crop_size[0])
@@ -66,6 +71,7 @@ def pretrained_cfg(name: str) -> dict | None:
         "top1": metrics.get("acc@1"),
         "top5": metrics.get("acc@5"),
         "options": dict(PRETRAINED[name]),
+        "weights_of": WEIGHTS_OF.get(name, name),
     }
 
 
@@ -91,6 +97,8 @@ _DENSENET_OLD = re.compile(
 def _renamed(name: str, state: dict, model: nn.Module) -> dict:
     if name == "googlenet" and not model.aux_logits:  # the file holds the auxiliary heads torchvision trains with
         return {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+    if name in WEIGHTS_OF:  # the parameters the other model lacks keep their initial values
+        return {**{k: v for k, v in model.state_dict().items() if k not in state}, **state}
     if not name.startswith("densenet"):
         return state
     out = {}
