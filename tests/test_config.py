@@ -114,6 +114,23 @@ def test_recipe_extends_its_parent(tmp_path):
         load_recipe(tmp_path / "loop.yaml")
 
 
+def test_the_length_set_last_decides_between_iterations_and_epochs(tmp_path):
+    """imagefolder_fast trains 90 epochs: a train.iterations override replaced nothing before (the epochs won at the
+    start of the run, silently). The length set last decides, in overrides and in recipes that extend others."""
+    assert load_config("imagefolder_fast").train.epochs == 90
+    config = load_config("imagefolder_fast", ["train.iterations=60"])
+    assert (config.train.iterations, config.train.epochs) == (60, None)
+    assert load_config("imagefolder_fast", ["train.iterations=60", "train.epochs=2"]).train.epochs == 2
+    assert load_config("imagefolder_fast", ["train.epochs=2", "train.iterations=60"]).train.epochs is None
+    (tmp_path / "short.yaml").write_text("extends: imagefolder_fast\ntrain:\n  iterations: 300\n")
+    config = load_config(tmp_path / "short.yaml")
+    assert (config.train.iterations, config.train.epochs, config.train.batch_size) == (300, None, 256)
+    (tmp_path / "both.yaml").write_text("extends: imagefolder_fast\ntrain:\n  iterations: 300\n  epochs: 3\n")
+    assert load_config(tmp_path / "both.yaml").train.epochs == 3
+    (tmp_path / "other.yaml").write_text("extends: imagefolder_fast\ntrain:\n  batch_size: 128\n")
+    assert load_config(tmp_path / "other.yaml").train.epochs == 90
+
+
 def test_unknown_recipe_name(tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPRES_RECIPES", str(tmp_path))
     (tmp_path / "cifar_fast.yaml").write_text("train:\n  iterations: 10\n")

@@ -225,7 +225,8 @@ class ScheduleConfig:
 class TrainConfig:
     iterations: int = 64000
     # Train this many passes over the training split instead (resolved into train.iterations when the data is known,
-    # and saved so in the run's config.yaml); None: train.iterations.
+    # and saved so in the run's config.yaml); None: train.iterations. Setting train.iterations after it (an override,
+    # a recipe extending one in epochs) unsets it: the length set last decides.
     epochs: float | None = None
     batch_size: int = 128
     eval_batch_size: int = 512
@@ -521,6 +522,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         if dataclasses.is_dataclass(tp):
             raise ConfigError(dotted, f"is a section; set one of its keys: {_describe(tp)}")
         setattr(target, last, _coerce(dotted, text, tp, from_text=True))
+        if isinstance(target, TrainConfig) and last == "iterations":
+            target.epochs = None  # a length in iterations replaces one in epochs set before it (a recipe's)
     return config
 
 
@@ -587,7 +590,10 @@ def load_recipe(name_or_path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -
     if parent is not None:
         local = path.parent / f"{parent}.yaml"
         base = load_recipe(local if local.is_file() else parent, _seen + (path.resolve(),))
+        own_train = data.get("train")
         data = _merge(base, data)
+        if isinstance(own_train, dict) and "iterations" in own_train and "epochs" not in own_train:
+            data["train"]["epochs"] = None  # the recipe's length replaces the one in epochs it extends
     return data
 
 
