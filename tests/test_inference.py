@@ -96,6 +96,35 @@ def test_predict_names_classes(trained, tmp_path):
     assert out.returncode == 1 and "broken.png" in out.stderr
 
 
+def test_predict_takes_folders_in_batches(trained, tmp_path):
+    """A folder stands for its image files (subfolders too, name order, other files left out); images go through
+    in batches, each image's result the same as alone."""
+    path, _, data = trained
+    from deepres.data.sources import read_idx
+
+    images = read_idx(data / "t10k-images-idx3-ubyte.gz")[:5]
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    names = ["b.png", "a.png", "more/c.png", "more/d.jpg", "e.bmp"]
+    for img, name in zip(images, names):
+        Image.fromarray(img).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    results = predict_images(path, [folder], top_k=2, batch_size=2)
+    assert [Path(r["image"]).relative_to(folder).as_posix() for r in results] == sorted(names)
+    for r in results:
+        alone = predict_images(path, [r["image"]], top_k=2)[0]
+        assert [t["class"] for t in alone["top"]] == [t["class"] for t in r["top"]]
+        assert [t["probability"] for t in alone["top"]] == pytest.approx([t["probability"] for t in r["top"]],
+                                                                         rel=1e-4, abs=1e-6)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no image files .* in folder .*empty"):
+        predict_images(path, [tmp_path / "empty"])
+    out = subprocess.run([sys.executable, "-m", "deepres", "predict", str(path), str(folder / "more"), "--json",
+                          "--batch-size", "1"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert [Path(r["image"]).name for r in json.loads(out.stdout)] == ["c.png", "d.jpg"]
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_round_trip(trained, tmp_path, fmt):
     path, _, _ = trained

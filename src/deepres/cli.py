@@ -193,7 +193,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .engine.inference import predict_images
 
-    results = predict_images(args.checkpoint, args.images, top_k=args.top_k, device=args.device)
+    results = predict_images(args.checkpoint, args.images, top_k=args.top_k, device=args.device,
+                             batch_size=args.batch_size)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -353,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes of image files")
     p.add_argument("checkpoint", help="a run's checkpoint (RUN/checkpoints/best.pt or last.pt)")
-    p.add_argument("images", nargs="+", help="image files (any format the training decoder reads)")
+    p.add_argument("images", nargs="+", help="image files (any format the training decoder reads), or folders of "
+                                             "them (searched with their subfolders, in name order)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images classified at a time (default 64)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
     p.set_defaults(func=cmd_predict)

@@ -23,6 +23,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_checkpoint_modes",
     "export_checkpoint",
+    "image_files",
     "load_image",
     "predict_images",
 ]
@@ -140,21 +141,45 @@ def load_image(path: str | Path, channels: int, size: Sequence[int]) -> torch.Te
     return x.contiguous()
 
 
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The image files ``paths`` name: files as given, folders searched (with their subfolders) for files with an
+    image extension, in name order. A path that does not exist, or a folder without images, is an error naming it."""
+    from ..data.images import IMAGE_EXTENSIONS
+
+    files = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            found = sorted(p for p in given.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in folder {given}")
+            files += found
+        elif given.is_file():
+            files.append(given)
+        else:
+            raise FileNotFoundError(f"image not found: {given}")
+    return files
+
+
 @torch.no_grad()
-def predict_images(path: str | Path, images: Sequence[str | Path], top_k: int = 5, device: str = "cpu") -> list[dict]:
-    """Top-k classes (by name, with probabilities) for each image file."""
+def predict_images(path: str | Path, images: Sequence[str | Path], top_k: int = 5, device: str = "cpu",
+                   batch_size: int = 64) -> list[dict]:
+    """Top-k classes (by name, with probabilities) for each image file; folders among ``images`` stand for the image
+    files in them (:func:`image_files`). Images are decoded and classified ``batch_size`` at a time."""
     ckpt = load_checkpoint(path)
     model, normalizer, _ = load_for_inference(ckpt, device)
     classes = ckpt["classes"]
-    batch = torch.stack([load_image(p, int(ckpt["in_channels"]), ckpt["image_size"]) for p in images]).to(device)
-    probs = torch.softmax(single_predict(normalizer)(model, batch).float(), dim=1)
+    files = image_files(images)
     k = min(top_k, len(classes))
-    values, indices = probs.topk(k, dim=1)
-    return [
-        {"image": str(p), "top": [{"class": classes[i], "index": int(i), "probability": float(v)}
-                                  for v, i in zip(vs.tolist(), ix.tolist())]}
-        for p, vs, ix in zip(images, values, indices)
-    ]
+    results = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        batch = torch.stack([load_image(p, int(ckpt["in_channels"]), ckpt["image_size"]) for p in chunk]).to(device)
+        probs = torch.softmax(single_predict(normalizer)(model, batch).float(), dim=1)
+        values, indices = probs.topk(k, dim=1)
+        results += [{"image": str(p), "top": [{"class": classes[i], "index": int(i), "probability": float(v)}
+                                              for v, i in zip(vs.tolist(), ix.tolist())]}
+                    for p, vs, ix in zip(chunk, values, indices)]
+    return results
 
 
 class NormalizedModel(nn.Module):
