@@ -36,7 +36,7 @@ def test_import_deepres_is_light_and_lists_its_api():
     code = "import sys, deepres; print('torch' in sys.modules, sorted(deepres.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("False"), out
-    for name in ("create_model", "list_models", "load_config", "train", "evaluate"):
+    for name in ("create_model", "list_models", "load_config", "train", "evaluate", "load_model", "predict"):
         assert name in out and callable(getattr(deepres, name))
     assert deepres.create_model("resnet20", num_classes=7)(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
     assert "resnet56" in deepres.list_models("resnet*")
@@ -55,6 +55,32 @@ def test_train_with_a_mapping_a_config_and_strings_gives_the_same_run(idx_data, 
     assert a["test_top1_error"] == b["test_top1_error"] == c["test_top1_error"]
     result = deepres.evaluate(tmp_path / "a" / "checkpoints" / "last.pt")
     assert result["top1_error"] == pytest.approx(a["test_top1_error"], abs=1e-6)
+
+
+def test_load_model_and_predict_read_a_checkpoint_back(idx_data, tmp_path):
+    """load_model gives the exported form (float images in [0, 1] in, the run's normalisation built in), with the
+    class names; predict classifies image files as `deepres predict` does."""
+    deepres.train(None, _overrides(idx_data, **{"train.iterations": 30}), run_dir=tmp_path / "run")
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    model = deepres.load_model(path)
+    ckpt = load_checkpoint(path)
+    assert model.classes == ckpt["classes"] and model.image_size == (16, 16) and model.in_channels == 1
+    assert not model.training and not model.model.training
+    from deepres.engine import load_for_inference
+
+    bare, normalizer, _ = load_for_inference(ckpt)
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images.float() / 255), bare(normalizer(images)), rtol=1e-5, atol=1e-5)
+    files = []
+    for i, img in enumerate(images):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(img[0].numpy()).save(files[-1])
+    results = deepres.predict(path, files, top_k=2)
+    with torch.no_grad():
+        expected = model(images.float() / 255).argmax(1).tolist()
+    assert [r["top"][0]["index"] for r in results] == expected
+    assert [len(r["top"]) for r in results] == [2] * 4 and results[0]["image"] == str(files[0])
 
 
 class TinyNet(nn.Module):

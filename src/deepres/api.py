@@ -3,9 +3,11 @@
 >>> import deepres
 >>> summary = deepres.train("demo", {"train.iterations": 200}, run_dir="runs/api")
 >>> deepres.evaluate("runs/api/checkpoints/best.pt")["top1_error"]
+>>> model = deepres.load_model("runs/api/checkpoints/best.pt")    # float images in [0, 1] -> logits
+>>> deepres.predict("runs/api/checkpoints/best.pt", ["shoe.png"], top_k=3)
 
-See :func:`train` and :func:`evaluate`; ``deepres.create_model`` / ``list_models`` / ``load_config`` are the
-model registry's and the config's.
+See :func:`train`, :func:`evaluate`, :func:`load_model` and :func:`predict`; ``deepres.create_model`` /
+``list_models`` / ``load_config`` are the model registry's and the config's.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["evaluate", "train"]
+__all__ = ["evaluate", "load_model", "predict", "train"]
 
 
 def _override_text(key: str, value: Any) -> str:
@@ -93,3 +95,30 @@ def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: st
 
     return evaluate_checkpoint(Path(checkpoint), data_dir=data_dir, split=split, ten_crop=ten_crop, scales=scales,
                                batch_size=batch_size, device=device, workers=workers)
+
+
+def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):
+    """The trained model of a checkpoint in eval mode, as ``deepres export`` writes it: float images in [0, 1] of
+    shape (N, C, H, W) in (``image_size`` (H, W) as trained, ``in_channels`` C), logits out, the run's normalisation
+    built in. ``classes`` names the logits; ``model`` is the bare network (normalised input), for features or further
+    training. EMA weights when the run kept them."""
+    from .engine.inference import NormalizedModel
+    from .runs import load_checkpoint, load_for_inference
+
+    ckpt = load_checkpoint(Path(checkpoint))
+    model, normalizer, _ = load_for_inference(ckpt, device)
+    wrapped = NormalizedModel(model, normalizer.mean, normalizer.std).to(device).eval()
+    wrapped.classes = list(ckpt["classes"])
+    wrapped.image_size = tuple(int(v) for v in ckpt["image_size"])
+    wrapped.in_channels = int(ckpt["in_channels"])
+    return wrapped
+
+
+def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], *, top_k: int = 5,
+            device: str = "cpu", batch_size: int = 64) -> list[dict]:
+    """Top-k classes of image files (folders stand for their images), as ``deepres predict --json`` prints them:
+    ``[{"image": path, "top": [{"class", "index", "probability"}, ...]}, ...]``. Images are decoded as training
+    decoded them, resized and centre-cropped to the model's input."""
+    from .engine.inference import predict_images
+
+    return predict_images(Path(checkpoint), list(images), top_k=top_k, device=device, batch_size=batch_size)
