@@ -124,6 +124,19 @@ def test_cifar_offline_error_says_where_to_put_the_file(tmp_path, monkeypatch):
     assert not target.exists(), "an offline attempt creates no folders"
 
 
+def test_cifar_pointed_at_an_image_folder_says_to_use_imagefolder(tmp_path, monkeypatch):
+    """The CIFAR-10 JPEG set given to the cifar10 source: the error names data.source=imagefolder, and a folder of
+    images is not a place to download the python release into."""
+    monkeypatch.setattr(archives, "urlopen", lambda *a, **k: pytest.fail("no download for a folder of images"))
+    root = make_image_folder(tmp_path / "pics", n_train=2, n_test=1)
+    with pytest.raises(FileNotFoundError, match="holds image files.*data.source=imagefolder"):
+        load_dataset(DataConfig(source="cifar10", data_dir=str(root), val_size=0))
+    archive = make_tar(tmp_path / "pics.tar.gz", root, "pics")
+    with pytest.raises(ValueError, match="lacks cifar-10-batches-py/.*holds image files.*data.source=imagefolder"):
+        load_dataset(DataConfig(source="cifar10", data_dir=str(archive), val_size=0))
+    assert sorted(p.name for p in root.iterdir()) == ["test", "train"]  # nothing written into it
+
+
 def test_cifar_refuses_pickles_that_would_run_code(tmp_path):
     class Evil:
         def __reduce__(self):

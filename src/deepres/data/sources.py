@@ -21,6 +21,7 @@ import torch
 
 from .archives import download, is_archive
 from .datasets import Dataset, Split, carve_validation, data_root
+from .images import IMAGE_EXTENSIONS
 
 __all__ = ["SOURCES", "load_dataset", "register_source"]
 
@@ -273,19 +274,36 @@ def _cifar_files(name: str, path: Path) -> dict[str, bytes] | None:
         return {f: (path / f).read_bytes() for f in wanted}
     if is_archive(path):
         found = {}
+        images = False
         try:
             with tarfile.open(path, "r:*") as tar:
                 for member in tar:
                     base = member.name.rsplit("/", 1)[-1]
                     if member.isfile() and base in wanted and member.name.startswith(spec["folder"] + "/"):
                         found[base] = tar.extractfile(member).read()
+                    images = images or base.lower().endswith(IMAGE_EXTENSIONS)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ValueError(f"cannot read {path}: {exc}") from None
         missing = [f for f in wanted if f not in found]
         if missing:
-            raise ValueError(f"{path} lacks {spec['folder']}/{', '.join(missing)}")
+            hint = f"; it holds image files: {IMAGE_FOLDER_HINT}" if images else ""
+            raise ValueError(f"{path} lacks {spec['folder']}/{', '.join(missing)}{hint}")
         return found
     return None
+
+
+IMAGE_FOLDER_HINT = "for an image folder (or an archive of one) set data.source=imagefolder"
+
+
+def _holds_images(folder: Path, depth: int = 3) -> bool:
+    """Whether ``folder`` has an image file within ``depth`` levels (root/<class>/ or root/<split>/<class>/)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    if any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries):
+        return True
+    return depth > 1 and any(e.is_dir() and _holds_images(Path(e.path), depth - 1) for e in entries)
 
 
 def _cifar_split(name: str, files: dict[str, bytes], which: str, where: Path) -> Split:
@@ -312,6 +330,9 @@ def load_cifar(name: str, cfg) -> Dataset:
         if files is not None:
             break
     else:
+        if cfg.data_dir and Path(cfg.data_dir).expanduser().is_dir() and _holds_images(Path(cfg.data_dir).expanduser()):
+            raise FileNotFoundError(f"{name}: {cfg.data_dir} holds image files, not the {spec['archive']} release "
+                                    f"({spec['folder']}/): {IMAGE_FOLDER_HINT}")
         target = data_root(cfg.data_dir) / spec["archive"]
         try:
             path = download(spec["url"], target, spec["md5"])
