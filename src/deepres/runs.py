@@ -206,6 +206,21 @@ def build_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
     return add_noise(create_model(cfg.name, **options), cfg.dropout, cfg.stochastic_depth)
 
 
+def check_model(cfg) -> None:
+    """Build a ModelConfig's model on the meta device (no memory, no arithmetic: milliseconds) so that an unknown
+    name or an option its builder refuses is a ConfigError before any data is read or downloaded. Class count and
+    channels the config leaves to the data are placeholders here."""
+    from .models import list_models
+
+    try:
+        with torch.device("meta"):
+            build_model(cfg, 10, 3)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("model.name" if cfg.name not in list_models() else "model.options", str(exc)) from None
+    except Exception:  # noqa: BLE001 - a builder that needs real tensors: the build after the data says what fails
+        pass
+
+
 def load_for_inference(checkpoint: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Normalizer, object]:
     """The model of a checkpoint in eval mode (EMA weights when the run kept them), its normalizer and config."""
     config = from_dict(checkpoint["config"])

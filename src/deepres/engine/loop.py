@@ -28,8 +28,8 @@ from ..data import build_data, load_run_dataset
 from ..evaluation import evaluate
 from ..models import count_parameters
 from ..models.transfer import freeze_backbone, load_init
-from ..runs import (RunLock, RunPaths, build_model, check_teacher, data_fingerprint, load_checkpoint, load_teacher,
-                    save_checkpoint)
+from ..runs import (RunLock, RunPaths, build_model, check_model, check_teacher, data_fingerprint, load_checkpoint,
+                    load_teacher, save_checkpoint)
 from ..tasks import build_task
 from ..version import __version__
 from .fit import fit_to_data
@@ -236,6 +236,8 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     task = build_task(config.task)
     if task.needs_teacher:
         check_teacher(config.task.teacher)
+    if given_model is None:
+        check_model(config.model)
     fitted = []
     if given_data is not None:
         if tc.fit_to_data:
