@@ -374,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="reproduce a table or figure of the paper (runs + report)")
     p.add_argument("experiment", help="; ".join(f"{name}: {what}" for name, what in EXPERIMENT_HELP.items()))
     p.add_argument("--scale", default="smoke", choices=["smoke", "laptop", "full"],
-                   help="smoke (default): minutes on a CPU, tiny schedules, numbers meaningless; laptop: about an hour "
-                        "on 2 CPU cores, the paper's recipe shortened (CIFAR: 3,000 iterations on all training images, "
-                        "bf16 where the CPU has it); full: the paper's schedule (GPU)")
+                   help="smoke (default): minutes on a CPU, tiny schedules, numbers meaningless; laptop: the paper's "
+                        "recipe shortened (CIFAR: 3,000 iterations on all training images, bf16 where the CPU has it), "
+                        "about an hour per seed on 2 CPU cores for cifar-degradation, hours for the deeper or larger "
+                        "nets (measured and printed before training starts); full: the paper's schedule (GPU)")
     p.add_argument("--seeds", type=int, default=1, help="runs per configuration (mean +/- std in the report)")
     p.add_argument("--data-dir", help="CIFAR-10 data (default: the CIFAR-10 JPEG set if found, else official CIFAR-10)")
     p.add_argument("--out", default="runs/reproduce", help="folder for runs and reports (shared between experiments)")
