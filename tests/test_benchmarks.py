@@ -111,6 +111,18 @@ def test_cpu_train_names_the_cpu_and_its_flags(tmp_path):
     assert result["device"] == f"cpu-{os.cpu_count()}core-" + cpu_label(result["cpu_model"], result["cpu_flags"])
 
 
+def test_deform_cpu_times_both_kernels_on_every_stage_shape(tmp_path):
+    from deepres.benchmarks.deform_cpu import main
+
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("deform-cpu-cpu-*.json")
+    result = json.loads(path.read_text())
+    assert KEYS <= set(result) and result["ratio"] == pytest.approx(result["reference"] / result["ours"])
+    assert [(r["side"], r["blocks"]) for r in result["stages"]] == [(16, 4), (8, 6), (4, 3)]
+    assert result["ours"] == pytest.approx(sum(r["seconds_ours"] * r["blocks"] for r in result["stages"]))
+    assert result["meets_target"] is None and result["cpu_model"]  # a smoke run claims nothing
+
+
 def test_imagenet_throughput_records_the_resnet50_bars(tmp_path):
     # ResNet-50 at a tiny size on the CPU: the file carries the two bars, and a CPU run meets neither.
     out = subprocess.run([sys.executable, "-m", "deepres", "benchmark", "imagenet-throughput", "--smoke", "--model",

@@ -475,6 +475,34 @@ def test_deformable_conv_samples_at_offsets_and_learns_them():
     assert fresh.offset.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("stride,padding,dilation,groups,offset_groups",
+                         [(1, 1, 1, 1, 1), (2, 2, 2, 2, 2), (1, 0, 1, 1, 3), (2, 1, 1, 1, 2)])
+def test_the_cpu_deformable_conv_equals_torchvisions_operator(stride, padding, dilation, groups, offset_groups):
+    """In float64, forward and every gradient (input, offsets, weight, bias) equal torchvision's deform_conv2d, with
+    offsets of up to several pixels (samples beyond every border) and integer ones (the zero start)."""
+    from deepres.models import DeformConvCPU
+
+    torch.manual_seed(0)
+    n, c, out, side, k = 2, 6, 4, 9, 3
+    x = torch.randn(n, c, side, side, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(out, c // groups, k, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(out, dtype=torch.float64, requires_grad=True)
+    size = (side + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    offset = torch.randn(n, 2 * offset_groups * k * k, size, size, dtype=torch.float64) * 3
+    offset[:, :, 0] = offset[:, :, 0].round()  # whole-pixel offsets on one row: the floor's edge
+    offset.requires_grad_()
+    inputs = (x, offset, weight, bias)
+    expected = torchvision.ops.deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding,
+                                             dilation=dilation)
+    ours = DeformConvCPU.apply(x, offset, weight, bias, (stride,) * 2, (padding,) * 2, (dilation,) * 2, groups,
+                               offset_groups)
+    assert ours.dtype == torch.float64 and ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(expected)
+    for mine, theirs in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_deformable_conv_runs_in_low_precision_on_the_cpu(dtype):
     """torchvision's CPU kernel has no bf16 / fp16 and no CPU autocast rule: the conv computes in fp32 inside

@@ -9,7 +9,7 @@ GoogLeNet in training mode returns :class:`AuxOutputs` ``(logits, aux1, aux2)``,
 from . import alexnet, deform, densenet, efficientnet, googlenet, resnet, resnext, senet, speedrun, vgg  # noqa: F401
 from .alexnet import AlexNet, ConvFCNet
 from .complexity import count_macs, count_parameters, describe_model, describe_models
-from .deform import DeformConv2d, deform_resnet
+from .deform import DeformConv2d, DeformConvCPU, deform_resnet
 from .densenet import DenseBlock, DenseLayer, DenseNet, Transition, densenet_bc
 from .efficientnet import EfficientNet, MBConv, efficientnet
 from .features import FeatureInfo, ResNetFeatures, feature_extractor, feature_info
@@ -36,6 +36,7 @@ __all__ = [
     "Bottleneck",
     "ConvFCNet",
     "DeformConv2d",
+    "DeformConvCPU",
     "DenseBlock",
     "DenseLayer",
     "DenseNet",
