@@ -295,10 +295,12 @@ def test_a_bad_model_is_named_before_any_data_is_read(tmp_path):
     """The model is built on the meta device first: an unknown name or a refused option is a config error, not a
     wait for the data (or its download) that ends in one."""
     missing = tmp_path / "no-data-here"
-    for setting, key, fragment in (("model.name=resnet57", "model.name", "close matches: resnet56"),
-                                   ("model.options.widen=2", "model.options", "unexpected keyword argument 'widen'")):
-        result = _cli(["train", "--recipe", "demo", "--set", setting, "--set", f"data.data_dir={missing}",
-                       "--run-dir", str(tmp_path / "run")])
+    for settings, key, fragment in (
+            (["model.name=resnet57"], "model.name", "close matches: resnet56"),
+            (["model.options.widen=2"], "model.options", "unexpected keyword argument 'widen'"),
+            (["model.name=googlenet", "model.stochastic_depth=0.1"], "model.stochastic_depth", "no residual blocks")):
+        result = _cli(["train", "--recipe", "demo", *[a for s in settings for a in ("--set", s)],
+                       "--set", f"data.data_dir={missing}", "--run-dir", str(tmp_path / "run")])
         assert result.returncode == 2, result.stderr
         assert f"config key '{key}'" in result.stderr and fragment in result.stderr, result.stderr
         assert "fashion_mnist" not in result.stderr and not missing.exists()

@@ -215,6 +215,8 @@ def check_model(cfg) -> None:
     try:
         with torch.device("meta"):
             build_model(cfg, 10, 3)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as exc:
         raise ConfigError("model.name" if cfg.name not in list_models() else "model.options", str(exc)) from None
     except Exception:  # noqa: BLE001 - a builder that needs real tensors: the build after the data says what fails
