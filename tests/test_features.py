@@ -113,11 +113,48 @@ def test_bad_indices_and_unsupported_models_are_errors(hub):
         create_model("resnet20", out_indices=(1, 2))
     with pytest.raises(ValueError, match="drop_rate"):
         create_model("resnet20", features_only=True, drop_rate=0.2)
-    with pytest.raises(ValueError, match="'speedrun_resnet9'.*does not support features_only.*resnet"):
+    with pytest.raises(ValueError, match="'speedrun_resnet9'.*does not support features_only.*resnet.*densenet"):
         create_model("speedrun_resnet9", features_only=True)
-    # Refused before any download: the cache is empty and there is no network.
-    with pytest.raises(ValueError, match="'densenet121'.*does not support features_only"):
-        create_model("densenet121", pretrained=True, features_only=True)
+    with pytest.raises(ValueError, match="'vgg16'.*has 6 feature maps"):
+        create_model("vgg16", features_only=True, out_indices=(6,))
+
+
+# The other families: one map per resolution of forward_features, each the output of the last module at it (checked
+# against the model's own modules run by hand), the deepest forward_features' output.
+HOOKED = {
+    "vgg16_bn": ([64, 128, 256, 512, 512, 512], [1, 2, 4, 8, 16, 32], lambda m, x: m.features[:6](x)),
+    "alexnet": ([64, 192, 256, 256], [4, 8, 16, 32], lambda m, x: m.features[:2](x)),
+    "densenet121": ([64, 256, 512, 1024, 1024], [2, 4, 8, 16, 32], lambda m, x: m.features[:3](x)),
+    "efficientnet_b0": ([16, 24, 40, 112, 1280], [2, 4, 8, 16, 32], lambda m, x: m.features[:2](x)),
+    "googlenet": ([64, 192, 480, 832, 1024], [2, 4, 8, 16, 32], lambda m, x: m.conv1(x)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOOKED))
+def test_the_other_families_give_one_map_per_resolution(name):
+    channels, reductions, first = HOOKED[name]
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    features = create_model(name, features_only=True).eval()
+    assert features.feature_info.channels() == channels and features.feature_info.reduction() == reductions
+    weights = model.state_dict()
+    own = features.state_dict()
+    assert set(own) < set(weights) and not any(k.startswith(("classifier", "fc.", "aux")) for k in own)
+    features.load_state_dict({k: weights[k] for k in own})
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        maps = features(x)
+        assert [m.shape[1] for m in maps] == channels
+        if name != "alexnet":  # its 11x11 stride-4 stem: 55 of 224, the reduction 4 is nominal
+            assert [96 // m.shape[-1] for m in maps] == reductions
+        torch.testing.assert_close(maps[0], first(model, x), rtol=0, atol=0)
+        torch.testing.assert_close(maps[-1], model.forward_features(x), rtol=0, atol=0)
+    picked = create_model(name, features_only=True, out_indices=(-1, 1)).eval()
+    picked.load_state_dict({k: weights[k] for k in picked.state_dict()})
+    with torch.no_grad():
+        deepest, second = picked(x)
+    torch.testing.assert_close(deepest, maps[-1], rtol=0, atol=0)
+    torch.testing.assert_close(second, maps[1], rtol=0, atol=0)
 
 
 def test_pretrained_features_are_torchvisions_stage_outputs(hub):
@@ -253,6 +290,9 @@ def test_trainable_layers_follow_torchvisions_range():
         faster_rcnn_c4("resnet18", num_classes=2, trainable_layers=6)
     with pytest.raises(ValueError, match="'speedrun_resnet9'"):
         faster_rcnn_c4("speedrun_resnet9", num_classes=2)
+    # A family with feature maps but no ResNet stages, refused before any download (no file in the cache, no network)
+    with pytest.raises(ValueError, match="'vgg16' is no ResNet"):
+        faster_rcnn_fpn("vgg16", num_classes=2, pretrained=True)
 
 
 def test_fpn_backbone_on_a_cifar_resnet_and_chosen_layers():

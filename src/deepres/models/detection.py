@@ -38,7 +38,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .features import ResNetFeatures, feature_extractor
+from .features import RESNET_FAMILIES, ResNetFeatures, _is_resnet, feature_extractor
 from .registry import create_model
 
 __all__ = [
@@ -102,6 +102,10 @@ def _resnet(name: str, pretrained: bool, trainable_layers: int | None, frozen_bn
             model_options: dict | None) -> nn.Module:
     """Every stage of the ResNet ``name`` (its classifier dropped), weights loaded, BN and stages frozen as asked.
     A model that is no ResNet fails here with a ValueError naming it, before any weights are downloaded."""
+    with torch.device("meta"):  # the family first, before any weights are downloaded
+        if not _is_resnet(create_model(name, **(model_options or {}))):
+            raise ValueError(f"model '{name}' is no ResNet: the detection backbones take a model built on the ResNet "
+                             f"class ({RESNET_FAMILIES})")
     model = create_model(name, pretrained=pretrained, features_only=True, **(model_options or {}))
     if frozen_bn is None:
         frozen_bn = pretrained

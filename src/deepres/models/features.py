@@ -8,8 +8,16 @@ nets, taken before the max pooling, as timm does), indices 1.. the stages: conv2
 
 ``module.feature_info`` says what each returned map is: ``channels()``, ``reduction()`` (input size over map size)
 and ``module_name()`` are lists in the order of ``out_indices``; ``get_dicts()`` gives ``{num_chs, reduction, module,
-index}`` per map. Every model built on :class:`~deepres.models.resnet.ResNet` is supported (the ImageNet and CIFAR
-ResNets and plain nets, ResNeXt, wide, SE and deformable ResNets); other families raise a ``ValueError``.
+index}`` per map. Every model built on :class:`~deepres.models.resnet.ResNet` (the ImageNet and CIFAR ResNets and
+plain nets, ResNeXt, wide, SE and deformable ResNets) gives its stem and stages as above (:class:`ResNetFeatures`).
+
+The other families (AlexNet, VGG, GoogLeNet, DenseNet, EfficientNet) give one map per resolution of their
+``forward_features`` (:class:`HookFeatures`): at each resolution the output of the last module (a child of the model or
+of its ``features``) that computes at it, the deepest map being ``forward_features``' own output (DenseNet's after its
+final ReLU). Which modules those are is read once from a forward on the meta device at the model's native input size
+(no memory, no arithmetic); ``reduction`` is that resolution's stride, rounded to a power of two (AlexNet's 224 -> 55
+is 4). VGG-16: 64, 128, 256, 512, 512 channels at 1, 2, 4, 8, 16 and 512 at 32; EfficientNet-B0: 16, 24, 40, 112 at 2
+.. 16 and its 1,280-channel head conv at 32 (timm stops at the 320-channel last block).
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["FeatureInfo", "ResNetFeatures", "feature_extractor", "feature_info", "resolve_out_indices"]
+__all__ = ["FeatureInfo", "HookFeatures", "ResNetFeatures", "feature_extractor", "feature_info", "resolve_out_indices"]
 
-SUPPORTED = "resnet*, plain*, resnext50_32x4d, wide_resnet50_2, se_resnet*, deform_resnet50"
+RESNET_FAMILIES = "resnet*, plain*, resnext50_32x4d, wide_resnet50_2, se_resnet*, deform_resnet50"
+SUPPORTED = (f"{RESNET_FAMILIES} (stem and stages); alexnet, vgg*, googlenet, densenet*, efficientnet_b* (one map per "
+             "resolution)")
 
 
 class FeatureInfo:
@@ -132,14 +142,88 @@ def resolve_out_indices(out_indices: Sequence[int] | None, count: int, name: str
     return resolved
 
 
+HOOKED_FAMILIES = ("AlexNet", "VGG", "GoogLeNet", "DenseNet", "EfficientNet")
+
+
+def _trunk_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules whose outputs may be feature maps: the model's children and those of its ``features``, in the
+    order they are registered."""
+    found = {}
+    for name, module in model.named_children():
+        found[name] = module
+        if name == "features":
+            found.update({f"features.{n}": m for n, m in module.named_children()})
+    return found
+
+
+def _input_channels(model: nn.Module) -> int:
+    return next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def _probe(model: nn.Module) -> tuple[list[tuple[str, tuple]], set[str], tuple, tuple]:
+    """A forward_features on the meta device at the model's native input size (the model's own tensors untouched):
+    the 4-D outputs of the trunk modules in the order they ran, the names of the children that ran, the output's
+    shape and the input size."""
+    size = tuple(getattr(model, "input_size", None) or (224, 224))
+    shapes, ran = [], set()
+
+    def record(name):
+        def hook(module, inputs, out):
+            ran.add(name)
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                shapes.append((name, tuple(out.shape)))
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in _trunk_modules(model).items()]
+    meta = {f"model.{name}": torch.empty_like(t, device="meta") for name, t in
+            list(model.named_parameters()) + list(model.named_buffers())}
+    was_training = model.training
+    try:
+        model.eval()
+        x = torch.empty(1, _input_channels(model), *size, device="meta")
+        final = torch.func.functional_call(_ForwardFeatures(model), meta, (x,))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return shapes, ran, tuple(final.shape), size
+
+
+def _hooked_info(model: nn.Module) -> list[dict]:
+    """One map per resolution of ``forward_features`` (see the module doc)."""
+    shapes, _, final, size = _probe(model)
+    last_at = {}
+    for name, shape in shapes:
+        last_at[shape[-2:]] = (name, shape[1])
+    info = []
+    for (h, _), (name, channels) in sorted(last_at.items(), key=lambda item: -item[0][0]):
+        if h > final[-2]:  # the deepest resolution is forward_features' own output, below
+            info.append({"num_chs": int(channels), "reduction": 2 ** round(math.log2(size[0] / h)), "module": name})
+    info.append({"num_chs": int(final[1]), "reduction": 2 ** round(math.log2(size[0] / final[-2])),
+                 "module": "forward_features"})
+    return info
+
+
+class _ForwardFeatures(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
 def feature_info(model: nn.Module, out_indices: Sequence[int] | None = None) -> FeatureInfo:
     """The :class:`FeatureInfo` of ``model``'s maps ``out_indices`` (None: all); a ``ValueError`` naming the model
     when its family does not support feature extraction or an index is out of range."""
     name = _model_name(model)
-    if not _is_resnet(model):
-        raise ValueError(f"model '{name}' ({type(model).__name__}) does not support features_only; models built on "
-                         f"the ResNet class do: {SUPPORTED}")
-    info = _resnet_info(model)
+    if _is_resnet(model):
+        info = _resnet_info(model)
+    elif type(model).__name__ in HOOKED_FAMILIES and hasattr(model, "forward_features"):
+        info = _hooked_info(model)
+    else:
+        raise ValueError(f"model '{name}' ({type(model).__name__}) does not support features_only; these do: "
+                         f"{SUPPORTED}")
     return FeatureInfo(info, resolve_out_indices(out_indices, len(info), name))
 
 
@@ -179,6 +263,42 @@ class ResNetFeatures(nn.Module):
         return [maps[i] for i in self.out_indices]
 
 
-def feature_extractor(model: nn.Module, out_indices: Sequence[int] | None = None) -> ResNetFeatures:
-    """Wrap a built model (its weights already loaded) so that forward returns the feature maps ``out_indices``."""
-    return ResNetFeatures(model, out_indices)
+class HookFeatures(nn.Module):
+    """The maps of a non-ResNet family (see the module doc): forward runs the model's ``forward_features`` and returns
+    the outputs of the modules ``feature_info`` names, as a list in the order of ``out_indices``.
+
+    The children of the model that ``forward_features`` runs are registered under their own names, so the model's
+    state dict loads (its classifier and auxiliary heads aside) and ``.to()`` / ``.train()`` reach all of them."""
+
+    def __init__(self, model: nn.Module, out_indices: Sequence[int] | None = None):
+        info = feature_info(model, out_indices)
+        super().__init__()
+        self.feature_info = info
+        self.out_indices = info.out_indices
+        object.__setattr__(self, "_model", model)  # not a child: its classifier stays out of this module
+        ran = _probe(model)[1]
+        for name, module in model.named_children():
+            if name in ran:  # what forward_features runs: not the classifier, its hidden layers or auxiliary heads
+                self.add_module(name, module)
+        self._points = [info.info[i]["module"] for i in self.out_indices]
+        for attr in ("model_name", "input_size", "pretrained_cfg"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        modules = _trunk_modules(self._model)
+        maps: dict[str, torch.Tensor] = {}
+        hooks = [modules[name].register_forward_hook(lambda m, i, out, name=name: maps.__setitem__(name, out))
+                 for name in set(self._points) if name != "forward_features"]
+        try:
+            maps["forward_features"] = self._model.forward_features(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [maps[name] for name in self._points]
+
+
+def feature_extractor(model: nn.Module, out_indices: Sequence[int] | None = None) -> nn.Module:
+    """Wrap a built model (its weights already loaded) so that forward returns the feature maps ``out_indices``:
+    a :class:`ResNetFeatures` for the ResNet families, a :class:`HookFeatures` for the others."""
+    return ResNetFeatures(model, out_indices) if _is_resnet(model) else HookFeatures(model, out_indices)
