@@ -157,6 +157,19 @@ def test_the_other_families_give_one_map_per_resolution(name):
     torch.testing.assert_close(second, maps[1], rtol=0, atol=0)
 
 
+def test_reading_the_maps_leaves_the_model_as_it_was():
+    from deepres.models import feature_info
+
+    model = create_model("vgg11_bn").train()
+    model.features[1].eval()  # a frozen BN in a training model
+    before = {name: (m.training, m.weight.clone()) for name, m in model.named_modules() if hasattr(m, "weight")}
+    assert feature_info(model).channels() == [64, 128, 256, 512, 512, 512]
+    after = {name: (m.training, m.weight) for name, m in model.named_modules() if hasattr(m, "weight")}
+    assert all(before[n][0] == after[n][0] and torch.equal(before[n][1], after[n][1]) for n in before)
+    assert not model.features[1].training and model.training
+    assert not any(m._forward_hooks for m in model.modules())  # the probe's hooks are gone
+
+
 def test_pretrained_features_are_torchvisions_stage_outputs(hub):
     torch.manual_seed(0)
     theirs = torchvision.models.resnet50().eval()

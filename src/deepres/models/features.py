@@ -177,13 +177,14 @@ def _probe(model: nn.Module) -> tuple[list[tuple[str, tuple]], set[str], tuple, 
     hooks = [module.register_forward_hook(record(name)) for name, module in _trunk_modules(model).items()]
     meta = {f"model.{name}": torch.empty_like(t, device="meta") for name, t in
             list(model.named_parameters()) + list(model.named_buffers())}
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # restored one by one (a frozen BN stays so)
     try:
         model.eval()
         x = torch.empty(1, _input_channels(model), *size, device="meta")
         final = torch.func.functional_call(_ForwardFeatures(model), meta, (x,))
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
         for hook in hooks:
             hook.remove()
     return shapes, ran, tuple(final.shape), size
