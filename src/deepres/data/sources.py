@@ -295,15 +295,15 @@ def _cifar_files(name: str, path: Path) -> dict[str, bytes] | None:
 IMAGE_FOLDER_HINT = "for an image folder (or an archive of one) set data.source=imagefolder"
 
 
-def _holds_images(folder: Path, depth: int = 3) -> bool:
-    """Whether ``folder`` has an image file within ``depth`` levels (root/<class>/ or root/<split>/<class>/)."""
+def _is_image_folder(folder: Path) -> bool:
+    """Whether the imagefolder source would read ``folder`` (its rule: ``folders.find_split_root``)."""
+    from .folders import find_split_root
+
     try:
-        entries = list(os.scandir(folder))
-    except OSError:
+        find_split_root(folder)
+    except (FileNotFoundError, OSError):
         return False
-    if any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries):
-        return True
-    return depth > 1 and any(e.is_dir() and _holds_images(Path(e.path), depth - 1) for e in entries)
+    return True
 
 
 def _cifar_split(name: str, files: dict[str, bytes], which: str, where: Path) -> Split:
@@ -330,7 +330,7 @@ def load_cifar(name: str, cfg) -> Dataset:
         if files is not None:
             break
     else:
-        if cfg.data_dir and Path(cfg.data_dir).expanduser().is_dir() and _holds_images(Path(cfg.data_dir).expanduser()):
+        if cfg.data_dir and _is_image_folder(Path(cfg.data_dir).expanduser()):
             raise FileNotFoundError(f"{name}: {cfg.data_dir} holds image files, not the {spec['archive']} release "
                                     f"({spec['folder']}/): {IMAGE_FOLDER_HINT}")
         target = data_root(cfg.data_dir) / spec["archive"]

@@ -169,12 +169,12 @@ def predict_images(path: str | Path, images: Sequence[str | Path], top_k: int = 
     model, normalizer, _ = load_for_inference(ckpt, device)
     classes = ckpt["classes"]
     files = image_files(images)
-    k = min(top_k, len(classes))
+    k, channels, predict = min(top_k, len(classes)), int(ckpt["in_channels"]), single_predict(normalizer)
     results = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        batch = torch.stack([load_image(p, int(ckpt["in_channels"]), ckpt["image_size"]) for p in chunk]).to(device)
-        probs = torch.softmax(single_predict(normalizer)(model, batch).float(), dim=1)
+        batch = torch.stack([load_image(p, channels, ckpt["image_size"]) for p in chunk]).to(device)
+        probs = torch.softmax(predict(model, batch).float(), dim=1)
         values, indices = probs.topk(k, dim=1)
         results += [{"image": str(p), "top": [{"class": classes[i], "index": int(i), "probability": float(v)}
                                               for v, i in zip(vs.tolist(), ix.tolist())]}

@@ -282,15 +282,17 @@ class HookFeatures(nn.Module):
             if name in ran:  # what forward_features runs: not the classifier, its hidden layers or auxiliary heads
                 self.add_module(name, module)
         self._points = [info.info[i]["module"] for i in self.out_indices]
+        # The modules whose outputs are returned (a plain list: they are registered above, as children or in them).
+        modules = _trunk_modules(model)
+        self._hooked = [(name, modules[name]) for name in set(self._points) if name != "forward_features"]
         for attr in ("model_name", "input_size", "pretrained_cfg"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        modules = _trunk_modules(self._model)
         maps: dict[str, torch.Tensor] = {}
-        hooks = [modules[name].register_forward_hook(lambda m, i, out, name=name: maps.__setitem__(name, out))
-                 for name in set(self._points) if name != "forward_features"]
+        hooks = [module.register_forward_hook(lambda m, i, out, name=name: maps.__setitem__(name, out))
+                 for name, module in self._hooked]
         try:
             maps["forward_features"] = self._model.forward_features(x)
         finally:
