@@ -163,6 +163,18 @@ def test_resuming_with_another_batch_size_or_seed_is_refused(idx_data, tmp_path)
             train(config, tmp_path / "run", resume="auto", quiet=True)
 
 
+
+
+def test_a_resume_with_changed_settings_says_which_and_from_when(idx_data, tmp_path):
+    train(load_config(None, small_overrides(idx_data, **{"train.iterations": 4})), tmp_path / "run", quiet=True,
+          on_step=lambda step, info: step < 2)  # stopped at step 2
+    cadence = load_config(None, small_overrides(idx_data, **{"train.iterations": 4, "train.log_every": 2}))
+    summary = train(cadence, tmp_path / "run", resume="auto", quiet=True)
+    assert summary["iterations"] == 4 and not [n for n in summary["notices"] if "resumed" in n], summary["notices"]
+    longer = load_config(None, small_overrides(idx_data, **{"train.iterations": 6, "optim.lr": 0.02}))
+    notices = [n for n in train(longer, tmp_path / "run", resume="auto", quiet=True)["notices"] if "resumed" in n]
+    assert len(notices) == 1 and "at step 4" in notices[0], notices
+    assert "train.iterations 4 -> 6" in notices[0] and "optim.lr 0.05 -> 0.02" in notices[0], notices
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoint integrity
 

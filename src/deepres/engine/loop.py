@@ -182,6 +182,25 @@ def _check_compatible(ckpt: dict, config: Config, classes: list[str], fingerprin
         raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
 
 
+# Keys that say where or how often, not what is trained: a resumed run may change them without a notice.
+CADENCE_KEYS = ("data.data_dir", "data.cache_dir", "data.num_workers", "data.on_bad_image", "data.max_image_pixels",
+                "train.eval_batch_size", "train.eval_every", "train.test_every", "train.checkpoint_every",
+                "train.log_every", "train.dist_timeout_s")
+
+
+def resumed_changes(ckpt_config: dict, config: Config, step: int) -> str | None:
+    """A notice naming the settings a resumed run changed against its checkpoint's (the ones that decide the data
+    are refused by ``_check_compatible``): from ``step`` on the new values apply, so the run is neither the
+    checkpoint's run continued nor one uninterrupted run with the new settings. None when nothing changed."""
+    before, now = _flatten_config(from_dict(ckpt_config)), _flatten_config(config)
+    changed = [f"{key} {before[key]} -> {now[key]}" for key in now
+               if key in before and before[key] != now[key] and key not in CADENCE_KEYS]
+    if not changed:
+        return None
+    return (f"resumed at step {step:,} with settings other than the checkpoint's: {'; '.join(changed)}; the new "
+            f"values apply from step {step:,} on (the steps before followed the old ones)")
+
+
 def _ema(model: nn.Module, decay: float | None):
     if not decay:
         return None
@@ -292,7 +311,8 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     # The step is built after any restore: a captured step puts device tensors in the optimizer's learning rates.
     run.step_fn = build_step(config, model, train_model, task, optimizer, ema, device, dist.world_size,
                              notice=lambda text: _notice(run, text))
-    for text in fitted + schedule.beyond_the_end():
+    changes = None if resume_state is None else resumed_changes(resume_state["config"], config, run.step)
+    for text in fitted + schedule.beyond_the_end() + ([changes] if changes else []):
         _notice(run, text)
     if resume_state is not None:
         run.step_fn.load_state_dict(resume_state.get("step_state") or {})
