@@ -109,10 +109,11 @@ def test_teacher_is_frozen_in_eval_mode(idx_data, teacher):
     assert all(torch.equal(before[k], v) for k, v in task.teacher.state_dict().items())  # BN statistics too
 
 
-def test_distillation_run_learns_and_records_its_teacher(idx_data, teacher, tmp_path):
+def test_distillation_run_learns_and_records_its_teacher(idx_data, teacher, tmp_path, capsys):
     config = load_config(None, overrides(idx_data, **{"task.name": "distillation", "task.teacher": teacher,
                                                       "train.iterations": 20, "data.labeled_per_class": 20}))
-    summary = train(config, tmp_path / "kd", quiet=True)
+    summary = train(config, tmp_path / "kd")
+    assert "(train 200 + 376 unlabeled, val 64," in capsys.readouterr().err  # 640 - 64 val - 20 x 10 labeled
     assert summary["teacher_logits_cached"] and summary["teacher"] == str(teacher)
     assert summary["test_accuracy"] > 30.0  # chance is 10%
     assert load_checkpoint(tmp_path / "kd" / "checkpoints" / "last.pt")["config"]["task"]["name"] == "distillation"

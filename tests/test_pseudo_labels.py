@@ -55,11 +55,12 @@ def test_the_first_images_of_each_class_are_labeled_and_the_rest_unlabeled():
         split_labeled(dataset, 5)
 
 
-def test_pseudo_label_run_adds_the_confident_unlabeled_images(idx_data, teacher, tmp_path):
+def test_pseudo_label_run_adds_the_confident_unlabeled_images(idx_data, teacher, tmp_path, capsys):
     config = load_config(None, overrides(idx_data, **{"task.name": "pseudo_label", "task.teacher": teacher,
                                                       "task.threshold": 0.5, "data.labeled_per_class": 10}))
-    summary = train(config, tmp_path / "hard", quiet=True)
+    summary = train(config, tmp_path / "hard")
     assert 0 < summary["pseudo_labels_kept"] < 576 - 100  # the unlabeled set: 640 - 64 val - 10 x 10 labeled
+    assert f"(train 100 + {summary['pseudo_labels_kept']} pseudo-labeled, val 64," in capsys.readouterr().err
     assert summary["pseudo_label_accuracy"] > 40.0  # of the kept ones; a confident teacher is mostly right
     soft = load_config(None, overrides(idx_data, **{
         "task.name": "pseudo_label", "task.teacher": teacher, "task.pseudo_labels": "soft",

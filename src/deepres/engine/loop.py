@@ -519,7 +519,8 @@ def _observe_warmup(run: Run, wrong: torch.Tensor, count: int) -> None:
 
 def _start_line(run: Run) -> str:
     d, c = run.data.dataset, run.config
-    splits = ", ".join(f"{name} {len(d.splits()[name]):,}" for name in ("train", "val", "test") if name in d.splits())
+    splits = ", ".join(f"{name} {len(d.splits()[name]):,}{run.task.training_images() if name == 'train' else ''}"
+                       for name in ("train", "val", "test") if name in d.splits())
     if d.extra.get("carved"):
         splits += f" ({d.extra['carved']})"
     describe = run.step_fn.describe()

@@ -10,7 +10,8 @@ The loop knows nothing of losses: it asks its task, in this order,
   the teacher's logits);
 - ``loss(outputs, targets) -> (loss, main logits)``;
 - ``labels(targets)``: int64 labels the logged training error is counted against;
-- ``summary()``: extra fields for the run's ``summary.json`` (e.g. how many pseudo-labels were kept).
+- ``summary()``: extra fields for the run's ``summary.json`` (e.g. how many pseudo-labels were kept);
+- ``training_images()``: what ``prepare`` added to the training split, for the run's start line ("" for nothing).
 """
 
 from __future__ import annotations
@@ -40,3 +41,6 @@ class Task:
 
     def summary(self) -> dict:
         return {}
+
+    def training_images(self) -> str:
+        return ""

@@ -59,6 +59,7 @@ class DistillationTask(ClassificationTask):
         self.teacher = self.renormalize = None
         # Cached mode: the loader yields image indices; these tables give each one's label and teacher logits.
         self.cached_labels = self.cached_logits = None
+        self.unlabeled = 0  # unlabeled images added to the training split (the KL term only)
 
     def prepare(self, model, data, config, device, teacher=None) -> None:
         from ..data import Split, train_loader_over
@@ -70,6 +71,7 @@ class DistillationTask(ClassificationTask):
         unlabeled = data.dataset.extra.get("unlabeled")
         train = data.dataset.train
         if unlabeled is not None and len(unlabeled):  # (Config.validate refuses mixing here: unlabeled rows)
+            self.unlabeled = len(unlabeled)
             train = Split(torch.cat([train.images, unlabeled.images]),
                           torch.cat([train.labels, torch.full((len(unlabeled),), UNLABELED, dtype=torch.int64)]))
             data.train = train_loader_over(train, data, config.data)
@@ -100,3 +102,6 @@ class DistillationTask(ClassificationTask):
     def summary(self) -> dict:
         return {"teacher": self.teacher_name, "temperature": self.temperature, "alpha": self.alpha,
                 "teacher_logits_cached": self.cached_logits is not None}
+
+    def training_images(self) -> str:
+        return f" + {self.unlabeled:,} unlabeled" if self.unlabeled else ""

@@ -102,3 +102,7 @@ class PseudoLabelTask(ClassificationTask):
     def summary(self) -> dict:
         return {"teacher": self.teacher_name, "pseudo_labels": self.mode, "threshold": self.threshold,
                 **self.stats}
+
+    def training_images(self) -> str:
+        kept = self.stats.get("pseudo_labels_kept")
+        return "" if kept is None else f" + {kept:,} pseudo-labeled"
