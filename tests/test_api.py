@@ -57,6 +57,29 @@ def test_train_with_a_mapping_a_config_and_strings_gives_the_same_run(idx_data, 
     assert result["top1_error"] == pytest.approx(a["test_top1_error"], abs=1e-6)
 
 
+def test_train_bounds_torch_threads_by_the_cpu_quota_while_it_runs(idx_data, tmp_path, monkeypatch, capsys):
+    import deepres.config as config
+
+    if config.affinity_cores() < 2:
+        pytest.skip("needs two cores to bound the threads below")
+    monkeypatch.setattr(config, "cpu_quota", lambda: 1.0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        deepres.train(None, _overrides(idx_data, **{"train.iterations": 2}), run_dir=tmp_path / "a", quiet=False,
+                      on_step=lambda step, info: seen.append(torch.get_num_threads()))
+        assert seen == [1, 1] and torch.get_num_threads() == 2  # bounded while training, restored after
+        assert "PyTorch threads 2 -> 1" in capsys.readouterr().err
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice wins
+        deepres.train(None, _overrides(idx_data, **{"train.iterations": 2}), run_dir=tmp_path / "b",
+                      on_step=lambda step, info: seen.append(torch.get_num_threads()))
+        assert seen[2:] == [2, 2]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_load_model_and_predict_read_a_checkpoint_back(idx_data, tmp_path):
     """load_model gives the exported form (float images in [0, 1] in, the run's normalisation built in), with the
     class names; predict classifies image files as `deepres predict` does."""

@@ -13,6 +13,7 @@ See :func:`train`, :func:`evaluate`, :func:`load_model` and :func:`predict`; ``d
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -59,12 +60,26 @@ def train(recipe: Any = None, overrides: Mapping[str, Any] | Sequence[str] | Non
     - ``on_step(step, {"loss": tensor, "lr": float})`` after every step; returning False ends the run there (it is
       tested and checkpointed). ``on_eval(step, row)`` after every validation and test evaluation.
     - ``quiet``: no progress lines (the log, summary and checkpoints are written either way).
+
+    Under a CPU quota smaller than the cores the process sees (a container's ``--cpus``), PyTorch's threads are
+    bounded by the quota while the run trains, as on the command line, unless ``OMP_NUM_THREADS`` is set.
     """
+    from .config import threads_within_quota
     from .engine import train as train_run
 
     config = resolve_config(recipe, overrides)
-    return train_run(config, run_dir, resume, quiet, model=model, dataset=_dataset(dataset), on_step=on_step,
-                     on_eval=on_eval)
+    dataset = _dataset(dataset)
+    bounded = threads_within_quota()
+    if bounded is not None and not quiet:
+        print(f"deepres: {bounded[1]} while training", file=sys.stderr)
+    try:
+        return train_run(config, run_dir, resume, quiet, model=model, dataset=dataset, on_step=on_step,
+                         on_eval=on_eval)
+    finally:
+        if bounded is not None:
+            import torch
+
+            torch.set_num_threads(bounded[0])
 
 
 def _dataset(dataset):

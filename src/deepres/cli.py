@@ -544,20 +544,12 @@ def add_data_commands(sub) -> None:
 
 
 def _threads_within_quota() -> None:
-    """PyTorch starts a thread per physical core of the machine; a container's CPU quota (``--cpus``, a Kubernetes
-    limit) hides no core, so its threads would contend for fewer cores' time and stall each other. When a quota binds
-    and OMP_NUM_THREADS does not choose, PyTorch's threads are bounded by the cores the quota allows."""
-    from .config import affinity_cores, available_cores
+    """PyTorch's threads bounded by the process's CPU quota for the whole command (config.threads_within_quota)."""
+    from .config import threads_within_quota
 
-    cores = available_cores()
-    if os.environ.get("OMP_NUM_THREADS") or cores >= affinity_cores():
-        return  # the common case answers without importing torch
-    import torch
-
-    if torch.get_num_threads() > cores:
-        print(f"deepres: PyTorch threads {torch.get_num_threads()} -> {cores}: this process's CPU quota allows "
-              f"{cores} of the {affinity_cores()} cores it sees (OMP_NUM_THREADS chooses)", file=sys.stderr)
-        torch.set_num_threads(cores)
+    bounded = threads_within_quota()
+    if bounded is not None:
+        print(f"deepres: {bounded[1]}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

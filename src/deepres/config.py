@@ -136,6 +136,24 @@ def available_cores() -> int:
     return max(1, min(cores, int(quota))) if quota is not None else cores
 
 
+def threads_within_quota() -> tuple[int, str] | None:
+    """PyTorch starts a thread per physical core of the machine; a container's CPU quota (``--cpus``, a Kubernetes
+    limit) hides no core, so its threads would contend for fewer cores' time and stall each other. When a quota binds
+    and OMP_NUM_THREADS does not choose, PyTorch's threads are bounded by the cores the quota allows. Returns the
+    thread count before and a line saying so when it changed it, else None."""
+    cores = available_cores()
+    if os.environ.get("OMP_NUM_THREADS") or cores >= affinity_cores():
+        return None  # the common case answers without importing torch
+    import torch
+
+    before = torch.get_num_threads()
+    if before <= cores:
+        return None
+    torch.set_num_threads(cores)
+    return before, (f"PyTorch threads {before} -> {cores}: this process's CPU quota allows {cores} of the "
+                    f"{affinity_cores()} cores it sees (OMP_NUM_THREADS chooses)")
+
+
 def data_workers(data) -> int:
     """``data.num_workers``, or when it is None the cores this process may use, at most 8."""
     n = getattr(data, "num_workers", None)
