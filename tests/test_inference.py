@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +126,10 @@ def test_predict_takes_folders_in_batches(trained, tmp_path):
     assert [Path(r["image"]).name for r in json.loads(out.stdout)] == ["c.png", "d.jpg"]
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "export"])
 def test_export_round_trip(trained, tmp_path, fmt):
     path, _, _ = trained
-    result = export_checkpoint(path, fmt, tmp_path / f"model.{fmt}")
+    result = export_checkpoint(path, fmt, tmp_path / ("model.pt2" if fmt == "export" else f"model.{fmt}"))
     assert result["max_abs_diff"] < 1e-4
     model, normalizer, _ = load_for_inference(load_checkpoint(path))
     x = torch.rand(5, 1, 16, 16)  # another batch size than the export example
@@ -143,12 +144,27 @@ def test_export_round_trip(trained, tmp_path, fmt):
         props = {p.key: p.value for p in onnx.load(result["path"]).metadata_props}
     else:
         files = {"deepres/classes": "", "deepres/normalization_std": ""}
-        with torch.no_grad():
-            got = torch.jit.load(result["path"], _extra_files=files)(x).numpy()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated upstream
+            got = (torch.export.load(result["path"], extra_files=files).module() if fmt == "export" else
+                   torch.jit.load(result["path"], _extra_files=files))(x).numpy()
         props = {k.split("/", 1)[1]: v.decode() if isinstance(v, bytes) else v for k, v in files.items()}
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert json.loads(props["classes"]) == classes  # class names and normalisation travel with the model
     assert json.loads(props["normalization_std"]) == normalizer.std.flatten().tolist()
+
+
+def test_export_warns_nothing_and_a_pt2_program_is_named_so(trained, tmp_path):
+    path, _, _ = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the check that reads the file back leaks no deprecation warning
+        export_checkpoint(path, "torchscript", tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="ends in .pt2"):
+        export_checkpoint(path, "export", tmp_path / "model.bin")
+    out = subprocess.run([sys.executable, "-m", "deepres", "export", str(path), "--format", "export", "--out",
+                          str(tmp_path / "cli.pt2")], capture_output=True, text=True)
+    assert out.returncode == 0 and "wrote" in out.stdout and "Unable to load" not in out.stderr, out.stderr
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
 def test_onnx_export_of_deformable_convolutions(tmp_path):

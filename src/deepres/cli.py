@@ -362,12 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or safetensors (checked against "
-                                      "PyTorch; class names and normalisation as metadata)")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript, torch.export (.pt2) or safetensors "
+                                      "(checked against PyTorch; class names and normalisation as metadata)")
     p.add_argument("checkpoint", help="a run's checkpoint (RUN/checkpoints/best.pt or last.pt)")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"],
-                   help="onnx (needs the onnx and onnxruntime packages), torchscript (both take [0, 1] images and "
-                        "normalise inside) or safetensors (the weights)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "export", "safetensors"],
+                   help="onnx (needs the onnx and onnxruntime packages), torchscript, export (torch.export's .pt2: "
+                        "torch.export.load(path).module()); these three take [0, 1] images of any batch size and "
+                        "normalise inside; or safetensors (the weights)")
     p.add_argument("--out", help="output file (default: beside the checkpoint)")
     p.set_defaults(func=cmd_export)
 

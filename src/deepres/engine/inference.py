@@ -196,7 +196,7 @@ class NormalizedModel(nn.Module):
         return out if isinstance(out, torch.Tensor) else out[0]
 
 
-EXPORT_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+EXPORT_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "export": ".pt2", "safetensors": ".safetensors"}
 
 
 def export_metadata(ckpt: dict, normalizer) -> dict[str, str]:
@@ -210,15 +210,17 @@ def export_metadata(ckpt: dict, normalizer) -> dict[str, str]:
             "normalization_mean": json.dumps(normalizer.mean.flatten().tolist()),
             "normalization_mean_shape": json.dumps(list(normalizer.mean.shape)),
             "normalization_std": json.dumps(normalizer.std.flatten().tolist()),
-            "input": "float images in [0, 1], (N, C, H, W); the model normalises them itself (onnx, torchscript)",
+            "input": "float images in [0, 1], (N, C, H, W); the model normalises them itself (onnx, torchscript, "
+                     "export)",
             "config": json.dumps(config, default=str)}
 
 
 @torch.no_grad()
 def export_checkpoint(path: str | Path, fmt: str, out: str | Path | None = None, atol: float = 1e-4) -> dict:
-    """Export to ONNX or TorchScript (the model with its normalisation inside, taking [0, 1] images) or to safetensors
-    (the weights and metadata), and check the written file against PyTorch on random images. Every format carries the
-    class names, normalisation and input size as metadata (:func:`export_metadata`)."""
+    """Export to ONNX, TorchScript or ``torch.export`` (a ``.pt2`` program) - the model with its normalisation inside,
+    taking [0, 1] images of any batch size - or to safetensors (the weights and metadata), and check the written file
+    against PyTorch on random images. Every format carries the class names, normalisation and input size as metadata
+    (:func:`export_metadata`)."""
     if fmt not in EXPORT_SUFFIX:
         raise ValueError(f"format must be one of {', '.join(EXPORT_SUFFIX)}; got {fmt!r}")
     ckpt = load_checkpoint(path)
@@ -228,8 +230,11 @@ def export_checkpoint(path: str | Path, fmt: str, out: str | Path | None = None,
     example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
     expected = wrapped(example)
     out = Path(out) if out else Path(path).with_suffix(EXPORT_SUFFIX[fmt])
+    if fmt == "export" and out.suffix != ".pt2":
+        raise ValueError(f"--out {out}: a torch.export program's name ends in .pt2 (torch.export.load expects it)")
     _check_room(out, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
-    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: never a torn export
+    # Written whole, then renamed: never a torn export (torch.export reads back only names ending in .pt2).
+    tmp = out.with_name(f".{out.name}.tmp{'.pt2' if fmt == 'export' else ''}")
     metadata = export_metadata(ckpt, normalizer)
     try:
         if fmt == "safetensors":
@@ -298,7 +303,7 @@ def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str, meta
                                   output_names=["logits"], dynamic_axes={"images": batch, "logits": batch},
                                   opset_version=register_onnx_deform_conv() if deformable else None)
             except torch.onnx.errors.OnnxExporterError as exc:  # an operator or shape ONNX cannot express
-                raise RuntimeError(f"ONNX export failed: {str(exc).splitlines()[0]} (--format torchscript or "
+                raise RuntimeError(f"ONNX export failed: {str(exc).splitlines()[0]} (--format torchscript, export or "
                                    f"safetensors export every model)") from None
         import onnx
 
@@ -309,8 +314,19 @@ def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str, meta
         return torch.from_numpy(session.run(None, {"images": example.numpy()})[0])
     import warnings
 
+    extra = {f"deepres/{k}": v for k, v in metadata.items()}
+    if fmt == "export":  # torch.export's program (PyTorch's successor of TorchScript): torch.export.load(path).module()
+        from torch.export import Dim
+
+        try:
+            program = torch.export.export(wrapped, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
+        except Exception as exc:  # torch._dynamo's errors: an operator or control flow it cannot capture
+            raise RuntimeError(f"torch.export failed: {str(exc).strip().splitlines()[0]} (--format torchscript or "
+                               f"safetensors)") from None
+        torch.export.save(program, str(out), extra_files=extra)
+        return torch.export.load(str(out)).module()(example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the portable C++ format
         scripted = torch.jit.trace(wrapped, example)
-    scripted.save(str(out), _extra_files={f"deepres/{k}": v for k, v in metadata.items()})
-    return torch.jit.load(str(out))(example)
+        scripted.save(str(out), _extra_files=extra)
+        return torch.jit.load(str(out))(example)
