@@ -124,3 +124,32 @@ def test_every_listed_model_is_registered_and_described():
     transform = eval_transform(pretrained_cfg("efficientnet_b0"))
     out = transform(torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8))
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+
+
+def test_predict_and_load_model_take_a_pretrained_models_name(hub, tmp_path):
+    import deepres
+    from deepres.data import read_image
+    from PIL import Image
+
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18().eval()
+    _publish(hub, "resnet18", theirs.state_dict())
+    image = tmp_path / "photo.png"
+    Image.fromarray(torch.randint(0, 256, (260, 300, 3), dtype=torch.uint8).numpy()).save(image)
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    with torch.no_grad():  # the weights' preprocessing (resize 256, crop 224, their mean and std) and torchvision's net
+        x = eval_transform(pretrained_cfg("resnet18"))(read_image(image))
+        expected = torch.softmax(theirs(x[None]), dim=1)[0].topk(3)
+        # torchvision's own transform resizes uint8 with other rounding (one grey level apart): the same classes
+        assert torch.equal(theirs(weights.transforms()(read_image(image))[None]).topk(3).indices[0], expected.indices)
+    [got] = deepres.predict("resnet18", [image], top_k=3)
+    classes = weights.meta["categories"]
+    assert [t["class"] for t in got["top"]] == [classes[i] for i in expected.indices.tolist()]
+    assert [t["probability"] for t in got["top"]] == pytest.approx(expected.values.tolist(), rel=1e-4)
+    model = deepres.load_model("resnet18")
+    assert model.image_size == (224, 224) and model.classes == classes
+    with torch.no_grad():
+        raw = x * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        assert (model(raw[None]) - theirs(x[None])).abs().max().item() < 1e-4
+    with pytest.raises(FileNotFoundError, match="resnet20 has no pretrained weights"):
+        deepres.predict("resnet20", [image])

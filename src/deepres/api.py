@@ -116,10 +116,26 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):
     """The trained model of a checkpoint in eval mode, as ``deepres export`` writes it: float images in [0, 1] of
     shape (N, C, H, W) in (``image_size`` (H, W) as trained, ``in_channels`` C), logits out, the run's normalisation
     built in. ``classes`` names the logits; ``model`` is the bare network (normalised input), for features or further
-    training. EMA weights when the run kept them."""
-    from .engine.inference import NormalizedModel
+    training. EMA weights when the run kept them.
+
+    ``checkpoint`` may also name a model with pretrained weights (``"resnet50"``; ``deepres models --pretrained``):
+    its ImageNet classes, the weights' normalisation, ``image_size`` their crop; resize and crop images as its
+    ``model.pretrained_cfg`` says (:func:`deepres.models.eval_transform` does all three for you)."""
+    import torch
+
+    from .engine.inference import NormalizedModel, pretrained_name
     from .runs import load_checkpoint, load_for_inference
 
+    name = pretrained_name(checkpoint)
+    if name is not None:
+        from .models import create_model
+
+        model = create_model(name, pretrained=True)
+        cfg = model.pretrained_cfg
+        mean, std = (torch.tensor(cfg[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
+        wrapped = NormalizedModel(model, mean, std).to(device).eval()
+        wrapped.classes, wrapped.image_size, wrapped.in_channels = list(cfg["classes"]), cfg["input_size"][1:], 3
+        return wrapped
     ckpt = load_checkpoint(Path(checkpoint))
     model, normalizer, _ = load_for_inference(ckpt, device)
     wrapped = NormalizedModel(model, normalizer.mean, normalizer.std).to(device).eval()
@@ -133,7 +149,8 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], 
             device: str = "cpu", batch_size: int = 64) -> list[dict]:
     """Top-k classes of image files (folders stand for their images), as ``deepres predict --json`` prints them:
     ``[{"image": path, "top": [{"class", "index", "probability"}, ...]}, ...]``. Images are decoded as training
-    decoded them, resized and centre-cropped to the model's input."""
+    decoded them, resized and centre-cropped to the model's input. ``checkpoint`` may also name a model with
+    pretrained weights (``"resnet50"``), whose images are prepared as the weights were evaluated."""
     from .engine.inference import predict_images
 
-    return predict_images(Path(checkpoint), list(images), top_k=top_k, device=device, batch_size=batch_size)
+    return predict_images(checkpoint, list(images), top_k=top_k, device=device, batch_size=batch_size)

@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes of image files")
-    p.add_argument("checkpoint", help="a run's checkpoint (RUN/checkpoints/best.pt or last.pt)")
+    p.add_argument("checkpoint", help="a run's checkpoint (RUN/checkpoints/best.pt or last.pt), or a model with "
+                   "pretrained weights (resnet50; deepres models --pretrained): its ImageNet classes")
     p.add_argument("images", nargs="+", help="image files (any format the training decoder reads), or folders of "
                                              "them (searched with their subfolders, in name order)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes shown per image (default 5)")

@@ -160,20 +160,59 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def pretrained_name(path: str | Path) -> str | None:
+    """``path`` as the name of a model with pretrained weights (``deepres models --pretrained``), when it names no
+    file."""
+    from ..models.pretrained import PRETRAINED
+
+    name = str(path)
+    return name if name in PRETRAINED and not Path(path).exists() else None
+
+
+def _classifier(path: str | Path, device: str):
+    """(model, class names, image file -> input tensor, (model, batch) -> logits) of a checkpoint, or of a model name
+    with pretrained weights: those are preprocessed as they were evaluated (``eval_transform``: resize, centre crop,
+    the weights' normalisation)."""
+    name = pretrained_name(path)
+    if name is not None:
+        from ..data import read_image
+        from ..data.images import to_channels
+        from ..models import create_model, eval_transform
+
+        model = create_model(name, pretrained=True).eval().to(device)
+        transform = eval_transform(model.pretrained_cfg)
+
+        def prepare(file: Path) -> torch.Tensor:
+            if not Path(file).is_file():
+                raise FileNotFoundError(f"image not found: {file}")
+            return transform(to_channels(read_image(file), 3))
+
+        return model, model.pretrained_cfg["classes"], prepare, single_predict(nn.Identity())
+    if not Path(path).exists():
+        from ..models import list_models
+
+        if str(path) in list_models():
+            raise FileNotFoundError(f"checkpoint not found: {path}; model {path} has no pretrained weights (deepres "
+                                    f"models --pretrained lists those that have)")
+    ckpt = load_checkpoint(path)
+    model, normalizer, _ = load_for_inference(ckpt, device)
+    channels, size = int(ckpt["in_channels"]), ckpt["image_size"]
+    return model, ckpt["classes"], lambda file: load_image(file, channels, size), single_predict(normalizer)
+
+
 @torch.no_grad()
 def predict_images(path: str | Path, images: Sequence[str | Path], top_k: int = 5, device: str = "cpu",
                    batch_size: int = 64) -> list[dict]:
     """Top-k classes (by name, with probabilities) for each image file; folders among ``images`` stand for the image
-    files in them (:func:`image_files`). Images are decoded and classified ``batch_size`` at a time."""
-    ckpt = load_checkpoint(path)
-    model, normalizer, _ = load_for_inference(ckpt, device)
-    classes = ckpt["classes"]
+    files in them (:func:`image_files`). Images are decoded and classified ``batch_size`` at a time. ``path`` is a
+    checkpoint, or the name of a model with pretrained weights (``resnet50``: ImageNet's classes)."""
+    model, classes, prepare, predict = _classifier(path, device)
     files = image_files(images)
-    k, channels, predict = min(top_k, len(classes)), int(ckpt["in_channels"]), single_predict(normalizer)
+    k = min(top_k, len(classes))
     results = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        batch = torch.stack([load_image(p, channels, ckpt["image_size"]) for p in chunk]).to(device)
+        batch = torch.stack([prepare(p) for p in chunk]).to(device)
         probs = torch.softmax(predict(model, batch).float(), dim=1)
         values, indices = probs.topk(k, dim=1)
         results += [{"image": str(p), "top": [{"class": classes[i], "index": int(i), "probability": float(v)}
