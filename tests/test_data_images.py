@@ -38,7 +38,7 @@ def _decode(image: Image.Image, fmt: str, **options) -> torch.Tensor:
 def test_rgb_formats_decode_exactly():
     array = _rgb()
     expected = torch.from_numpy(array).permute(2, 0, 1)
-    for fmt, options in (("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True})):
+    for fmt, options in (("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True}), ("TIFF", {}), ("PPM", {})):
         out = _decode(Image.fromarray(array), fmt, **options)
         assert out.dtype == torch.uint8 and torch.equal(out, expected), fmt
 
@@ -223,8 +223,11 @@ def test_mixed_modes_in_one_folder(tmp_path):
     base.convert("RGBA").save(extra / "rgba.png")
     base.convert("P").save(extra / "palette.png")
     Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(extra / "deep.png")
+    base.save(extra / "scan.tiff")  # torchvision ImageFolder's other extensions, and GIF
+    base.convert("L").save(extra / "gray.pgm")
+    base.convert("P").save(extra / "anim.gif")
     ds = load_dataset(_cfg(root, cache_dir=str(tmp_path / "c")))
-    assert ds.train.images.shape == (7, 3, 8, 8)
+    assert ds.train.images.shape == (10, 3, 8, 8)
     names = sorted(p.name for p in extra.iterdir())
     deep = ds.train.images[names.index("deep.png")]
     assert (deep == 255).all(), "16-bit white is 8-bit white, in every channel"

@@ -41,7 +41,8 @@ __all__ = [
     "to_channels",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# torchvision ImageFolder's extensions, and GIF (its first frame)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 # Alpha is composited over white (255); change here to composite over another grey level.
 ALPHA_BACKGROUND = 255
 # The most pixels an image may have (Pillow's own limit, 89.5 Mpx); set_max_image_pixels changes it for this
