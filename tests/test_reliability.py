@@ -165,6 +165,24 @@ def test_resuming_with_another_batch_size_or_seed_is_refused(idx_data, tmp_path)
 
 
 
+def test_a_run_that_fails_while_training_says_where_it_can_continue(idx_data, tmp_path, monkeypatch, capsys):
+    import deepres.engine
+    from deepres.cli import main
+
+    run, sets = tmp_path / "run", _sets(small_overrides(idx_data, **{"train.iterations": 4}))
+    train(load_config(None, small_overrides(idx_data, **{"train.iterations": 4})), run, quiet=True)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed.")
+
+    monkeypatch.setattr(deepres.engine, "train", killed)
+    assert main(["train", "--recipe", DEMO, "--run-dir", str(run), "--resume", "auto", *sets]) == 1
+    err = capsys.readouterr().err
+    assert "pid 4242" in err and f"{run} keeps its last checkpoint (step 4)" in err and "--resume auto" in err, err
+    assert main(["train", "--recipe", DEMO, "--run-dir", str(tmp_path / "new"), *sets]) == 1
+    assert "keeps its last checkpoint" not in capsys.readouterr().err  # no checkpoint: nothing to continue from
+
+
 def test_a_resume_with_changed_settings_says_which_and_from_when(idx_data, tmp_path):
     train(load_config(None, small_overrides(idx_data, **{"train.iterations": 4})), tmp_path / "run", quiet=True,
           on_step=lambda step, info: step < 2)  # stopped at step 2

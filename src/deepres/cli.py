@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .config import ConfigError
 
@@ -21,7 +22,6 @@ def _shipped_models(pattern: str) -> list[dict] | None:
     """The shipped models table's rows matching ``pattern`` (no torch import: ``deepres models`` answers at once);
     None when the table is missing."""
     import fnmatch
-    from pathlib import Path
 
     try:
         rows = json.loads((Path(__file__).parent / "models" / "table.json").read_text())
@@ -118,6 +118,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"deepres: {exc}; continue with --resume auto", file=sys.stderr)
         return 128 + int(exc.signum)
+    except (RuntimeError, OSError) as exc:  # a run that failed while training (a data worker killed, a full disk)
+        from .runs import RunFolderBusy
+
+        if isinstance(exc, (FileExistsError, RunFolderBusy)):  # refused before training: nothing to continue
+            raise
+        print(f"deepres: error: {_one_line(exc)}", file=sys.stderr)
+        _say_resumable(Path(args.run_dir) if args.run_dir else Path("runs") / config.name)
+        return 1
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone reports
         from .report import plot_run
 
@@ -127,6 +135,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"test accuracy {summary['test_accuracy']:.2f}% (top-1 error {summary['test_top1_error']:.2f}%), "
               f"run folder {summary['run_dir']}" + (f", curves {summary['curves']}" if summary.get("curves") else ""))
     return 0
+
+
+def _say_resumable(run_dir: Path) -> None:
+    """After a failure, where the run can continue from (its last checkpoint), if it has one."""
+    last = run_dir / "checkpoints" / "last.pt"
+    try:
+        import torch
+
+        step = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 - no checkpoint, or one that cannot say: nothing to add
+        return
+    print(f"deepres: {run_dir} keeps its last checkpoint (step {step:,}): once the cause is fixed, continue with "
+          f"--resume auto", file=sys.stderr)
 
 
 def _parse_scales(text: str | None) -> list[int] | None:
@@ -215,8 +236,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .experiments import Options, run_experiment
 
     options = Options(scale=args.scale, seeds=args.seeds, data_dir=args.data_dir, out=Path(args.out),
