@@ -120,12 +120,13 @@ def test_bad_indices_and_unsupported_models_are_errors(hub):
 
 
 # The other families: one map per resolution of forward_features, each the output of the last module at it (checked
-# against the model's own modules run by hand), the deepest forward_features' output.
+# against the model's own modules run by hand), the deepest forward_features' output (EfficientNet's forward_stages:
+# its last stage, without the head conv, as timm).
 HOOKED = {
     "vgg16_bn": ([64, 128, 256, 512, 512, 512], [1, 2, 4, 8, 16, 32], lambda m, x: m.features[:6](x)),
     "alexnet": ([64, 192, 256, 256], [4, 8, 16, 32], lambda m, x: m.features[:2](x)),
     "densenet121": ([64, 256, 512, 1024, 1024], [2, 4, 8, 16, 32], lambda m, x: m.features[:3](x)),
-    "efficientnet_b0": ([16, 24, 40, 112, 1280], [2, 4, 8, 16, 32], lambda m, x: m.features[:2](x)),
+    "efficientnet_b0": ([16, 24, 40, 112, 320], [2, 4, 8, 16, 32], lambda m, x: m.features[:2](x)),
     "googlenet": ([64, 192, 480, 832, 1024], [2, 4, 8, 16, 32], lambda m, x: m.conv1(x)),
 }
 
@@ -140,6 +141,8 @@ def test_the_other_families_give_one_map_per_resolution(name):
     weights = model.state_dict()
     own = features.state_dict()
     assert set(own) < set(weights) and not any(k.startswith(("classifier", "fc.", "aux")) for k in own)
+    if name.startswith("efficientnet"):  # the head conv's weights stay out (unused, they would trouble DDP)
+        assert not any(k.startswith(f"features.{len(model.features) - 1}.") for k in own)
     features.load_state_dict({k: weights[k] for k in own})
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
@@ -148,7 +151,8 @@ def test_the_other_families_give_one_map_per_resolution(name):
         if name != "alexnet":  # its 11x11 stride-4 stem: 55 of 224, the reduction 4 is nominal
             assert [96 // m.shape[-1] for m in maps] == reductions
         torch.testing.assert_close(maps[0], first(model, x), rtol=0, atol=0)
-        torch.testing.assert_close(maps[-1], model.forward_features(x), rtol=0, atol=0)
+        trunk = model.forward_stages if name.startswith("efficientnet") else model.forward_features
+        torch.testing.assert_close(maps[-1], trunk(x), rtol=0, atol=0)
     picked = create_model(name, features_only=True, out_indices=(-1, 1)).eval()
     picked.load_state_dict({k: weights[k] for k in picked.state_dict()})
     with torch.no_grad():

@@ -193,6 +193,11 @@ class EfficientNet(nn.Module):
         """The head conv's feature map (N, num_features, H/32, W/32)."""
         return self.features(x)
 
+    def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output, before the head conv (320 channels for B0): the deepest map of
+        ``features_only``, as timm gives it."""
+        return self.features[:-1](x)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pooling, dropout, then the classifier (skipped when ``pre_logits``)."""
         x = torch.flatten(self.avgpool(x), 1)

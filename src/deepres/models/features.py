@@ -14,15 +14,18 @@ plain nets, ResNeXt, wide, SE and deformable ResNets) gives its stem and stages 
 The other families (AlexNet, VGG, GoogLeNet, DenseNet, EfficientNet) give one map per resolution of their
 ``forward_features`` (:class:`HookFeatures`): at each resolution the output of the last module (a child of the model or
 of its ``features``) that computes at it, the deepest map being ``forward_features``' own output (DenseNet's after its
-final ReLU). Which modules those are is read once from a forward on the meta device at the model's native input size
-(no memory, no arithmetic); ``reduction`` is that resolution's stride, rounded to a power of two (AlexNet's 224 -> 55
-is 4). VGG-16: 64, 128, 256, 512, 512 channels at 1, 2, 4, 8, 16 and 512 at 32; EfficientNet-B0: 16, 24, 40, 112 at 2
-.. 16 and its 1,280-channel head conv at 32 (timm stops at the 320-channel last block).
+final ReLU). A model whose ``forward_features`` ends in a head conv that is no stage (EfficientNet's 1x1 conv to 1,280
+channels) has ``forward_stages``, the same without it: that is run instead, and the head's weights stay out of the
+feature module (as in timm). Which modules those are is read once from a forward on the meta device at the model's
+native input size (no memory, no arithmetic); ``reduction`` is that resolution's stride, rounded to a power of two
+(AlexNet's 224 -> 55 is 4). VGG-16: 64, 128, 256, 512, 512 channels at 1, 2, 4, 8, 16 and 512 at 32; EfficientNet-B0:
+16, 24, 40, 112, 320 at 2 .. 32, timm's channels.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -161,8 +164,9 @@ def _input_channels(model: nn.Module) -> int:
 
 
 def _probe(model: nn.Module) -> tuple[list[tuple[str, tuple]], set[str], tuple, tuple]:
-    """A forward_features on the meta device at the model's native input size (the model's own tensors untouched):
-    the 4-D outputs of the trunk modules in the order they ran, the names of the children that ran, the output's
+    """The trunk's forward (:func:`_trunk_forward`) on the meta device at the model's native input size (the model's
+    own tensors untouched):
+    the 4-D outputs of the trunk modules in the order they ran, the names of the trunk modules that ran, the output's
     shape and the input size."""
     size = tuple(getattr(model, "input_size", None) or (224, 224))
     shapes, ran = [], set()
@@ -198,11 +202,17 @@ def _hooked_info(model: nn.Module) -> list[dict]:
         last_at[shape[-2:]] = (name, shape[1])
     info = []
     for (h, _), (name, channels) in sorted(last_at.items(), key=lambda item: -item[0][0]):
-        if h > final[-2]:  # the deepest resolution is forward_features' own output, below
+        if h > final[-2]:  # the deepest resolution is the trunk's own output, below
             info.append({"num_chs": int(channels), "reduction": 2 ** round(math.log2(size[0] / h)), "module": name})
     info.append({"num_chs": int(final[1]), "reduction": 2 ** round(math.log2(size[0] / final[-2])),
-                 "module": "forward_features"})
+                 "module": _trunk_forward(model)})
     return info
+
+
+def _trunk_forward(model: nn.Module) -> str:
+    """The method that computes the maps: ``forward_stages`` where the model has one (its ``forward_features``
+    without a head conv), else ``forward_features``."""
+    return "forward_stages" if hasattr(model, "forward_stages") else "forward_features"
 
 
 class _ForwardFeatures(nn.Module):
@@ -211,7 +221,7 @@ class _ForwardFeatures(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        return getattr(self.model, _trunk_forward(self.model))(x)
 
 
 def feature_info(model: nn.Module, out_indices: Sequence[int] | None = None) -> FeatureInfo:
@@ -265,11 +275,13 @@ class ResNetFeatures(nn.Module):
 
 
 class HookFeatures(nn.Module):
-    """The maps of a non-ResNet family (see the module doc): forward runs the model's ``forward_features`` and returns
-    the outputs of the modules ``feature_info`` names, as a list in the order of ``out_indices``.
+    """The maps of a non-ResNet family (see the module doc): forward runs the model's ``forward_features`` (or
+    ``forward_stages``) and returns the outputs of the modules ``feature_info`` names, as a list in the order of
+    ``out_indices``.
 
-    The children of the model that ``forward_features`` runs are registered under their own names, so the model's
-    state dict loads (its classifier and auxiliary heads aside) and ``.to()`` / ``.train()`` reach all of them."""
+    The children of the model that it runs are registered under their own names (of ``features``, the children that
+    run), so the model's state dict loads (its classifier, auxiliary heads and a head conv aside) and ``.to()`` /
+    ``.train()`` reach all of them."""
 
     def __init__(self, model: nn.Module, out_indices: Sequence[int] | None = None):
         info = feature_info(model, out_indices)
@@ -279,12 +291,17 @@ class HookFeatures(nn.Module):
         object.__setattr__(self, "_model", model)  # not a child: its classifier stays out of this module
         ran = _probe(model)[1]
         for name, module in model.named_children():
-            if name in ran:  # what forward_features runs: not the classifier, its hidden layers or auxiliary heads
-                self.add_module(name, module)
+            if name not in ran and not any(r.startswith(f"{name}.") for r in ran):
+                continue  # not what the trunk runs: the classifier, its hidden layers, auxiliary heads
+            if name == "features" and isinstance(module, nn.Sequential):  # the part of it that runs (same names)
+                module = nn.Sequential(OrderedDict((n, m) for n, m in module.named_children()
+                                                   if f"features.{n}" in ran))
+            self.add_module(name, module)
         self._points = [info.info[i]["module"] for i in self.out_indices]
+        self._forward = _trunk_forward(model)
         # The modules whose outputs are returned (a plain list: they are registered above, as children or in them).
         modules = _trunk_modules(model)
-        self._hooked = [(name, modules[name]) for name in set(self._points) if name != "forward_features"]
+        self._hooked = [(name, modules[name]) for name in set(self._points) if name != self._forward]
         for attr in ("model_name", "input_size", "pretrained_cfg"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
@@ -294,7 +311,7 @@ class HookFeatures(nn.Module):
         hooks = [module.register_forward_hook(lambda m, i, out, name=name: maps.__setitem__(name, out))
                  for name, module in self._hooked]
         try:
-            maps["forward_features"] = self._model.forward_features(x)
+            maps[self._forward] = getattr(self._model, self._forward)(x)
         finally:
             for hook in hooks:
                 hook.remove()
