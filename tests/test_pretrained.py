@@ -153,3 +153,49 @@ def test_predict_and_load_model_take_a_pretrained_models_name(hub, tmp_path):
         assert (model(raw[None]) - theirs(x[None])).abs().max().item() < 1e-4
     with pytest.raises(FileNotFoundError, match="resnet20 has no pretrained weights"):
         deepres.predict("resnet20", [image])
+
+
+def test_eval_of_pretrained_weights_on_an_imagenet_folder(hub, tmp_path, monkeypatch, capsys):
+    """Each image prepared as the weights were evaluated (resize, centre crop, their mean and std; shrunk here to a
+    36 resize and 32 crop to keep it fast), class folders in sorted order; the published error beside ours."""
+    import deepres.models.pretrained as pretrained
+    from deepres.cli import main
+    from deepres.data import read_image
+    from deepres.engine.inference import evaluate_pretrained
+    from PIL import Image
+
+    real = pretrained.pretrained_cfg
+    monkeypatch.setattr(pretrained, "pretrained_cfg", lambda name: {**real(name), "resize_size": 36, "crop_size": 32})
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18().eval()
+    _publish(hub, "resnet18", theirs.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    for c in range(1000):
+        folder = tmp_path / "imagenet" / "val" / f"n{c:08d}"
+        folder.mkdir(parents=True)
+        pixels = torch.randint(0, 256, (40 + c % 7, 48, 3), dtype=torch.uint8, generator=generator)
+        Image.fromarray(pixels.numpy()).save(folder / "image.png")
+    transform = eval_transform(pretrained.pretrained_cfg("resnet18"))
+    files = sorted((tmp_path / "imagenet" / "val").glob("*/image.png"))
+    with torch.no_grad():
+        logits = theirs(torch.stack([transform(read_image(f)) for f in files]))
+    labels = torch.arange(1000)
+    expected_top1 = 100.0 * (logits.argmax(1) != labels).float().mean().item()
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+
+    result = evaluate_pretrained("resnet18", tmp_path / "imagenet", batch_size=250, workers=0)
+    assert result["count"] == 1000 and result["split"] == "val"
+    assert result["top1_error"] == pytest.approx(expected_top1, abs=0.11)  # one image's worth of rounding
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-4)
+    assert result["published_top1_error"] == pytest.approx(100 - real("resnet18")["top1"])
+    ten = evaluate_pretrained("resnet18", tmp_path / "imagenet", ten_crop=True, batch_size=500, workers=0)
+    assert ten["mode"] == "10-crop" and ten["count"] == 1000 and ten["loss"] != result["loss"]
+
+    assert main(["eval", "resnet18", "--data-dir", str(tmp_path / "imagenet"), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "on val (single view, 1,000 images" in out and "published (torchvision" in out, out
+    assert main(["eval", "resnet18"]) == 2 and "--data-dir" in capsys.readouterr().err
+    (tmp_path / "imagenet" / "val" / "n00000999" / "image.png").rename(tmp_path / "spare.png")
+    (tmp_path / "imagenet" / "val" / "n00000999").rmdir()
+    with pytest.raises(ValueError, match="999 class folders; resnet18's weights know 1000"):
+        evaluate_pretrained("resnet18", tmp_path / "imagenet", workers=0)

@@ -190,10 +190,12 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .engine.inference import evaluate_checkpoint
+    from .engine.inference import evaluate_checkpoint, pretrained_name
 
     import warnings
 
+    if pretrained_name(args.checkpoint) is not None:
+        return _eval_pretrained(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split,
@@ -208,6 +210,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{result['split']} ({result['mode']}, {result['count']:,} images): accuracy "
               f"{100 - result['top1_error']:.2f}%, top-1 error {result['top1_error']:.2f}%, top-5 error "
               f"{result['top5_error']:.2f}%, loss {result['loss']:.4f}")
+    return 0
+
+
+def _eval_pretrained(args: argparse.Namespace) -> int:
+    from .engine.inference import evaluate_pretrained
+
+    if not args.data_dir:
+        raise ConfigError("--data-dir", f"{args.checkpoint}'s pretrained weights are tested on ImageNet's validation "
+                                        f"images: give their folder (ROOT/val/<wnid>/ or ROOT/<wnid>/)")
+    if args.scales:
+        raise ConfigError("--scales", "the pretrained weights are tested as they were published: a centre crop or "
+                                      "--ten-crop")
+    result = evaluate_pretrained(args.checkpoint, args.data_dir, ten_crop=args.ten_crop, batch_size=args.batch_size,
+                                 device=args.device, workers=args.workers)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.checkpoint} ({result['weights']}) on {result['split']} ({result['mode']}, {result['count']:,} "
+          f"images; {result['preprocessing']}): top-1 error {result['top1_error']:.2f}%, top-5 error "
+          f"{result['top5_error']:.2f}%, loss {result['loss']:.4f}")
+    if result["published_top1_error"] is not None:
+        print(f"published (torchvision, single centre crop): top-1 error {result['published_top1_error']:.2f}%, "
+              f"top-5 error {result['published_top5_error']:.2f}%")
     return 0
 
 
@@ -358,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 error of a checkpoint")
-    p.add_argument("checkpoint", help="a run's checkpoint (RUN/checkpoints/best.pt or last.pt)")
+    p.add_argument("checkpoint", help="a run's checkpoint (RUN/checkpoints/best.pt or last.pt), or a model with "
+                   "pretrained weights (resnet50) with --data-dir an ImageNet folder: its validation images, "
+                   "prepared as the weights were evaluated, the published error beside ours")
     p.add_argument("--data-dir", help="where the data is (default: the one the run used)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to test (default test)")
     p.add_argument("--ten-crop", action="store_true", help="the standard 10-crop test (corners, centre, flips)")

@@ -22,6 +22,7 @@ __all__ = [
     "NormalizedModel",
     "evaluate_checkpoint",
     "evaluate_checkpoint_modes",
+    "evaluate_pretrained",
     "export_checkpoint",
     "image_files",
     "load_image",
@@ -102,6 +103,57 @@ def evaluate_checkpoint_modes(
         mode = "10-crop" if ten_crop else (f"multi-scale {list(scales)}" if scales else "single view")
         results.append({"checkpoint": str(path), "split": split, "mode": mode, **result})
     return results
+
+
+@torch.no_grad()
+def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = False, batch_size: int = 256,
+                        device: str = "cpu", workers: int | None = None, on_bad_image: str = "error") -> dict:
+    """Top-1/top-5 error of a model's pretrained weights on the validation images of an ImageNet-layout folder
+    (``root/val/<wnid>/``, or ``root/<wnid>/`` itself; an archive of either), each image prepared as the weights were
+    evaluated: shorter side resized with their interpolation, centre crop (or the 10 crops of that resized image),
+    their mean and std. Class folders map to the weights' classes in sorted order, as torchvision's ImageNet does.
+    The published numbers come beside ours (``published_top1_error``, ``published_top5_error``)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from ..data.folders import FileSplit, _scan_split, find_split_root, resolve_image_source
+    from ..data.loaders import Normalizer
+    from ..data.workers import FileSamples
+    from ..evaluation.crops import ten_crops
+    from ..evaluation.views import evaluate_views
+    from ..models import create_model
+    from ..models.pretrained import pretrained_cfg
+
+    if pretrained_name(name) is None:
+        raise ValueError(f"{name!r} is not a model with pretrained weights (deepres models --pretrained lists them)")
+    root = find_split_root(resolve_image_source(data_dir))
+    folder = next((root / s for s in ("val", "test") if (root / s).is_dir()), root)
+    skipped: list[str] = []
+    classes, paths, labels = _scan_split(folder, on_bad_image, skipped)
+    cfg = pretrained_cfg(name)
+    if len(classes) != cfg["num_classes"]:
+        raise ValueError(f"{folder} has {len(classes)} class folders; {name}'s weights know {cfg['num_classes']} "
+                         f"classes (ImageNet's, in the sorted order of their folder names n01440764 ...)")
+    model = create_model(name, pretrained=True).eval().to(device)
+    resize, crop = cfg["resize_size"], cfg["crop_size"]
+    interpolation = InterpolationMode(cfg["interpolation"])
+
+    def views(image: torch.Tensor) -> list[torch.Tensor]:
+        x = TF.resize(image, [resize], interpolation=interpolation, antialias=True)
+        if ten_crop:
+            return [torch.cat(ten_crops(x[None], crop))]
+        return [TF.center_crop(x, [crop, crop])[None]]
+
+    normalizer = Normalizer(*(torch.tensor(cfg[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std")))
+    per_batch = max(1, batch_size // (10 if ten_crop else 1))
+    workers = available_cores() if workers is None else workers
+    result = evaluate_views(model, FileSamples(FileSplit(paths, torch.tensor(labels)), 3), views, normalizer,
+                            device=device, images_per_batch=per_batch, workers=max(0, min(workers, 8)))
+    published = {f"published_top{k}_error": None if cfg[f"top{k}"] is None else 100.0 - cfg[f"top{k}"] for k in (1, 5)}
+    return {"checkpoint": name, "split": folder.name, "mode": "10-crop" if ten_crop else "single view", **result,
+            "skipped": len(skipped), **published, "weights": cfg["weights"],
+            "preprocessing": f"resize {resize} ({cfg['interpolation']}), {'10 crops' if ten_crop else 'centre crop'} "
+                             f"{crop}, mean {list(cfg['mean'])}, std {list(cfg['std'])}"}
 
 
 def _evaluate_resized(model, normalizer, part, data_cfg, crop, ten_crop, scales, batch_size, device) -> dict:
