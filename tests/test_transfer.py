@@ -141,3 +141,37 @@ def test_fine_tuning_gives_the_backbone_its_own_learning_rate():
         assert group["lr_scale"] == (1.0 if in_head == {True} else 0.1)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert {g["weight_decay"] for g in groups} == {0.0, cfg.weight_decay}
+
+
+def test_model_init_pretrained_starts_from_the_published_weights(idx_data, tmp_path, monkeypatch):
+    """model.init=pretrained: the published weights of model.name (a file in the torch.hub cache, as a download
+    leaves it), the model built as they were trained (ResNet-50: stride on the 3x3), grey input adapted, a new
+    classifier; with feature extraction everything else stays the published weights. Checkpoints rebuild the same
+    model for eval; ImageNet's normalisation is a data.normalize choice."""
+    from deepres.data.loaders import Normalizer
+    from deepres.engine.inference import evaluate_checkpoint
+    from deepres.models.pretrained import pretrained_cfg
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    published = torchvision.models.resnet50().state_dict()
+    torch.save(published, tmp_path / "hub" / "checkpoints" / pretrained_cfg("resnet50")["file_name"])
+    config = load_config(None, overrides(idx_data, **{
+        "model.name": "resnet50", "model.options": "{}", "model.init": "pretrained", "data.normalize": "imagenet",
+        "finetune.mode": "feature_extraction", "train.iterations": 2, "train.eval_every": 2, "train.batch_size": 8}))
+    summary = train(config, tmp_path / "run", quiet=True)
+    assert summary["init_kind"] == "pretrained" and summary["init_head"] == "new"
+    assert summary["init_adapted"] == ["conv1.weight"] and "IMAGENET1K" in summary["init_weights"]
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    after = last["model"]
+    torch.testing.assert_close(after["conv1.weight"], published["conv1.weight"].sum(dim=1, keepdim=True))
+    assert all(torch.equal(after[k], v) for k, v in published.items() if not k.startswith(("fc.", "conv1.")))
+    assert Normalizer.from_state_dict(last["normalization"]).mean.flatten().tolist() == pytest.approx([0.449])
+    model = build_model(load_config(None, overrides(idx_data, **{"model.name": "resnet50", "model.init": "pretrained",
+                                                                 "model.options": "{}"})).model, 10, 1)
+    assert model.stride_on == "3x3"  # as torchvision trains its ResNet-50; the checkpoint rebuilds it so
+    result = evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert result["top1_error"] == pytest.approx(summary["test_top1_error"], abs=1e-6)
+    with pytest.raises(ConfigError, match="model.init.*resnet20 has no pretrained weights"):
+        train(load_config(None, overrides(idx_data, **{"model.init": "pretrained"})), tmp_path / "r20", quiet=True)

@@ -70,7 +70,9 @@ class ModelConfig:
     stride_on: Literal["1x1", "3x3"] | None = None
     # The paper does not zero-initialise; Goyal et al. 2017 found it helps large-batch training.
     zero_init_residual: bool | None = None
-    # Start from these weights (one of our checkpoints or a torchvision state-dict file); see deepres.models.transfer.
+    # Start from these weights (one of our checkpoints or a torchvision state-dict file; "pretrained": the published
+    # weights of model.name, deepres models --pretrained, downloaded into the torch.hub cache); see
+    # deepres.models.transfer.
     init: str | None = None
     # The classifier when starting from model.init. auto: keep it when the checkpoint names the same classes (a
     # torchvision file: when its shape fits), else a new one; keep: always (must fit); new: always a fresh one.
@@ -176,8 +178,9 @@ class DataConfig:
     # Use only the first N test images; None: all.
     test_subset: int | None = None
     preset: Literal["paper_cifar", "paper_imagenet", "none"] = "paper_cifar"
-    # The paper subtracts the per-pixel mean; per-channel mean/std normalisation is the common alternative.
-    normalize: Literal["pixel_mean", "channel"] = "pixel_mean"
+    # The paper subtracts the per-pixel mean; per-channel mean/std normalisation is the common alternative; imagenet:
+    # ImageNet's per-channel mean and std (those the pretrained weights were trained with; their averages for grey).
+    normalize: Literal["pixel_mean", "channel", "imagenet"] = "pixel_mean"
     # Side length images are prepared at (image folders); None: the source's native size.
     image_size: int | None = None
     # error: a bad image file is an error naming it; skip: log it (logger "deepres.data") and leave it out.

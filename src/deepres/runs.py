@@ -197,6 +197,10 @@ def build_model(cfg, num_classes: int, in_channels: int) -> nn.Module:
     """The model of a ModelConfig; class count and channels default to the data's. ``model.init`` is not loaded
     here (the loop loads it into a fresh run only); dropout and stochastic depth are added (training-only hooks)."""
     options = dict(cfg.options)
+    if cfg.init == "pretrained":  # built as the published weights were trained (the config's own choices win)
+        from .models.pretrained import PRETRAINED
+
+        options = {**PRETRAINED.get(cfg.name, {}), **options}
     options["num_classes"] = cfg.num_classes or num_classes
     options["in_channels"] = cfg.in_channels or in_channels
     for key in ("shortcut", "stride_on", "zero_init_residual"):
@@ -211,7 +215,11 @@ def check_model(cfg) -> None:
     name or an option its builder refuses is a ConfigError before any data is read or downloaded. Class count and
     channels the config leaves to the data are placeholders here."""
     from .models import list_models
+    from .models.pretrained import PRETRAINED
 
+    if cfg.init == "pretrained" and cfg.name not in PRETRAINED:
+        raise ConfigError("model.init", f"model {cfg.name} has no pretrained weights (deepres models --pretrained "
+                                        f"lists those that have)")
     try:
         with torch.device("meta"):
             build_model(cfg, 10, 3)

@@ -29,6 +29,10 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclass
 class Normalizer:
     """x (uint8) -> (x / 255 - mean) / std. ``mean`` is (C, H, W) for the paper's per-pixel mean, (C, 1, 1) per
@@ -40,8 +44,21 @@ class Normalizer:
     _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
+    def imagenet(cls, channels: int) -> Normalizer:
+        """ImageNet's per-channel mean and std (torchvision's weights were trained with them); for grey images their
+        averages, as timm does."""
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        if channels == 1:
+            mean, std = mean.mean(dim=0, keepdim=True), std.mean(dim=0, keepdim=True)
+        elif channels != 3:
+            raise ValueError(f"normalize=imagenet needs 1 or 3 channels; got {channels}")
+        return cls(mean.view(-1, 1, 1), std.view(-1, 1, 1))
+
+    @classmethod
     def fit(cls, images: torch.Tensor, mode: str = "pixel_mean") -> Normalizer:
         """Statistics of a uint8 (N, C, H, W) training split. pixel_mean: subtract the mean image (PAPER.md s. 4.2)."""
+        if mode == "imagenet":
+            return cls.imagenet(images.shape[1])
         x = images.double() / 255.0
         if mode == "pixel_mean":
             mean = x.mean(dim=0)
@@ -50,7 +67,7 @@ class Normalizer:
             mean = x.mean(dim=(0, 2, 3)).view(-1, 1, 1)
             std = x.std(dim=(0, 2, 3)).view(-1, 1, 1)
         else:
-            raise ValueError(f"normalize must be 'pixel_mean' or 'channel'; got {mode!r}")
+            raise ValueError(f"normalize must be 'pixel_mean', 'channel' or 'imagenet'; got {mode!r}")
         return cls(mean.float(), std.float())
 
     @classmethod
@@ -58,6 +75,8 @@ class Normalizer:
         """:meth:`fit` over an iterable of uint8 batches of one size (a split not held in memory, or a sample)."""
         count, total, total_sq = 0, None, None
         for batch in batches:
+            if mode == "imagenet":  # constants: one batch tells the channel count
+                return cls.imagenet(batch.shape[1])
             x = batch.double() / 255.0
             s, sq = x.sum(dim=0), (x * x).sum(dim=0)
             total = s if total is None else total + s
@@ -73,7 +92,7 @@ class Normalizer:
             mean = total.sum(dim=(1, 2)) / n
             var = (total_sq.sum(dim=(1, 2)) - n * mean * mean) / max(n - 1, 1)  # unbiased, as Tensor.std
             return cls(mean.view(-1, 1, 1).float(), var.clamp_min(0).sqrt().view(-1, 1, 1).float())
-        raise ValueError(f"normalize must be 'pixel_mean' or 'channel'; got {mode!r}")
+        raise ValueError(f"normalize must be 'pixel_mean', 'channel' or 'imagenet'; got {mode!r}")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> normalised float32."""

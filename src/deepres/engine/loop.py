@@ -257,6 +257,10 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
         check_teacher(config.task.teacher)
     if given_model is None:
         check_model(config.model)
+        if config.model.init == "pretrained" and resume_path is None:
+            from ..models.pretrained import fetch_pretrained
+
+            fetch_pretrained(config.model.name)
     fitted = []
     if given_data is not None:
         if tc.fit_to_data:
@@ -281,7 +285,7 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
                                                                     dataset.channels)
     init_info = {}
     if config.model.init and resume_path is None:  # a resumed run takes its weights from the checkpoint
-        init_info = load_init(model, config.model.init, dataset.classes, config.model.init_head)
+        init_info = load_init(model, config.model.init, dataset.classes, config.model.init_head, config.model.name)
     if config.finetune.mode == "feature_extraction":
         freeze_backbone(model)
     model = model.to(device)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["PRETRAINED", "eval_transform", "load_pretrained", "pretrained_cfg"]
+__all__ = ["PRETRAINED", "eval_transform", "fetch_pretrained", "load_pretrained", "pretrained_cfg", "read_pretrained"]
 
 # A model that starts from another's weights -> that model (its own parameters, here the offsets, start fresh).
 WEIGHTS_OF = {"deform_resnet50": "resnet50"}
@@ -118,13 +118,31 @@ def _download(cfg: dict) -> dict:
                            f"file at {cache}") from None
 
 
+def fetch_pretrained(name: str) -> Path:
+    """The cached file of ``name``'s weights, downloaded first when missing (a run fetches them before it reads its
+    data, so a missing network shows at once)."""
+    cfg = pretrained_cfg(name)
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / cfg["file_name"]
+    if not cache.is_file():
+        _download(cfg)
+    return cache
+
+
+def read_pretrained(name: str, model: nn.Module) -> tuple[dict, dict]:
+    """(state dict renamed for ``model``, pretrained cfg) of ``name``'s published weights (downloaded into the
+    torch.hub cache the first time); ``model.init=pretrained`` starts a run from them."""
+    cfg = pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"model {name} has no pretrained weights (deepres models --pretrained lists those that have)")
+    return _renamed(name, _download(cfg), model), cfg
+
+
 def load_pretrained(model: nn.Module, name: str, num_classes: int) -> dict:
     """Load ``name``'s pretrained weights into ``model`` (built with :data:`PRETRAINED`'s options); a classifier of
     another size stays fresh, a first convolution of another channel count is adapted."""
     from .transfer import load_fitted
 
-    cfg = pretrained_cfg(name)
-    state = _renamed(name, _download(cfg), model)
+    state, cfg = read_pretrained(name, model)
     load_fitted(model, state, keep_head=num_classes == cfg["num_classes"], source=cfg["file_name"])
     if "stride_on" in cfg["options"]:
         warnings.warn(f"{name}: torchvision's weights were trained as stride_on={cfg['options']['stride_on']!r} (the "

@@ -1,9 +1,11 @@
 """Transfer learning (PAPER.md section 7): start from trained weights, then either train only a new classifier on
 the frozen network (feature extraction) or train everything, the pretrained layers at a lower rate (fine-tuning).
 
-``model.init`` names the weights: one of our checkpoints (its EMA weights when it kept them) or a torchvision state
+``model.init`` names the weights: one of our checkpoints (its EMA weights when it kept them), a torchvision state
 dict file (``torch.save(torchvision.models.resnet18().state_dict(), path)``; names are shared, see
-:mod:`deepres.models.resnet`). Loading is strict apart from two adaptations:
+:mod:`deepres.models.resnet`), or ``pretrained``: the published weights of ``model.name`` (``deepres models
+--pretrained``; the model is then built as they were trained, e.g. ResNet-50 with ``stride_on="3x3"``, unless the
+config says otherwise). Loading is strict apart from two adaptations:
 
 - the classifier (``model.init_head``): a new one when the class list differs (``auto``), so a 1000-class ImageNet
   net or a CIFAR-10 net moves to other classes;
@@ -86,15 +88,26 @@ def _adapt_channels(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor 
     return None
 
 
-def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = None, head: str = "auto") -> dict:
+def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = None, head: str = "auto",
+              name: str | None = None) -> dict:
     """Load ``model.init`` weights into ``model`` (see the module doc); returns what was done.
 
-    ``classes``: the data's class names (to compare with a checkpoint's). Raises ConfigError (key ``model.init``)
-    naming the parameters that neither fit nor adapt.
+    ``classes``: the data's class names (to compare with a checkpoint's); ``name``: the model's registered name (for
+    ``pretrained``). Raises ConfigError (key ``model.init``) naming the parameters that neither fit nor adapt.
     """
     if head not in ("auto", "keep", "new"):
         raise ConfigError("model.init_head", f"must be auto, keep or new; got {head!r}")
-    state, source_classes, kind = read_weights(path)
+    extra = {}
+    if str(path) == "pretrained":
+        from .pretrained import read_pretrained
+
+        try:
+            state, cfg = read_pretrained(str(name), model)
+        except ValueError as exc:
+            raise ConfigError("model.init", str(exc)) from None
+        source_classes, kind, extra = cfg["classes"], "pretrained", {"init_weights": cfg["weights"]}
+    else:
+        state, source_classes, kind = read_weights(path)
     if kind == "state_dict" and _paper_bottleneck(model):
         warnings.warn(f"model.init={path}: torchvision trains its bottleneck ResNets with the stride on the 3x3 conv; "
                       "this model puts it on the 1x1 (the paper's): set model.stride_on=3x3 to match the weights",
@@ -116,7 +129,7 @@ def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = No
         adapted = load_fitted(model, state, keep_head, str(path))
     except ValueError as exc:
         raise ConfigError("model.init", str(exc)) from None
-    return {"init": str(path), "init_kind": kind, "init_head": "kept" if keep_head else "new",
+    return {"init": str(path), "init_kind": kind, **extra, "init_head": "kept" if keep_head else "new",
             "init_adapted": adapted}
 
 
