@@ -143,7 +143,7 @@ def test_fine_tuning_gives_the_backbone_its_own_learning_rate():
     assert {g["weight_decay"] for g in groups} == {0.0, cfg.weight_decay}
 
 
-def test_model_init_pretrained_starts_from_the_published_weights(idx_data, tmp_path, monkeypatch):
+def test_model_init_pretrained_starts_from_the_published_weights(idx_data, tmp_path, monkeypatch, capsys):
     """model.init=pretrained: the published weights of model.name (a file in the torch.hub cache, as a download
     leaves it), the model built as they were trained (ResNet-50: stride on the 3x3), grey input adapted, a new
     classifier; with feature extraction everything else stays the published weights. Checkpoints rebuild the same
@@ -160,7 +160,9 @@ def test_model_init_pretrained_starts_from_the_published_weights(idx_data, tmp_p
     config = load_config(None, overrides(idx_data, **{
         "model.name": "resnet50", "model.options": "{}", "model.init": "pretrained", "data.normalize": "imagenet",
         "finetune.mode": "feature_extraction", "train.iterations": 2, "train.eval_every": 2, "train.batch_size": 8}))
-    summary = train(config, tmp_path / "run", quiet=True)
+    summary = train(config, tmp_path / "run")
+    start = "weights from ResNet50_Weights.IMAGENET1K_V2 (new classifier, conv1.weight adapted)"
+    assert start in capsys.readouterr().err
     assert summary["init_kind"] == "pretrained" and summary["init_head"] == "new"
     assert summary["init_adapted"] == ["conv1.weight"] and "IMAGENET1K" in summary["init_weights"]
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")

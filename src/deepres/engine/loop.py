@@ -528,7 +528,11 @@ def _start_line(run: Run) -> str:
     if d.extra.get("carved"):
         splits += f" ({d.extra['carved']})"
     describe = run.step_fn.describe()
-    return (f"deepres train: {run.model_class or c.model.name} ({count_parameters(run.model):,} parameters) on "
+    info = run.init_info
+    init = (f", weights from {info.get('init_weights', info['init'])} ({info['init_head']} classifier"
+            f"{', ' + ', '.join(info['init_adapted']) + ' adapted' if info['init_adapted'] else ''})"
+            if info else "")
+    return (f"deepres train: {run.model_class or c.model.name} ({count_parameters(run.model):,} parameters{init}) on "
             f"{d.name} ({splits}; "
             f"{run.data.loader} loader), {run.device} x {run.dist.world_size}, step {describe['step']}, precision "
             f"{'fp32' if describe['amp'] == 'off' else describe['amp']}"
