@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from deepres.config import load_config
+from deepres.config import ConfigError, OptimConfig, load_config
 from deepres.engine import load_checkpoint, train
 from deepres.engine.logging import read_metrics
 from deepres.engine.optim import build_optimizer
-from deepres.engine.steps import (CapturedStep, EagerStep, Precision, _inductor_default_cache_dir, compile_model,
-                                  inductor_cache_dir)
+from deepres.engine.steps import (CapturedStep, EagerStep, Precision, _inductor_default_cache_dir, _split,
+                                  compile_model, inductor_cache_dir)
 from deepres.models import create_model
 from deepres.tasks import ClassificationTask
 
@@ -196,3 +196,48 @@ def test_compiled_step_sees_the_eager_batches_and_honours_init_and_feature_extra
             continue
         assert torch.equal(value, before[key]), f"{key} moved under feature extraction"  # weights and BN statistics
     assert any(not torch.equal(after[k], before[k]) for k in head if after[k].is_floating_point())
+
+
+def test_micro_batches_sum_to_the_whole_batchs_update():
+    """Gradient accumulation: parts of 4, 3 and 3 images, each loss weighted by its share, give the whole batch's
+    gradient (float64, a net without BN: every part sees the same function), hence the same weights, loss and errors
+    over steps with momentum and weight decay."""
+    def run(micro_batches):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                                  torch.nn.Flatten(), torch.nn.Linear(32, 5)).double()
+        optimizer = build_optimizer(net, OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4), torch.device("cpu"))
+        step = EagerStep(net, net, ClassificationTask(), optimizer, Precision("off", torch.device("cpu")),
+                         micro_batches=micro_batches)
+        generator = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(3):
+            images = torch.randn(10, 3, 6, 6, generator=generator, dtype=torch.float64)
+            labels = torch.randint(0, 5, (10,), generator=generator)
+            loss, wrong, count = step(images, labels)
+            out.append((loss.item(), wrong.item(), count))
+        return out, [p.detach().clone() for p in net.parameters()]
+
+    whole, whole_weights = run(1)
+    parts, parts_weights = run(3)
+    assert [c for *_, c in parts] == [10, 10, 10] and [w for _, w, _ in parts] == [w for _, w, _ in whole]
+    assert [lo for lo, *_ in parts] == pytest.approx([lo for lo, *_ in whole], rel=1e-6)  # returned as fp32
+    for a, b in zip(whole_weights, parts_weights):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert [t.tolist() for t in _split((torch.arange(5), torch.arange(5) * 2), 2)[1]] == [[3, 4], [6, 8]]
+
+
+def test_micro_batches_train_resume_exactly_and_are_refused_where_they_cannot_run(idx_data, tmp_path):
+    sets = {"train.iterations": 6, "train.micro_batches": 3, "train.checkpoint_every": 3}
+    straight = train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "straight", quiet=True)
+    assert straight["micro_batches"] == 3
+    train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "resumed", quiet=True,
+          on_step=lambda step, info: step < 3)
+    train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "resumed", resume="auto", quiet=True)
+    rows = [[(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / run / "metrics.jsonl") if "train_loss" in r]
+            for run in ("straight", "resumed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 6
+    with pytest.raises(ConfigError, match="train.micro_batches.*cuda_graph=false"):
+        load_config(None, small_overrides(idx_data, **{"train.micro_batches": 2, "train.cuda_graph": True}))
+    with pytest.raises(ConfigError, match=r"train.micro_batches.*\[1, train.batch_size=32\]"):
+        load_config(None, small_overrides(idx_data, **{"train.micro_batches": 33}))

@@ -274,6 +274,10 @@ class TrainConfig:
     # Capture the whole step (forward, backward, fused SGD update) as one CUDA graph, replayed every step; the
     # learning rate is a device tensor the graph reads. CUDA only: on a CPU the step runs eagerly (a notice says so).
     cuda_graph: bool = False
+    # Split each batch into this many micro-batches whose gradients are summed (weighted by their sizes) before one
+    # update: the same batch, data order and schedule in about 1/N of the activation memory. BN layers see each
+    # micro-batch's statistics, as in any gradient accumulation. 1: the whole batch at once.
+    micro_batches: int = 1
     # Exponential moving average of the weights; None: off.
     ema_decay: float | None = None
     # Deterministic algorithms (bit-exact resume on CPU).
@@ -664,6 +668,8 @@ STEP_REFUSALS: dict[str, list[Refusal]] = {
                 "fp16 needs a GradScaler, whose overflow check reads the device every step; use bf16"),
         Refusal("train.ema_decay", lambda c: bool(c.train.ema_decay), "0.999",
                 "the weight average is updated outside the captured step; use train.cuda_graph=false"),
+        Refusal("train.micro_batches", lambda c: c.train.micro_batches > 1, "4",
+                "the captured step is one whole batch; use train.cuda_graph=false to accumulate micro-batches"),
         Refusal("optim.grad_clip", lambda c: c.optim.grad_clip is not None, "1.0",
                 "gradient clipping is not captured; use train.cuda_graph=false"),
         Refusal("task.name", lambda c: c.task.name != "classification", "distillation",
@@ -817,6 +823,8 @@ def _check_ranges(c: Config) -> None:
     _require(_finite(d.test_size) and d.test_size > 0 and (d.test_size < 1 or d.test_size == int(d.test_size)),
              "data.test_size", f"must be a count (1 or more) or a fraction in (0, 1); got {d.test_size}")
     _require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be at least 1; got {d.max_image_pixels}")
+    _require(1 <= t.micro_batches <= t.batch_size, "train.micro_batches",
+             f"must be in [1, train.batch_size={t.batch_size}]; got {t.micro_batches}")
     for key, value in (("data.train_subset", d.train_subset), ("data.test_subset", d.test_subset),
                        ("data.image_size", d.image_size), ("data.labeled_per_class", d.labeled_per_class),
                        ("data.test_per_class", d.test_per_class)):

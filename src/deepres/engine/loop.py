@@ -529,6 +529,7 @@ def _start_line(run: Run) -> str:
         splits += f" ({d.extra['carved']})"
     describe = run.step_fn.describe()
     info = run.init_info
+    micro = f", {describe['micro_batches']} micro-batches per batch" if describe.get("micro_batches", 1) > 1 else ""
     init = (f", weights from {info.get('init_weights', info['init'])} ({info['init_head']} classifier"
             f"{', ' + ', '.join(info['init_adapted']) + ' adapted' if info['init_adapted'] else ''})"
             if info else "")
@@ -536,7 +537,7 @@ def _start_line(run: Run) -> str:
             f"{d.name} ({splits}; "
             f"{run.data.loader} loader), {run.device} x {run.dist.world_size}, step {describe['step']}, precision "
             f"{'fp32' if describe['amp'] == 'off' else describe['amp']}"
-            f"{', channels_last' if c.train.channels_last else ''}; from step {run.step} of "
+            f"{', channels_last' if c.train.channels_last else ''}{micro}; from step {run.step} of "
             f"{c.train.iterations:,}; run folder {run.paths.root}")
 
 

@@ -141,13 +141,22 @@ def _wrong(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(dim=1) != labels).sum().float()
 
 
+def _split(targets, parts: int) -> list:
+    """A batch's targets in ``parts`` pieces along the batch (a tensor, or a tuple of them)."""
+    if isinstance(targets, torch.Tensor):
+        return list(targets.tensor_split(parts))
+    return list(zip(*(t.tensor_split(parts) for t in targets)))
+
+
 class EagerStep:
     """One training step with eager (or ``torch.compile``d) kernels."""
 
     kind = "eager"
 
     def __init__(self, model: nn.Module, step_model: nn.Module, task, optimizer: torch.optim.Optimizer,
-                 precision: Precision, grad_clip: float | None = None, ema=None, compile_mode: str = "off"):
+                 precision: Precision, grad_clip: float | None = None, ema=None, compile_mode: str = "off",
+                 micro_batches: int = 1):
+        self.micro_batches = micro_batches  # gradient accumulation over this many parts of each batch
         self.model = model  # the parameters (unwrapped)
         self.step_model = step_model  # what the batch goes through: the model, its DDP wrapper, compiled or not
         self.task = task
@@ -167,12 +176,43 @@ class EagerStep:
     def __call__(self, images: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Train on one batch; returns (loss, misclassified count) as fp32 device scalars, and the batch size."""
         scaler = self.precision.scaler
-        with self.precision.autocast():
-            targets = self.task.targets(images, targets)
-            outputs = self.step_model(images)
-            loss, logits = self.task.loss(outputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
+        if self.micro_batches > 1:
+            loss, wrong = self._accumulate(images, targets)
+        else:
+            with self.precision.autocast():
+                targets = self.task.targets(images, targets)
+                outputs = self.step_model(images)
+                loss, logits = self.task.loss(outputs, targets)
+            (scaler.scale(loss) if scaler else loss).backward()
+            wrong = _wrong(logits, self.task.labels(targets))
+        self._update()
+        return loss.detach().float(), wrong, len(images)
+
+    def _accumulate(self, images: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over ``micro_batches`` parts of the batch, each loss weighted by its share of the
+        images, so the summed gradients are the batch's mean; under DDP the gradients are reduced once, after the
+        last part."""
+        scaler, total = self.precision.scaler, len(images)
+        parts = list(zip(images.tensor_split(self.micro_batches), _split(targets, self.micro_batches)))
+        unwrapped = getattr(self.step_model, "_orig_mod", self.step_model)  # torch.compile's wrapper
+        no_sync = getattr(unwrapped, "no_sync", None)
+        loss_sum = wrong = None
+        for i, (x, t) in enumerate(parts):
+            with (no_sync() if no_sync is not None and i < len(parts) - 1 else contextlib.nullcontext()):
+                with self.precision.autocast():
+                    t = self.task.targets(x, t)
+                    loss, logits = self.task.loss(self.step_model(x), t)
+                    weighted = loss * (len(x) / total)
+                (scaler.scale(weighted) if scaler else weighted).backward()
+            part_wrong = _wrong(logits, self.task.labels(t))
+            loss_sum = weighted.detach().float() if loss_sum is None else loss_sum + weighted.detach().float()
+            wrong = part_wrong if wrong is None else wrong + part_wrong
+        return loss_sum, wrong
+
+    def _update(self) -> None:
+        """Clip (when asked), step the optimizer (through the scaler in fp16) and update the weight average."""
+        scaler = self.precision.scaler
         if self.grad_clip:
             if scaler:
                 scaler.unscale_(self.optimizer)
@@ -184,8 +224,6 @@ class EagerStep:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        labels = self.task.labels(targets)
-        return loss.detach().float(), _wrong(logits, labels), len(labels)
 
     def optimizer_state(self) -> dict:
         """The optimizer's state dict with plain-number learning rates."""
@@ -202,7 +240,8 @@ class EagerStep:
             self.precision.scaler.load_state_dict(state["scaler"])
 
     def describe(self) -> dict:
-        return {"step": self.kind, "compile": self.compile_mode, "amp": self.precision.name, "cuda_graph": False}
+        return {"step": self.kind, "compile": self.compile_mode, "amp": self.precision.name, "cuda_graph": False,
+                "micro_batches": self.micro_batches}
 
 
 class CapturedStep(EagerStep):
@@ -290,4 +329,9 @@ def build_step(config, model: nn.Module, train_model: nn.Module, task, optimizer
         if device.type == "cuda":
             return CapturedStep(model, step_model, task, optimizer, precision, compile_mode=tc.compile)
         notice(f"train.cuda_graph: {device} is not a CUDA device; the step runs eagerly")
-    return EagerStep(model, step_model, task, optimizer, precision, config.optim.grad_clip, ema, tc.compile)
+    per_process = tc.batch_size // max(1, world_size)
+    if tc.micro_batches > per_process:
+        raise ConfigError("train.micro_batches", f"{tc.micro_batches} micro-batches of a batch of {per_process} images "
+                                                 f"per process: at most {per_process}")
+    return EagerStep(model, step_model, task, optimizer, precision, config.optim.grad_clip, ema, tc.compile,
+                     tc.micro_batches)
