@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..config import Config, from_dict, to_dict, to_yaml
+from ..config import ENVIRONMENT_KEYS, Config, config_differences, from_dict, to_dict, to_yaml
 from ..data import build_data, load_run_dataset
 from ..evaluation import evaluate
 from ..models import count_parameters
@@ -182,19 +182,17 @@ def _check_compatible(ckpt: dict, config: Config, classes: list[str], fingerprin
         raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
 
 
-# Keys that say where or how often, not what is trained: a resumed run may change them without a notice.
-CADENCE_KEYS = ("data.data_dir", "data.cache_dir", "data.num_workers", "data.on_bad_image", "data.max_image_pixels",
-                "train.eval_batch_size", "train.eval_every", "train.test_every", "train.checkpoint_every",
-                "train.log_every", "train.dist_timeout_s")
+# Keys that say where, how fast or how often, not what is trained: a resumed run may change them without a notice.
+UNNOTICED_ON_RESUME = ENVIRONMENT_KEYS | {"data.on_bad_image", "data.max_image_pixels", "train.eval_every",
+                                          "train.test_every", "train.checkpoint_every", "train.log_every"}
 
 
 def resumed_changes(ckpt_config: dict, config: Config, step: int) -> str | None:
     """A notice naming the settings a resumed run changed against its checkpoint's (the ones that decide the data
     are refused by ``_check_compatible``): from ``step`` on the new values apply, so the run is neither the
     checkpoint's run continued nor one uninterrupted run with the new settings. None when nothing changed."""
-    before, now = _flatten_config(from_dict(ckpt_config)), _flatten_config(config)
-    changed = [f"{key} {before[key]} -> {now[key]}" for key in now
-               if key in before and before[key] != now[key] and key not in CADENCE_KEYS]
+    changed = [f"{key} {old} -> {new}" for key, (old, new) in
+               config_differences(from_dict(ckpt_config), config, ignore=UNNOTICED_ON_RESUME).items()]
     if not changed:
         return None
     return (f"resumed at step {step:,} with settings other than the checkpoint's: {'; '.join(changed)}; the new "
