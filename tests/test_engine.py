@@ -272,13 +272,22 @@ def test_out_of_memory_names_a_batch_size(idx_data, tmp_path, monkeypatch):
     from deepres.tasks import Task
 
     class OOMTask(Task):
+        error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
         def loss(self, outputs, targets):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise self.error
 
     monkeypatch.setattr(loop, "build_task", lambda cfg: OOMTask())
     config = load_config(None, small_overrides(idx_data))
-    with pytest.raises(RuntimeError, match="try --set train.batch_size=16"):
+    with pytest.raises(RuntimeError, match=r"^CUDA out of memory at train.batch_size=32 on cpu: try --set "
+                                           r"train.micro_batches=2 .*--set train.batch_size=16"):
         train(config, tmp_path / "run", quiet=True)
+    OOMTask.error = RuntimeError("[enforce fail at alloc_cpu.cpp:116] DefaultCPUAllocator: can't allocate memory: "
+                                 "you tried to allocate 822083584 bytes")  # what a CPU step raises
+    config = load_config(None, small_overrides(idx_data, **{"train.micro_batches": 2}))
+    with pytest.raises(RuntimeError, match=r"^out of memory at train.batch_size=32, train.micro_batches=2 on cpu: "
+                                           r"try --set train.micro_batches=4"):
+        train(config, tmp_path / "run2", quiet=True)
 
 
 def test_ema_weights_are_kept_and_used_for_inference(idx_data, tmp_path):

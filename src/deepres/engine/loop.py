@@ -653,6 +653,21 @@ def _write_summary(run: Run, summary: dict) -> None:
         (run.paths.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def _out_of_memory(run: Run, what: str) -> str:
+    """What to try when a step ran out of memory: more micro-batches (the same run in less memory), a smaller batch,
+    bf16."""
+    tc, world = run.config.train, run.dist.world_size
+    smaller = max(world, tc.batch_size // 2 // world * world)
+    per_process = tc.batch_size // world
+    more = min(per_process, tc.micro_batches * 2)
+    parts = (f"--set train.micro_batches={more} (the same batches in {more} parts: the same run in less memory), "
+             if more > tc.micro_batches else "")
+    now = f"train.batch_size={tc.batch_size}" + (f", train.micro_batches={tc.micro_batches}" if tc.micro_batches > 1
+                                                 else "")
+    return (f"{what} at {now} on {run.device}: try {parts}--set train.batch_size={smaller} (and scale optim.lr by the "
+            f"same factor), or --set train.amp=bf16 --set train.channels_last=true")
+
+
 def _peer_lost(exc: RuntimeError) -> bool:
     """A collective that timed out or lost its peer (gloo raises plain RuntimeErrors for both)."""
     text = str(exc).lower()
@@ -699,14 +714,10 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
                              "diverged": True, "message": str(exc), **run.step_fn.describe()})
         raise
     except torch.cuda.OutOfMemoryError as exc:
-        tc, world = config.train, run.dist.world_size
-        smaller = max(world, tc.batch_size // 2 // world * world)
-        raise RuntimeError(
-            f"CUDA out of memory at train.batch_size={tc.batch_size} on {run.device}: try --set "
-            f"train.batch_size={smaller} (and scale optim.lr by the same factor), or --set train.amp=bf16 --set "
-            f"train.channels_last=true"
-        ) from exc
+        raise RuntimeError(_out_of_memory(run, "CUDA out of memory")) from exc
     except RuntimeError as exc:
+        if "DefaultCPUAllocator: can't allocate memory" in str(exc):
+            raise RuntimeError(_out_of_memory(run, "out of memory")) from exc
         if run.dist.world_size == 1 or not _peer_lost(exc):
             raise
         raise RuntimeError(
