@@ -36,7 +36,7 @@ def test_import_deepres_is_light_and_lists_its_api():
     code = "import sys, deepres; print('torch' in sys.modules, sorted(deepres.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("False"), out
-    for name in ("create_model", "list_models", "load_config", "train", "evaluate", "load_model", "predict"):
+    for name in ("create_model", "list_models", "load_config", "train", "evaluate", "load_model", "predict", "export"):
         assert name in out and callable(getattr(deepres, name))
     assert deepres.create_model("resnet20", num_classes=7)(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
     assert "resnet56" in deepres.list_models("resnet*")
@@ -104,6 +104,11 @@ def test_load_model_and_predict_read_a_checkpoint_back(idx_data, tmp_path):
         expected = model(images.float() / 255).argmax(1).tolist()
     assert [r["top"][0]["index"] for r in results] == expected
     assert [len(r["top"]) for r in results] == [2] * 4 and results[0]["image"] == str(files[0])
+    exported = deepres.export(path, "export", tmp_path / "model.pt2")
+    assert exported["path"] == str(tmp_path / "model.pt2") and exported["max_abs_diff"] < 1e-4
+    with torch.no_grad():
+        program = torch.export.load(exported["path"]).module()
+        torch.testing.assert_close(program(images.float() / 255), model(images.float() / 255), rtol=1e-5, atol=1e-5)
 
 
 class TinyNet(nn.Module):

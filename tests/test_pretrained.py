@@ -183,7 +183,9 @@ def test_eval_of_pretrained_weights_on_an_imagenet_folder(hub, tmp_path, monkeyp
     expected_top1 = 100.0 * (logits.argmax(1) != labels).float().mean().item()
     expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
 
-    result = evaluate_pretrained("resnet18", tmp_path / "imagenet", batch_size=250, workers=0)
+    import deepres
+
+    result = deepres.evaluate("resnet18", data_dir=tmp_path / "imagenet", batch_size=250, workers=0)
     assert result["count"] == 1000 and result["split"] == "val"
     assert result["top1_error"] == pytest.approx(expected_top1, abs=0.11)  # one image's worth of rounding
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-4)

@@ -9,12 +9,13 @@ The Python API (imported on first use, so ``import deepres`` stays light)::
     print(deepres.evaluate("runs/api/checkpoints/best.pt"))
 
 ``create_model`` / ``list_models`` (the model registry), ``load_config`` (a recipe with ``key=value`` overrides),
-``train``, ``evaluate``, ``load_model`` and ``predict`` (:mod:`deepres.api`).
+``train``, ``evaluate``, ``load_model``, ``predict`` and ``export`` (:mod:`deepres.api`).
 """
 
 from .version import __version__
 
-__all__ = ["__version__", "create_model", "evaluate", "list_models", "load_config", "load_model", "predict", "train"]
+__all__ = ["__version__", "create_model", "evaluate", "export", "list_models", "load_config", "load_model", "predict",
+           "train"]
 
 _LAZY = {
     "create_model": ("deepres.models", "create_model"),
@@ -22,6 +23,7 @@ _LAZY = {
     "load_config": ("deepres.config", "load_config"),
     "train": ("deepres.api", "train"),
     "evaluate": ("deepres.api", "evaluate"),
+    "export": ("deepres.api", "export"),
     "load_model": ("deepres.api", "load_model"),
     "predict": ("deepres.api", "predict"),
 }

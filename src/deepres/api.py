@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["evaluate", "load_model", "predict", "train"]
+__all__ = ["evaluate", "export", "load_model", "predict", "train"]
 
 
 def _override_text(key: str, value: Any) -> str:
@@ -105,9 +105,17 @@ def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: st
              ten_crop: bool = False, scales: Sequence[int] | None = None, batch_size: int = 256,
              device: str = "cpu", workers: int | None = None) -> dict:
     """Top-1/top-5 error (percent) and loss of a checkpoint on a split of the data it was trained on, as
-    ``deepres eval`` prints them; ``data_dir`` reads the same source from elsewhere."""
-    from .engine.inference import evaluate_checkpoint
+    ``deepres eval`` prints them; ``data_dir`` reads the same source from elsewhere. ``checkpoint`` may also name a
+    model with pretrained weights (``"resnet50"``), tested on the ImageNet folder ``data_dir`` (its validation images,
+    prepared as the weights were evaluated; the published error beside ours)."""
+    from .engine.inference import evaluate_checkpoint, evaluate_pretrained, pretrained_name
 
+    if pretrained_name(checkpoint) is not None:
+        if data_dir is None or scales:
+            raise ValueError(f"{checkpoint}: pretrained weights are tested on an ImageNet folder (data_dir) with a "
+                             f"centre crop or ten_crop")
+        return evaluate_pretrained(str(checkpoint), data_dir, ten_crop=ten_crop, batch_size=batch_size,
+                                   device=device, workers=workers)
     return evaluate_checkpoint(Path(checkpoint), data_dir=data_dir, split=split, ten_crop=ten_crop, scales=scales,
                                batch_size=batch_size, device=device, workers=workers)
 
@@ -154,3 +162,13 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], 
     from .engine.inference import predict_images
 
     return predict_images(checkpoint, list(images), top_k=top_k, device=device, batch_size=batch_size)
+
+
+def export(checkpoint: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None) -> dict:
+    """Export a checkpoint as ``deepres export`` does: ``fmt`` ``onnx``, ``torchscript``, ``export`` (a
+    ``torch.export`` program, ``.pt2``) or ``safetensors``; ``out`` defaults to a file beside the checkpoint. The
+    written file is checked against PyTorch first; returns its path, format, input shape and the largest
+    difference."""
+    from .engine.inference import export_checkpoint
+
+    return export_checkpoint(Path(checkpoint), fmt, out)
