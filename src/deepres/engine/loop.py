@@ -283,7 +283,12 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
                                                                     dataset.channels)
     init_info = {}
     if config.model.init and resume_path is None:  # a resumed run takes its weights from the checkpoint
-        init_info = load_init(model, config.model.init, dataset.classes, config.model.init_head, config.model.name)
+        weights = None
+        if config.model.init == "pretrained":
+            from ..models.pretrained import pretrained_weights
+
+            weights = pretrained_weights(config.model.name, model)
+        init_info = load_init(model, config.model.init, dataset.classes, config.model.init_head, weights)
     if config.finetune.mode == "feature_extraction":
         freeze_backbone(model)
     model = model.to(device)

@@ -27,7 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["PRETRAINED", "eval_transform", "fetch_pretrained", "load_pretrained", "pretrained_cfg", "read_pretrained"]
+from ..config import ConfigError
+
+__all__ = ["PRETRAINED", "eval_transform", "fetch_pretrained", "load_pretrained", "pretrained_cfg",
+           "pretrained_weights", "read_pretrained"]
 
 # A model that starts from another's weights -> that model (its own parameters, here the offsets, start fresh).
 WEIGHTS_OF = {"deform_resnet50": "resnet50"}
@@ -126,6 +129,16 @@ def fetch_pretrained(name: str) -> Path:
     if not cache.is_file():
         _download(cfg)
     return cache
+
+
+def pretrained_weights(name: str, model: nn.Module) -> tuple[dict, list[str], str, dict]:
+    """``name``'s published weights as :func:`deepres.models.transfer.load_init` takes them (``model.init=pretrained``):
+    (state dict, ImageNet's class names, "pretrained", the weights' name to report)."""
+    try:
+        state, cfg = read_pretrained(name, model)
+    except ValueError as exc:
+        raise ConfigError("model.init", str(exc)) from None
+    return state, cfg["classes"], "pretrained", {"init_weights": cfg["weights"]}
 
 
 def read_pretrained(name: str, model: nn.Module) -> tuple[dict, dict]:

@@ -89,25 +89,19 @@ def _adapt_channels(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor 
 
 
 def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = None, head: str = "auto",
-              name: str | None = None) -> dict:
+              weights: tuple[dict, list[str] | None, str, dict] | None = None) -> dict:
     """Load ``model.init`` weights into ``model`` (see the module doc); returns what was done.
 
-    ``classes``: the data's class names (to compare with a checkpoint's); ``name``: the model's registered name (for
-    ``pretrained``). Raises ConfigError (key ``model.init``) naming the parameters that neither fit nor adapt.
+    ``classes``: the data's class names (to compare with a checkpoint's). ``weights``: the weights already read, as
+    (state dict, class names or None, kind, what to report), e.g. the published ones of ``model.init=pretrained``
+    (:func:`deepres.models.pretrained.pretrained_weights`); None: read from ``path``. Raises ConfigError (key
+    ``model.init``) naming the parameters that neither fit nor adapt.
     """
     if head not in ("auto", "keep", "new"):
         raise ConfigError("model.init_head", f"must be auto, keep or new; got {head!r}")
-    extra = {}
-    if str(path) == "pretrained":
-        from .pretrained import read_pretrained
-
-        try:
-            state, cfg = read_pretrained(str(name), model)
-        except ValueError as exc:
-            raise ConfigError("model.init", str(exc)) from None
-        source_classes, kind, extra = cfg["classes"], "pretrained", {"init_weights": cfg["weights"]}
-    else:
-        state, source_classes, kind = read_weights(path)
+    if weights is None and str(path) == "pretrained":
+        raise ConfigError("model.init", "pretrained: the published weights are read by the caller (weights=...)")
+    state, source_classes, kind, extra = weights if weights is not None else (*read_weights(path), {})
     if kind == "state_dict" and _paper_bottleneck(model):
         warnings.warn(f"model.init={path}: torchvision trains its bottleneck ResNets with the stride on the 3x3 conv; "
                       "this model puts it on the 1x1 (the paper's): set model.stride_on=3x3 to match the weights",
