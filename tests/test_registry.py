@@ -119,3 +119,19 @@ def test_unknown_name_lists_close_matches():
 
 def test_list_models_pattern():
     assert list_models("plain*") == ["plain18", "plain20", "plain32", "plain34", "plain44", "plain56", "plain110"]
+
+
+def test_num_classes_zero_gives_the_pooled_features_of_every_model():
+    """timm's convention: no classifier, forward returns (N, num_features); no zero-size layer is built (on the meta
+    device: no memory, no arithmetic)."""
+    import warnings
+
+    wrong = []
+    for name in list_models():
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("error")  # a zero-size Linear warns when initialised
+            model = create_model(name, num_classes=0).eval()
+            out = model(torch.empty(1, 3, *(getattr(model, "input_size", None) or (224, 224))))
+        if tuple(out.shape) != (1, model.num_features):
+            wrong.append((name, tuple(out.shape), model.num_features))
+    assert not wrong

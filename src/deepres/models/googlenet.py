@@ -179,7 +179,7 @@ class GoogLeNet(nn.Module):
             channels = module.out_channels
         self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
-        if aux_logits:
+        if aux_logits and num_classes > 0:  # 0: a feature extractor, no auxiliary heads (as reset_classifier(0))
             self.aux1 = InceptionAux(self.inception4a.out_channels, num_classes, dropout_aux)
             self.aux2 = InceptionAux(self.inception4d.out_channels, num_classes, dropout_aux)
         else:

@@ -254,7 +254,7 @@ class ResNet(nn.Module):
         self.num_stages = len(layers)
         self.num_features = in_planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_planes, num_classes)
+        self.fc = nn.Linear(in_planes, num_classes) if num_classes > 0 else nn.Identity()  # 0: features out (timm)
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:

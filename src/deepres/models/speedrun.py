@@ -53,7 +53,7 @@ class SpeedrunResNet(nn.Module):
         self.pool = nn.AdaptiveMaxPool2d(1)
         # A small logit scale keeps the initial softmax soft at this width (Page 2018 uses 0.125).
         self.logit_scale = logit_scale
-        self.fc = nn.Linear(self.num_features, num_classes, bias=False)
+        self.fc = nn.Linear(self.num_features, num_classes, bias=False) if num_classes > 0 else nn.Identity()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
