@@ -64,6 +64,10 @@ def test_info_errors_are_one_line(tmp_path, capsys):
     assert main(["data", "info", "imagefolder", "--data-dir", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
     assert "deepres data: error: image folder not found" in err and str(tmp_path / "nope") in err
+    folder = make_image_folder(tmp_path / "f", n_train=2, n_test=1, size=8)
+    assert main(["data", "info", "cifar10", "--data-dir", str(folder)]) == 1  # an image folder given to cifar10
+    err = capsys.readouterr().err
+    assert f"deepres data info imagefolder --data-dir {folder}" in err and "data.source" not in err, err
 
 
 def test_prepare_then_train_source_reads_it(tmp_path, capsys):

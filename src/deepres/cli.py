@@ -507,9 +507,17 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
+    from .data.sources import IMAGE_FOLDER_HINT
     from .data.summary import dataset_summary
 
-    summary = dataset_summary(args.source, args.data_dir, args.val_size, args.cache_dir)
+    try:
+        summary = dataset_summary(args.source, args.data_dir, args.val_size, args.cache_dir)
+    except (OSError, ValueError) as exc:  # the sources' hint, in this command's words
+        if IMAGE_FOLDER_HINT not in str(exc):
+            raise
+        here = f"ask for it as: deepres data info imagefolder --data-dir {args.data_dir}"
+        raise type(exc)(str(exc).replace(IMAGE_FOLDER_HINT, f"for an image folder (or an archive of one) {here}")) \
+            from None
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
