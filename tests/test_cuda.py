@@ -103,10 +103,12 @@ def test_compiled_step_learns(folder, tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_loop_bf16_channels_last_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_loop_bf16_channels_last_resume_equals_uninterrupted(tmp_path, micro_batches):
+    """Also with gradient accumulation (train.micro_batches=2: each batch in two parts, one update)."""
     data = make_idx_dataset(tmp_path / "data")
     extra = {"train.device": DEVICE, "train.amp": "bf16", "train.channels_last": True, "train.iterations": 20,
-             "train.checkpoint_every": 10, "schedule.milestones": "15"}
+             "train.checkpoint_every": 10, "schedule.milestones": "15", "train.micro_batches": micro_batches}
     train(load_config(None, small_overrides(data, **extra)), tmp_path / "straight", quiet=True)
     train(load_config(None, small_overrides(data, **{**extra, "train.iterations": 10})), tmp_path / "resumed",
           quiet=True)
@@ -133,10 +135,12 @@ def test_device_loader_gives_the_gpu_the_cpu_batches():
 
 
 def test_ddp_one_process_through_torchrun(tmp_path):
-    """The multi-GPU path (NCCL on CUDA, gloo on the CPU) with one process: trains, checkpoints, leaves the group."""
+    """The multi-GPU path (NCCL on CUDA, gloo on the CPU) with one process: trains, checkpoints, leaves the group;
+    with two micro-batches per batch (gradients reduced once, after the second)."""
     data = make_idx_dataset(tmp_path / "data")
     overrides = small_overrides(data, **{"train.device": DEVICE, "train.iterations": 6, "train.checkpoint_every": 3,
-                                         "train.eval_every": 3, "train.deterministic": False})
+                                         "train.eval_every": 3, "train.deterministic": False,
+                                         "train.micro_batches": 2})
     sets = [a for o in overrides for a in ("--set", o)]
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m",
                           "deepres", "train", "--recipe", "demo", "--run-dir", str(tmp_path / "run"), *sets],
