@@ -129,19 +129,17 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):
     ``checkpoint`` may also name a model with pretrained weights (``"resnet50"``; ``deepres models --pretrained``):
     its ImageNet classes, the weights' normalisation, ``image_size`` their crop; resize and crop images as its
     ``model.pretrained_cfg`` says (:func:`deepres.models.eval_transform` does all three for you)."""
-    import torch
-
     from .engine.inference import NormalizedModel, pretrained_name
     from .runs import load_checkpoint, load_for_inference
 
     name = pretrained_name(checkpoint)
     if name is not None:
         from .models import create_model
+        from .models.pretrained import eval_normalization
 
         model = create_model(name, pretrained=True)
         cfg = model.pretrained_cfg
-        mean, std = (torch.tensor(cfg[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
-        wrapped = NormalizedModel(model, mean, std).to(device).eval()
+        wrapped = NormalizedModel(model, *eval_normalization(cfg)).to(device).eval()
         wrapped.classes, wrapped.image_size, wrapped.in_channels = list(cfg["classes"]), cfg["input_size"][1:], 3
         return wrapped
     ckpt = load_checkpoint(Path(checkpoint))

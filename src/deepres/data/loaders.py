@@ -46,7 +46,7 @@ class Normalizer:
     @classmethod
     def imagenet(cls, channels: int) -> Normalizer:
         """ImageNet's per-channel mean and std (torchvision's weights were trained with them); for grey images their
-        averages, as timm does."""
+        averages."""
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         if channels == 1:
             mean, std = mean.mean(dim=0, keepdim=True), std.mean(dim=0, keepdim=True)

@@ -113,7 +113,6 @@ def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = Fal
     evaluated: shorter side resized with their interpolation, centre crop (or the 10 crops of that resized image),
     their mean and std. Class folders map to the weights' classes in sorted order, as torchvision's ImageNet does.
     The published numbers come beside ours (``published_top1_error``, ``published_top5_error``)."""
-    from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
     from ..data.folders import FileSplit, _scan_split, find_split_root, resolve_image_source
@@ -122,7 +121,7 @@ def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = Fal
     from ..evaluation.crops import ten_crops
     from ..evaluation.views import evaluate_views
     from ..models import create_model
-    from ..models.pretrained import pretrained_cfg
+    from ..models.pretrained import eval_normalization, eval_resize, pretrained_cfg
 
     if pretrained_name(name) is None:
         raise ValueError(f"{name!r} is not a model with pretrained weights (deepres models --pretrained lists them)")
@@ -135,16 +134,15 @@ def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = Fal
         raise ValueError(f"{folder} has {len(classes)} class folders; {name}'s weights know {cfg['num_classes']} "
                          f"classes (ImageNet's, in the sorted order of their folder names n01440764 ...)")
     model = create_model(name, pretrained=True).eval().to(device)
-    resize, crop = cfg["resize_size"], cfg["crop_size"]
-    interpolation = InterpolationMode(cfg["interpolation"])
+    resize, crop = eval_resize(cfg), cfg["crop_size"]
 
-    def views(image: torch.Tensor) -> list[torch.Tensor]:
-        x = TF.resize(image, [resize], interpolation=interpolation, antialias=True)
+    def views(image: torch.Tensor) -> list[torch.Tensor]:  # the resize predict's eval_transform does, then the crops
+        x = resize(image)
         if ten_crop:
             return [torch.cat(ten_crops(x[None], crop))]
         return [TF.center_crop(x, [crop, crop])[None]]
 
-    normalizer = Normalizer(*(torch.tensor(cfg[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std")))
+    normalizer = Normalizer(*eval_normalization(cfg))
     per_batch = max(1, batch_size // (10 if ten_crop else 1))
     workers = available_cores() if workers is None else workers
     result = evaluate_views(model, FileSamples(FileSplit(paths, torch.tensor(labels)), 3), views, normalizer,
@@ -152,7 +150,8 @@ def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = Fal
     published = {f"published_top{k}_error": None if cfg[f"top{k}"] is None else 100.0 - cfg[f"top{k}"] for k in (1, 5)}
     return {"checkpoint": name, "split": folder.name, "mode": "10-crop" if ten_crop else "single view", **result,
             "skipped": len(skipped), **published, "weights": cfg["weights"],
-            "preprocessing": f"resize {resize} ({cfg['interpolation']}), {'10 crops' if ten_crop else 'centre crop'} "
+            "preprocessing": f"resize {cfg['resize_size']} ({cfg['interpolation']}), "
+                             f"{'10 crops' if ten_crop else 'centre crop'} "
                              f"{crop}, mean {list(cfg['mean'])}, std {list(cfg['std'])}"}
 
 
@@ -232,14 +231,9 @@ def _classifier(path: str | Path, device: str):
         from ..models import create_model, eval_transform
 
         model = create_model(name, pretrained=True).eval().to(device)
-        transform = eval_transform(model.pretrained_cfg)
-
-        def prepare(file: Path) -> torch.Tensor:
-            if not Path(file).is_file():
-                raise FileNotFoundError(f"image not found: {file}")
-            return transform(to_channels(read_image(file), 3))
-
-        return model, model.pretrained_cfg["classes"], prepare, single_predict(nn.Identity())
+        transform = eval_transform(model.pretrained_cfg)  # image_files has checked that every file exists
+        return (model, model.pretrained_cfg["classes"], lambda file: transform(to_channels(read_image(file), 3)),
+                single_predict(nn.Identity()))
     if not Path(path).exists():
         from ..models import list_models
 

@@ -524,6 +524,14 @@ def _observe_warmup(run: Run, wrong: torch.Tensor, count: int) -> None:
                            f"{run.config.schedule.warmup_until_train_error}%, lr {run.config.optim.lr}")
 
 
+def _init_words(info: dict) -> str:
+    """Where a run's weights came from (model.init), for its start line; "" for a fresh model."""
+    if not info:
+        return ""
+    adapted = "".join(f", {key} adapted" for key in info["init_adapted"])
+    return f", weights from {info.get('init_weights', info['init'])} ({info['init_head']} classifier{adapted})"
+
+
 def _start_line(run: Run) -> str:
     d, c = run.data.dataset, run.config
     splits = ", ".join(f"{name} {len(d.splits()[name]):,}{run.task.training_images() if name == 'train' else ''}"
@@ -531,11 +539,8 @@ def _start_line(run: Run) -> str:
     if d.extra.get("carved"):
         splits += f" ({d.extra['carved']})"
     describe = run.step_fn.describe()
-    info = run.init_info
     micro = f", {describe['micro_batches']} micro-batches per batch" if describe.get("micro_batches", 1) > 1 else ""
-    init = (f", weights from {info.get('init_weights', info['init'])} ({info['init_head']} classifier"
-            f"{', ' + ', '.join(info['init_adapted']) + ' adapted' if info['init_adapted'] else ''})"
-            if info else "")
+    init = _init_words(run.init_info)
     return (f"deepres train: {run.model_class or c.model.name} ({count_parameters(run.model):,} parameters{init}) on "
             f"{d.name} ({splits}; "
             f"{run.data.loader} loader), {run.device} x {run.dist.world_size}, step {describe['step']}, precision "

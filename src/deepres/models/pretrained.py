@@ -29,8 +29,8 @@ import torch.nn as nn
 
 from ..config import ConfigError
 
-__all__ = ["PRETRAINED", "eval_transform", "fetch_pretrained", "load_pretrained", "pretrained_cfg",
-           "pretrained_weights", "read_pretrained"]
+__all__ = ["PRETRAINED", "eval_normalization", "eval_resize", "eval_transform", "fetch_pretrained", "load_pretrained",
+           "pretrained_cfg", "pretrained_weights", "read_pretrained"]
 
 # A model that starts from another's weights -> that model (its own parameters, here the offsets, start fresh).
 WEIGHTS_OF = {"deform_resnet50": "resnet50"}
@@ -78,17 +78,25 @@ def pretrained_cfg(name: str) -> dict | None:
     }
 
 
+def eval_resize(cfg: dict):
+    """The weights' evaluation resize: the shorter side to ``resize_size`` with their interpolation (antialiased)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2.Resize(cfg["resize_size"], interpolation=InterpolationMode(cfg["interpolation"]), antialias=True)
+
+
+def eval_normalization(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights' mean and std as (3, 1, 1) float32 tensors."""
+    return tuple(torch.tensor(cfg[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
+
+
 def eval_transform(cfg: dict):
     """The preprocessing the weights were evaluated with, for uint8 or float (C, H, W) images: resize the shorter side,
     centre crop, scale to [0, 1], normalise."""
-    from torchvision.transforms import InterpolationMode, v2
+    from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.Resize(cfg["resize_size"], interpolation=InterpolationMode(cfg["interpolation"]), antialias=True),
-        v2.CenterCrop(cfg["crop_size"]),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(cfg["mean"], cfg["std"]),
-    ])
+    return v2.Compose([eval_resize(cfg), v2.CenterCrop(cfg["crop_size"]), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(cfg["mean"], cfg["std"])])
 
 
 # torchvision's DenseNet files predate its module names ("norm.1" for "norm1"); it renames them when loading.
