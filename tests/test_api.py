@@ -13,7 +13,7 @@ import torch.nn as nn
 from PIL import Image
 
 import deepres
-from deepres.config import load_config
+from deepres.config import ConfigError, load_config
 from deepres.engine import load_checkpoint
 from deepres.engine.logging import read_metrics
 
@@ -156,6 +156,9 @@ def test_your_own_model_dataset_and_callbacks(tmp_path):
         deepres.evaluate(tmp_path / "own" / "checkpoints" / "last.pt")
     model = TinyNet()
     model.load_state_dict(ckpt["model"])
+    with pytest.raises(ConfigError, match="model.init.*your own model .*TinyNet"):
+        deepres.train("demo", {"model.init": "pretrained"}, run_dir=tmp_path / "published", model=TinyNet(),
+                      dataset=(_pictures(24, 0), _pictures(6, 1)))
 
 
 def test_bad_datasets_are_named():

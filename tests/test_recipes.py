@@ -62,10 +62,17 @@ def test_a_shortened_paper_run_keeps_the_paper_shape():
 
 def test_schedule_points_beyond_the_run_are_announced():
     c = load_config("paper/cifar10_resnet20", ["schedule.milestones=500,5000", "train.iterations=1000"])
-    notes = Schedule(c.schedule, c.optim.lr, c.train.iterations).beyond_the_end()
+    notes = Schedule(c.schedule, c.optim.lr, c.train.iterations).notices()
     assert len(notes) == 1 and "5000" in notes[0] and "never drops" in notes[0]
     with pytest.raises(ConfigError, match="schedule.milestones"):
         load_config("paper/cifar10_resnet20", ["schedule.milestones=0.5,-1"])
+    with pytest.raises(ConfigError, match="schedule.milestones.*strictly increasing"):
+        load_config("paper/cifar10_resnet20", ["schedule.milestones=0.5,0.5"])
+    mixed = load_config("paper/cifar10_resnet20", ["schedule.milestones=0.5,500", "train.iterations=1000"])
+    schedule = Schedule(mixed.schedule, mixed.optim.lr, 1000)
+    notes = schedule.notices()
+    assert len(notes) == 1 and "0.5 and 500" in notes[0] and "iteration 500" in notes[0]
+    assert schedule.lr_at(500) == pytest.approx(0.001)  # as torch's MultiStepLR: gamma twice
 
 
 def test_the_readme_lists_every_recipe():

@@ -810,8 +810,9 @@ def _check_ranges(c: Config) -> None:
              f"must be > 0 (or null: train.iterations); got {t.epochs}")
     _require(all(_finite(ms) and ms > 0 for ms in s.milestones), "schedule.milestones",
              f"must be > 0 (iterations, or fractions of the run below 1); got {s.milestones}")
-    _require(list(s.milestones) == sorted(s.milestones), "schedule.milestones",
-             f"must be in increasing order; got {s.milestones}")
+    _require(all(a < b for a, b in zip(s.milestones, s.milestones[1:])), "schedule.milestones",
+             f"must be in strictly increasing order (a repeated milestone would apply schedule.gamma twice there; "
+             f"set schedule.gamma instead); got {s.milestones}")
     _require(_finite(s.warmup_iterations) and s.warmup_iterations >= 0, "schedule.warmup_iterations",
              f"must be >= 0; got {s.warmup_iterations}")
     _require(_finite(s.warmup_lr) and s.warmup_lr >= 0, "schedule.warmup_lr", f"must be >= 0; got {s.warmup_lr}")

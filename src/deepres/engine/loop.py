@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..config import ENVIRONMENT_KEYS, Config, config_differences, from_dict, to_dict, to_yaml
+from ..config import ENVIRONMENT_KEYS, Config, ConfigError, config_differences, from_dict, to_dict, to_yaml
 from ..data import build_data, load_run_dataset
 from ..evaluation import evaluate
 from ..models import count_parameters
@@ -253,6 +253,11 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     task = build_task(config.task)
     if task.needs_teacher:
         check_teacher(config.task.teacher)
+    if given_model is not None and config.model.init == "pretrained":
+        raise ConfigError("model.init", f"'pretrained' loads the published weights of model.name "
+                          f"({config.model.name}) into the model deepres builds; with your own model ("
+                          f"{_class_name(given_model)}), load its weights before training, or give model.init a "
+                          f"checkpoint or state-dict file")
     if given_model is None:
         check_model(config.model)
         if config.model.init == "pretrained" and resume_path is None:
@@ -319,7 +324,7 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     run.step_fn = build_step(config, model, train_model, task, optimizer, ema, device, dist.world_size,
                              notice=lambda text: _notice(run, text))
     changes = None if resume_state is None else resumed_changes(resume_state["config"], config, run.step)
-    for text in fitted + schedule.beyond_the_end() + ([changes] if changes else []):
+    for text in fitted + schedule.notices() + ([changes] if changes else []):
         _notice(run, text)
     if resume_state is not None:
         run.step_fn.load_state_dict(resume_state.get("step_state") or {})

@@ -84,10 +84,16 @@ class Schedule:
         """An iteration count, or a fraction of the run (0 < value < 1) as one."""
         return round(value * self.total) if 0 < value < 1 else int(value)
 
-    def beyond_the_end(self) -> list[str]:
-        """Schedule points past the last iteration (they never take effect): what a run warns about."""
+    def notices(self) -> list[str]:
+        """Schedule points past the last iteration (they never take effect), and milestones given once as a fraction
+        and once as an iteration that fall together (gamma applies twice there): what a run warns about."""
+        multistep = self.cfg.name == "multistep"
         out = [f"schedule.milestones {m} is at or beyond the run's {self.total} iterations: the learning rate "
-               f"never drops there" for m in self.milestones if m >= self.total and self.cfg.name == "multistep"]
+               f"never drops there" for m in self.milestones if m >= self.total and multistep]
+        given = dict(zip(self.milestones, self.cfg.milestones))
+        out += [f"schedule.milestones {given_m} and {given[m]} both fall at iteration {m}: the learning rate drops "
+                f"by schedule.gamma twice there" for m, given_m in zip(self.milestones, self.cfg.milestones)
+                if multistep and given[m] != given_m]
         if self.warmup >= self.total:
             out.append(f"schedule.warmup_iterations {self.warmup} is at or beyond the run's {self.total} iterations: "
                        f"the warm-up never ends")
