@@ -119,6 +119,13 @@ def test_unknown_name_lists_close_matches():
 
 def test_list_models_pattern():
     assert list_models("plain*") == ["plain18", "plain20", "plain32", "plain34", "plain44", "plain56", "plain110"]
+    # timm's arguments: several patterns, exclude_filters, pretrained; an empty pattern is every model
+    assert list_models(["resnet5*", "vgg1?*"], exclude_filters=["*_bn", "vgg13"]) == [
+        "resnet50", "resnet56", "vgg11", "vgg16", "vgg19"]
+    assert list_models("") == list_models()
+    with_weights = list_models(pretrained=True)
+    assert "resnet50" in with_weights and "resnet56" not in with_weights and "vgg11_bn" in with_weights
+    assert list_models("resnet*", pretrained=True) == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 
 # One model of each family and builder (the deeper and wider variants share their classes).
@@ -142,3 +149,18 @@ def test_num_classes_zero_gives_the_pooled_features_of_every_family():
         if tuple(out.shape) != (1, model.num_features):
             wrong.append((name, tuple(out.shape), model.num_features))
     assert not wrong
+
+
+def test_num_classes_follows_the_classifier_in_every_family():
+    """timm's ``model.num_classes``: the logits the model gives, after every reset_classifier."""
+    seen = []
+    for name in FAMILY_MODELS:
+        with torch.device("meta"):
+            model = create_model(name, num_classes=7)
+            seen.append(model.num_classes)
+            model.reset_classifier(0)
+            seen.append(model.num_classes)
+            model.reset_classifier(3)
+            seen.append(model.num_classes)
+            seen.append(model(torch.empty(1, 3, *model.input_size)).shape[1])
+    assert seen == [7, 0, 3, 3] * len(FAMILY_MODELS)

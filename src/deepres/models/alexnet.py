@@ -22,12 +22,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .registry import register_model
+from .registry import ClassifierHead, register_model
 
 __all__ = ["AlexNet", "ConvFCNet", "alexnet"]
 
 
-class ConvFCNet(nn.Module):
+class ConvFCNet(ClassifierHead, nn.Module):
     """Convolutional features, adaptive average pooling to ``pool_size``, then FC-ReLU-FC-ReLU-FC with dropout 0.5.
 
     Args:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import register_model
+from .registry import ClassifierHead, register_model
 
 __all__ = ["DenseBlock", "DenseLayer", "DenseNet", "Transition", "densenet_bc"]
 
@@ -84,7 +84,7 @@ class Transition(nn.Sequential):
         )
 
 
-class DenseNet(nn.Module):
+class DenseNet(ClassifierHead, nn.Module):
     """A stem, dense blocks joined by transitions, a final BN-ReLU, global average pooling and a linear classifier.
 
     Args:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torchvision.ops
 
-from .registry import register_model
+from .registry import ClassifierHead, register_model
 from .senet import SqueezeExcite
 
 __all__ = ["SCALING", "ConvBNAct", "EfficientNet", "MBConv", "efficientnet"]
@@ -124,7 +124,7 @@ class MBConv(nn.Module):
         return f"use_residual={self.use_residual}, drop_prob={self.drop_prob:.4f}"
 
 
-class EfficientNet(nn.Module):
+class EfficientNet(ClassifierHead, nn.Module):
     """B0 scaled by ``width`` and ``depth`` factors: stem, MBConv stages, 1x1 head conv, pooling, dropout, classifier.
 
     ``features`` holds the stem (``features.0``), the seven stages (``features.1`` .. ``features.7``) and the head

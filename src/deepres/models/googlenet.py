@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .registry import register_model
+from .registry import ClassifierHead, register_model
 
 __all__ = ["AuxOutputs", "ConvBN", "GoogLeNet", "Inception", "InceptionAux", "googlenet"]
 
@@ -136,7 +136,7 @@ def _trunc_normal_(tensor: torch.Tensor, std: float, a: float, b: float) -> torc
         return tensor.clamp_(a, b)
 
 
-class GoogLeNet(nn.Module):
+class GoogLeNet(ClassifierHead, nn.Module):
     """The Table 1 net. See the module docstring for the auxiliary outputs and the differences from the paper.
 
     Args:

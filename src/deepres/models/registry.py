@@ -11,7 +11,17 @@ import torch.nn as nn
 
 from .features import feature_extractor, feature_info
 
-__all__ = ["ModelEntry", "create_model", "list_models", "model_entry", "register_model"]
+__all__ = ["ClassifierHead", "ModelEntry", "create_model", "list_models", "model_entry", "register_model"]
+
+
+class ClassifierHead:
+    """timm's ``num_classes`` attribute for a model with ``get_classifier()`` and ``reset_classifier(n)``: the logits
+    layer's outputs, 0 once the classifier is removed (pooled features come out), following every reset."""
+
+    @property
+    def num_classes(self) -> int:
+        head = self.get_classifier()
+        return head.out_features if isinstance(head, nn.Linear) else 0
 
 
 @dataclass(frozen=True)
@@ -104,9 +114,19 @@ def create_model(name: str, pretrained: bool = False, *, num_classes: int | None
     return model
 
 
-def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
-    """Registered names matching a shell-style pattern (and family), sorted naturally (resnet18 before resnet101)."""
-    names = [n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and (family is None or e.family == family)]
+def list_models(pattern: str | Sequence[str] = "*", family: str | None = None, pretrained: bool = False,
+                exclude_filters: str | Sequence[str] = ()) -> list[str]:
+    """Registered names matching a shell-style pattern (or any of several; empty: all), sorted naturally (resnet18
+    before resnet101). As timm's: ``pretrained=True`` keeps the models with published weights, ``exclude_filters``
+    drops the names matching its patterns; ``family`` keeps one family ("resnet", "vgg", ...)."""
+    from .pretrained import PRETRAINED
+
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    patterns = [p for p in patterns if p] or ["*"]
+    excluded = [exclude_filters] if isinstance(exclude_filters, str) else list(exclude_filters)
+    names = [n for n, e in _REGISTRY.items()
+             if any(fnmatch.fnmatch(n, p) for p in patterns) and not any(fnmatch.fnmatch(n, p) for p in excluded)
+             and (family is None or e.family == family) and (not pretrained or n in PRETRAINED)]
     return sorted(names, key=_natural_key)
 
 

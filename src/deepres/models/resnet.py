@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import register_model
+from .registry import ClassifierHead, register_model
 
 __all__ = [
     "BasicBlock",
@@ -182,7 +182,7 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
-class ResNet(nn.Module):
+class ResNet(ClassifierHead, nn.Module):
     """A stem, stages of blocks (``layer1`` ...), global average pooling and a fully connected classifier.
 
     Args:

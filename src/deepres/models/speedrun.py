@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .registry import register_model
+from .registry import ClassifierHead, register_model
 
 __all__ = ["SpeedrunResNet", "speedrun_resnet9"]
 
@@ -33,7 +33,7 @@ class Residual(nn.Module):
         return x + self.branch(x)
 
 
-class SpeedrunResNet(nn.Module):
+class SpeedrunResNet(ClassifierHead, nn.Module):
     """Stem, then per stage: conv-BN-ReLU widening, 2x2 max pool, and (where ``residual``) a residual pair."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, ...] = (64, 128, 256, 512),
