@@ -3,6 +3,7 @@ name into the torch.hub cache, as a download would, and checks what create_model
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -124,6 +125,26 @@ def test_every_listed_model_is_registered_and_described():
     transform = eval_transform(pretrained_cfg("efficientnet_b0"))
     out = transform(torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8))
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+
+
+def test_eval_transform_takes_pil_images_as_torchvisions_transforms_do():
+    from PIL import Image
+
+    cfg = pretrained_cfg("resnet18")
+    transform = eval_transform(cfg)
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1)
+    ours = transform(tensor)
+    assert type(ours) is torch.Tensor and ours.shape == (3, 224, 224)
+    assert torch.equal(transform(Image.fromarray(pixels)), ours)
+    assert torch.equal(transform(Image.fromarray(np.dstack([pixels, pixels[..., :1]]))), ours)  # RGBA: alpha dropped
+    grey = pixels[..., 0]
+    assert torch.equal(transform(Image.fromarray(grey)), transform(Image.fromarray(np.dstack([grey] * 3))))
+    # torchvision's own preset (tensor path) resizes uint8 in float and rounds: at most one grey level apart
+    theirs = torchvision.models.ResNet18_Weights.DEFAULT.transforms()(tensor)
+    assert (ours - theirs).abs().max().item() <= 1.001 / 255 / min(cfg["std"])
+    with pytest.raises(ValueError, match="5 channels"):
+        transform(torch.zeros(5, 8, 8, dtype=torch.uint8))
 
 
 def test_predict_and_load_model_take_a_pretrained_models_name(hub, tmp_path):

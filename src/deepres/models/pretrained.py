@@ -91,12 +91,25 @@ def eval_normalization(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def eval_transform(cfg: dict):
-    """The preprocessing the weights were evaluated with, for uint8 or float (C, H, W) images: resize the shorter side,
-    centre crop, scale to [0, 1], normalise."""
+    """The preprocessing the weights were evaluated with, for PIL images and uint8 or float (C, H, W) tensors: resize
+    the shorter side, centre crop, scale to [0, 1], normalise. Grey images are repeated to the three channels the
+    weights take, an alpha channel is dropped."""
     from torchvision.transforms import v2
 
-    return v2.Compose([eval_resize(cfg), v2.CenterCrop(cfg["crop_size"]), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(cfg["mean"], cfg["std"])])
+    return v2.Compose([v2.ToImage(), v2.Lambda(_three_channels), eval_resize(cfg), v2.CenterCrop(cfg["crop_size"]),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg["mean"], cfg["std"]),
+                       v2.ToPureTensor()])
+
+
+def _three_channels(image: torch.Tensor) -> torch.Tensor:
+    channels = image.shape[-3]
+    if channels in (1, 2):  # grey, grey + alpha
+        return image[..., :1, :, :].expand(*image.shape[:-3], 3, *image.shape[-2:]).clone()
+    if channels == 4:  # RGBA
+        return image[..., :3, :, :].clone()
+    if channels != 3:
+        raise ValueError(f"an image of {channels} channels; the weights take RGB (3) or grey (1) images")
+    return image
 
 
 # torchvision's DenseNet files predate its module names ("norm.1" for "norm1"); it renames them when loading.
