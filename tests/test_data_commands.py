@@ -67,7 +67,13 @@ def test_info_errors_are_one_line(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "f", n_train=2, n_test=1, size=8)
     assert main(["data", "info", "cifar10", "--data-dir", str(folder)]) == 1  # an image folder given to cifar10
     err = capsys.readouterr().err
-    assert f"deepres data info imagefolder --data-dir {folder}" in err and "data.source" not in err, err
+    assert f"ask for it as: deepres data info {folder}" in err and "data.source" not in err, err
+    # a path stands for imagefolder --data-dir PATH
+    assert main(["data", "info", str(folder), "--json", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"] == {"train": 6, "test": 3}  # 2 + 1 in each of 3 classes
+    assert main(["data", "info", "cifar11"]) == 1
+    err = capsys.readouterr().err
+    assert "'cifar11' is neither a data source (cifar10, " in err and "existing folder" in err
 
 
 def test_prepare_then_train_source_reads_it(tmp_path, capsys):

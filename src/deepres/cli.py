@@ -484,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
 # deepres data
 
 DATA_DESCRIPTION = """\
-- deepres data info SOURCE [--data-dir DIR] [--val-size N] [--json]: images per split and per class. --val-size
+- deepres data info SOURCE [--data-dir DIR] [--val-size N] [--json]: images per split and per class of a source
+  (cifar10, ..., or an image folder / its .tar.gz / a prepared file given as its path). --val-size
   defaults to 0 here, so train shows the official training count; pass --val-size 5000 to see the split a run uses
   (the recipe default). Image folders are counted from their files, without decoding.
 - deepres data prepare SRC DST [--size N] [--channels 1|3] [--on-bad-image skip] [--workers N]: decode an image
@@ -510,12 +511,19 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     from .data.sources import IMAGE_FOLDER_HINT
     from .data.summary import dataset_summary
 
+    if args.source not in args.source_names:  # a folder, archive or prepared file stands for imagefolder
+        if not Path(args.source).exists():
+            raise ValueError(f"{args.source!r} is neither a data source ({', '.join(args.source_names)}) nor an "
+                             f"existing folder, archive or prepared file")
+        if args.data_dir:
+            raise ValueError(f"give the image folder once: {args.source} or --data-dir {args.data_dir}")
+        args.source, args.data_dir = "imagefolder", args.source
     try:
         summary = dataset_summary(args.source, args.data_dir, args.val_size, args.cache_dir)
     except (OSError, ValueError) as exc:  # the sources' hint, in this command's words
         if IMAGE_FOLDER_HINT not in str(exc):
             raise
-        here = f"ask for it as: deepres data info imagefolder --data-dir {args.data_dir}"
+        here = f"ask for it as: deepres data info {args.data_dir}"
         raise type(exc)(str(exc).replace(IMAGE_FOLDER_HINT, f"for an image folder (or an archive of one) {here}")) \
             from None
     if args.json:
@@ -574,14 +582,16 @@ def add_data_commands(sub) -> None:
     data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 
     q = data_sub.add_parser("info", help="images per split and per class of a data source")
-    q.add_argument("source", choices=SOURCE_NAMES, help="data source")
+    q.add_argument("source", metavar="SOURCE",
+                   help=f"a data source ({', '.join(SOURCE_NAMES)}), or an image folder, its .tar.gz or a prepared "
+                   f"file (as imagefolder --data-dir PATH)")
     q.add_argument("--data-dir", help="where the data is (imagefolder: the folder, .tar.gz or prepared file)")
     q.add_argument("--val-size", type=int, default=0,
                    help="images carved from train for validation (default 0: the official train count)")
     q.add_argument("--cache-dir",
                    help="cache for extracted archives (default: $DEEPRES_DATA/cache or ~/.cache/deepres)")
     q.add_argument("--json", action="store_true", help="print JSON")
-    q.set_defaults(func=_data_guarded(cmd_data_info))
+    q.set_defaults(func=_data_guarded(cmd_data_info), source_names=SOURCE_NAMES)
 
     q = data_sub.add_parser("prepare", help="decode an image folder once into a file the imagefolder source loads fast")
     q.add_argument("src", help="image folder root/<split>/<class>/<image>, or a .tar.gz of one")
