@@ -98,9 +98,16 @@ def test_fit_to_data_bounds_validation_batch_lr_crop_and_cadence(folder):
     assert fitted.data.image_size == 16  # 20x24 images: 20 * 224/256 = 17.5, rounded down to a multiple of 8
     iterations = 90 * (130 // 64)
     assert fitted.train.eval_every == fitted.train.checkpoint_every == iterations // 10
-    assert len(notices) == 5 and all("->" in n for n in notices)
-    big = fit_to_data(config, count=(1_281_167, "imagenet", (375, 500)))[0]
+    assert len(notices) == 6 and all("->" in n for n in notices[:-1])
+    # 16x16 crops into ResNet-50's ImageNet stem: advice, no change
+    assert "model resnet50 is built for 224x224 input; at 16x16" in notices[-1] and "small_input" in notices[-1]
+    assert "small_input" not in fitted.model.options
+    big, big_notices = fit_to_data(config, count=(1_281_167, "imagenet", (375, 500)))
     assert (big.data.val_size, big.train.batch_size, big.optim.lr, big.data.image_size) == (10000, 256, 0.1, None)
+    assert not any("small_input" in n for n in big_notices)
+    for sets in (["model.options.small_input=true"], ["model.name=resnet56", "model.stride_on=null"]):
+        chosen = load_config("imagefolder_fast", [f"data.data_dir={folder}", *sets])
+        assert not any("small_input" in n for n in fit_to_data(chosen)[1])
 
 
 def test_worker_counts_default_to_the_machine(monkeypatch):

@@ -53,6 +53,22 @@ def training_images(data) -> tuple[int, str, tuple[int, int] | None]:
     return len(train), data.source, tuple(train.images.shape[-2:])
 
 
+def _small_images(model, side: int) -> list[str]:
+    """Advice (no change) when images far below an ImageNet net's 224 meet its stem, which shrinks them 4x (2x for
+    VGG and AlexNet's pools) before the first stage: every family has a 32x32 form, ``small_input``."""
+    from ..models import model_entry
+
+    try:
+        native = min(model_entry(model.name).input_size)
+    except ValueError:  # an unknown model is named later, with its close matches
+        return []
+    if side >= 64 or native < 100 or "small_input" in model.options:
+        return []
+    return [f"model {model.name} is built for {native}x{native} input; at {side}x{side} its ImageNet stem shrinks "
+            f"the images before the first stage. model.options.small_input=true gives it the 32x32 form (a stride-1 "
+            f"stem: more compute per image); this run keeps the ImageNet stem"]
+
+
 def _power_of_two_at_most(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
@@ -104,6 +120,9 @@ def fit_to_data(config: Config, world_size: int = 1, count: tuple[int, str, tupl
             if value > iterations:
                 notices.append(f"train.{key} {value} -> {bounded}: a tenth of the run's {iterations:,} iterations")
                 t = dataclasses.replace(t, **{key: bounded})
-    if notices:
+    changed = bool(notices)
+    if t.fit_to_data and image is not None:
+        notices += _small_images(config.model, d.image_size or min(image))
+    if changed:
         config = dataclasses.replace(config, data=d, train=t, optim=o, schedule=s)
     return config, notices
