@@ -1,6 +1,6 @@
-"""CUDA behaviour the CPU suite cannot show: the captured CUDA-graph step against eager steps, resume from a captured
-run, bf16 with channels_last, torch.compile, exact resume under bf16, NCCL DDP, and the device loader giving a GPU
-the same batches as a CPU.
+"""CUDA behaviour the CPU suite cannot show: the captured CUDA-graph step against eager steps (SGD and AdamW), resume
+from a captured run, bf16 with channels_last, torch.compile, exact resume under bf16, NCCL DDP, and the device loader
+giving a GPU the same batches as a CPU.
 
 Skipped without a GPU (CI has none); on the GPU machine: ``pytest tests/test_cuda.py``. ``DEEPRES_TEST_DEVICE=cpu``
 runs the same code on the CPU (the captured step then runs eagerly, with a notice), to check the tests themselves.
@@ -80,6 +80,19 @@ def test_graph_replay_equals_eager_steps_and_resumes(folder, tmp_path):
     for key, value in straight.items():
         if value.is_floating_point():
             torch.testing.assert_close(final[key], value, rtol=5e-2, atol=5e-3)
+
+
+def test_adamw_in_the_captured_step_equals_eager_steps(folder, tmp_path):
+    """optim.name=adamw: the fused AdamW with its state capturable, its lr read from device memory, replayed in the
+    graph computes what the eager step computes."""
+    sets = ("train.amp=off", "optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=0.05", "train.iterations=30",
+            "schedule.milestones=20")
+    train(_config(folder, *sets), tmp_path / "eager", quiet=True)
+    graph = train(_config(folder, *sets, "train.cuda_graph=true"), tmp_path / "graph", quiet=True)
+    assert graph["step"] == ("graph" if DEVICE == "cuda" else "eager")
+    a, b = _losses(tmp_path / "eager"), _losses(tmp_path / "graph")
+    assert len(a) == len(b) == 30 and b[:10] == pytest.approx(a[:10], rel=1e-4)
+    assert b == pytest.approx(a, rel=5e-2) and b[-1] < b[0]
 
 
 def test_bf16_channels_last_graph_learns_and_checkpoints_fp32(folder, tmp_path):

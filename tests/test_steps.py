@@ -13,7 +13,7 @@ import torch
 from deepres.config import ConfigError, OptimConfig, load_config
 from deepres.engine import load_checkpoint, train
 from deepres.engine.logging import read_metrics
-from deepres.engine.optim import build_optimizer
+from deepres.engine.optim import build_optimizer, param_groups
 from deepres.engine.steps import (CapturedStep, EagerStep, Precision, _inductor_default_cache_dir, _split,
                                   compile_model, inductor_cache_dir)
 from deepres.models import create_model
@@ -37,11 +37,13 @@ class _Stream:
         pass
 
 
-def test_captured_step_logic_matches_eager_steps(monkeypatch):
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_captured_step_logic_matches_eager_steps(monkeypatch, optim):
     """CapturedStep on the CPU with CUDA's graph primitives stood in for (capture runs the body once, as capture plus
     the first replay do; each later replay runs it again, writing fresh gradients as a replayed backward does, since
     they were None at capture): static input copies, the learning rate as a tensor the update reads, three warm-up
-    steps, then replays. 12 steps with an lr change equal 12 eager steps."""
+    steps, then replays. 12 steps with an lr change equal 12 eager steps. AdamW is the fused kind the GPU uses (the
+    CPU's foreach kind cannot read a tensor lr)."""
     replays = []
 
     class FakeGraph:
@@ -60,7 +62,10 @@ def test_captured_step_logic_matches_eager_steps(monkeypatch):
     def make(kind):
         torch.manual_seed(0)
         model = create_model("resnet20", num_classes=4)
-        optimizer = build_optimizer(model, load_config(None, ["optim.lr=0.05"]).optim, torch.device("cpu"))
+        if optim == "sgd":
+            optimizer = build_optimizer(model, load_config(None, ["optim.lr=0.05"]).optim, torch.device("cpu"))
+        else:
+            optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=0.05, fused=True)
         precision = Precision("off", torch.device("cpu"))
         return kind(model, model, ClassificationTask(), optimizer, precision), model
 
@@ -196,6 +201,61 @@ def test_compiled_step_sees_the_eager_batches_and_honours_init_and_feature_extra
             continue
         assert torch.equal(value, before[key]), f"{key} moved under feature extraction"  # weights and BN statistics
     assert any(not torch.equal(after[k], before[k]) for k in head if after[k].is_floating_point())
+
+
+def test_adamw_is_adam_with_decoupled_decay_and_the_exempt_groups():
+    """optim.name=adamw against AdamW written out (float64, three steps of fixed gradients): the running moments with
+    their bias corrections, the config's betas and eps, weight decay lr x weight_decay x weight apart from the
+    gradient, and none on BN parameters and biases (decay_norm_and_bias=false)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 4 * 4, 3)).double()
+    cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.1, decay_norm_and_bias=False, betas=[0.8, 0.95], eps=1e-6)
+    optimizer = build_optimizer(net, cfg, torch.device("cpu"))
+    decayed = {id(net[0].weight), id(net[3].weight)}
+    params = list(net.parameters())
+    expected = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    generator = torch.Generator().manual_seed(1)
+    for t in range(1, 4):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            g = p.grad
+            m[i] = 0.8 * m[i] + 0.2 * g
+            v[i] = 0.95 * v[i] + 0.05 * g * g
+            if id(p) in decayed:
+                expected[i] = expected[i] * (1 - 0.01 * 0.1)
+            m_hat, v_hat = m[i] / (1 - 0.8 ** t), v[i] / (1 - 0.95 ** t)
+            expected[i] = expected[i] - 0.01 * m_hat / (v_hat.sqrt() + 1e-6)
+        optimizer.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
+    for bad, key in (("optim.betas=0.9,1.0", "optim.betas"), ("optim.betas=0.9", "optim.betas"),
+                     ("optim.eps=0", "optim.eps")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, ["optim.name=adamw", bad])
+    with pytest.raises(ConfigError, match="optim.nesterov.*SGD's"):
+        load_config(None, ["optim.name=adamw", "optim.nesterov=true"])
+
+
+def test_adamw_trains_resumes_exactly_and_a_changed_optimizer_is_refused(idx_data, tmp_path):
+    sets = {"optim.name": "adamw", "optim.lr": 0.002, "optim.weight_decay": 0.05, "train.iterations": 6,
+            "train.checkpoint_every": 3}
+    straight = train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "straight", quiet=True)
+    train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "resumed", quiet=True,
+          on_step=lambda step, info: step < 3)
+    train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "resumed", resume="auto", quiet=True)
+    rows = [[(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / run / "metrics.jsonl") if "train_loss" in r]
+            for run in ("straight", "resumed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 6
+    losses = [loss for _, loss in rows[0]]
+    assert straight["iterations"] == 6 and losses[-1] < losses[0]
+    state = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["optimizer"]
+    assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["state"].values())))
+    with pytest.raises(ValueError, match="optim.name adamw vs sgd"):
+        train(load_config(None, small_overrides(idx_data, **{**sets, "optim.name": "sgd", "train.iterations": 9})),
+              tmp_path / "resumed", resume="auto", quiet=True)
 
 
 def test_micro_batches_sum_to_the_whole_batchs_update():

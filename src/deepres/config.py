@@ -216,11 +216,17 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd"] = "sgd"
+    # sgd: the paper's (momentum, nesterov). adamw: Adam with decoupled weight decay (Loshchilov and Hutter 2019;
+    # betas, eps), common for fine-tuning, usually at a smaller lr (1e-3) and larger weight_decay (0.05): its decay
+    # shrinks each weight by lr x weight_decay per step, apart from the gradient's adaptive scale.
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
+    # adamw: the decay rates of the gradient's running mean and of its square's, and the denominator's epsilon.
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
     # The paper decays every weight; False exempts BN parameters and biases (chosen by module type).
     decay_norm_and_bias: bool = True
     # Clip the global gradient norm to this value; None: no clipping (the paper does not clip).
@@ -696,6 +702,7 @@ HONOURED_BY_EVERY_STEP = frozenset({
     "data.gather", "data.num_workers", "data.randaugment_n", "data.randaugment_m", "data.labeled_per_class",
     "data.unlabeled_subset", "data.test_per_class",
     "optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay", "optim.decay_norm_and_bias",
+    "optim.betas", "optim.eps",
     "schedule.name", "schedule.milestones", "schedule.gamma", "schedule.warmup_iterations", "schedule.warmup_lr",
     "schedule.warmup_until_train_error", "schedule.min_lr",
     "train.iterations", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.seed", "train.eval_every",
@@ -803,6 +810,10 @@ def _check_ranges(c: Config) -> None:
     _require(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay",
              f"must be >= 0; got {o.weight_decay}")
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
+    _require(not o.nesterov or o.name == "sgd", "optim.nesterov", f"is SGD's; optim.name is {o.name}")
+    _require(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas",
+             f"must be two numbers in [0, 1) (the running mean's and the running square's decay); got {o.betas}")
+    _require(_finite(o.eps) and o.eps > 0, "optim.eps", f"must be a finite number > 0; got {o.eps}")
     _require(o.grad_clip is None or (_finite(o.grad_clip) and o.grad_clip > 0), "optim.grad_clip",
              f"must be > 0 (or null: no clipping); got {o.grad_clip}")
     _require(_finite(s.gamma) and s.gamma > 0, "schedule.gamma", f"must be > 0; got {s.gamma}")

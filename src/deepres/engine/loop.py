@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..config import ENVIRONMENT_KEYS, Config, ConfigError, config_differences, from_dict, to_dict, to_yaml
+from ..config import (ENVIRONMENT_KEYS, Config, ConfigError, config_differences, from_dict, step_kind, to_dict,
+                      to_yaml)
 from ..data import build_data, load_run_dataset
 from ..evaluation import evaluate
 from ..models import count_parameters
@@ -168,6 +169,10 @@ def _check_compatible(ckpt: dict, config: Config, classes: list[str], fingerprin
     problems = []
     if old.model != config.model:
         problems.append(f"model {old.model} vs {config.model}")
+    if old.optim.name != config.optim.name:
+        problems.append(f"optim.name {old.optim.name} vs {config.optim.name} (the checkpoint holds {old.optim.name}'s "
+                        f"state; to go on from these weights with {config.optim.name} start a new run with --set "
+                        f"model.init={path})")
     for key in EXACT_RESUME_KEYS:
         section, name = key.split(".")
         before, now = getattr(getattr(old, section), name), getattr(getattr(config, section), name)
@@ -303,7 +308,8 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     with torch.random.fork_rng(devices=[]):
         teacher = load_teacher(config.task.teacher, dataset.classes, device) if task.needs_teacher else None
         task.prepare(model, data, config, device, teacher)
-    optimizer = build_optimizer(model, config.optim, device, config.finetune.backbone_lr_scale)
+    optimizer = build_optimizer(model, config.optim, device, config.finetune.backbone_lr_scale,
+                                capturable=step_kind(config) == "graph")
     schedule = Schedule(config.schedule, config.optim.lr, tc.iterations)
     ema = _ema(model, tc.ema_decay)
     writer = MetricsWriter(paths.root, enabled=dist.is_main)
@@ -550,7 +556,8 @@ def _start_line(run: Run) -> str:
             f"{d.name} ({splits}; "
             f"{run.data.loader} loader), {run.device} x {run.dist.world_size}, step {describe['step']}, precision "
             f"{'fp32' if describe['amp'] == 'off' else describe['amp']}"
-            f"{', channels_last' if c.train.channels_last else ''}{micro}; from step {run.step} of "
+            f"{', channels_last' if c.train.channels_last else ''}{micro}"
+            f"{', optimizer AdamW' if c.optim.name == 'adamw' else ''}; from step {run.step} of "
             f"{c.train.iterations:,}; run folder {run.paths.root}")
 
 

@@ -36,11 +36,11 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg, device: torch.device,
-                    backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """SGD over the trainable parameters. ``backbone_lr_scale`` != 1 (fine-tuning): every parameter outside the
-    classifier (``model.get_classifier()``) gets ``lr_scale`` = that factor, which the loop applies to the
-    schedule's lr."""
+def build_optimizer(model: nn.Module, cfg, device: torch.device, backbone_lr_scale: float = 1.0,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """SGD (or AdamW, ``cfg.name``) over the trainable parameters. ``backbone_lr_scale`` != 1 (fine-tuning): every
+    parameter outside the classifier (``model.get_classifier()``) gets ``lr_scale`` = that factor, which the loop
+    applies to the schedule's lr. ``capturable``: AdamW's state kept ready for a CUDA graph (the captured step)."""
     if backbone_lr_scale == 1.0:
         groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
     else:
@@ -50,10 +50,14 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device,
                   for g in param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias, exclude=head_ids)]
         groups += [dict(g, lr_scale=1.0) for g in param_groups(head, cfg.weight_decay, cfg.decay_norm_and_bias)]
         groups = [g for g in groups if g["params"]]
-    if cfg.name != "sgd":
-        raise ValueError(f"optim.name={cfg.name!r} is not supported; allowed: sgd")
     # fused: one kernel for the whole update on CUDA; foreach: vectorised on CPU. Same arithmetic.
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if cfg.name == "adamw":  # each group's weight_decay applies, decoupled from the gradient
+        if device.type == "cuda":
+            kind["capturable"] = capturable
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kind)
+    if cfg.name != "sgd":
+        raise ValueError(f"optim.name={cfg.name!r} is not supported; allowed: sgd, adamw")
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kind)
 
 
