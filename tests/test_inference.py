@@ -33,8 +33,25 @@ def trained(tmp_path_factory):
 def test_eval_matches_the_training_run(trained):
     path, summary, _ = trained
     result = evaluate_checkpoint(path)
-    assert result["count"] == 128
+    assert result["count"] == 128 and result["precision"] == "fp32"
     assert result["top1_error"] == pytest.approx(summary["test_top1_error"], abs=1e-9)
+
+
+def test_eval_repeats_a_bf16_runs_numbers_in_bf16_and_tests_in_fp32_when_asked(trained, tmp_path):
+    """A run that tested in bf16 during training is tested in bf16 again (its summary's number), and says so."""
+    _, _, data = trained
+    config = load_config(None, small_overrides(data, **{"train.iterations": 10, "train.amp": "bf16"}))
+    summary = train(config, tmp_path / "run", quiet=True)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert load_checkpoint(path)["eval_precision"] == "bf16"
+    result = evaluate_checkpoint(path)
+    assert result["precision"] == "bf16" and result["top1_error"] == pytest.approx(summary["test_top1_error"],
+                                                                                   abs=1e-9)
+    assert result["top5_error"] == pytest.approx(summary["test_top5_error"], abs=1e-9)
+    assert evaluate_checkpoint(path, precision="fp32")["precision"] == "fp32"
+    assert evaluate_checkpoint(path, precision="fp16")["precision"] == "fp32"  # fp16 needs a GPU
+    with pytest.raises(ValueError, match="precision must be one of run, fp32, bf16, fp16"):
+        evaluate_checkpoint(path, precision="fp8")
 
 
 def test_ten_crop_equals_the_hand_computed_mean(trained):

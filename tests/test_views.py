@@ -10,7 +10,11 @@ from PIL import Image
 from deepres.config import load_config
 from deepres.data import Normalizer
 from deepres.engine import train
-from deepres.engine.inference import evaluate_checkpoint
+from deepres.data import read_image
+from deepres.data.presets import paper_imagenet_eval
+from deepres.engine import load_checkpoint, load_for_inference
+from deepres.engine.inference import evaluate_checkpoint, predict_images
+from deepres.engine.logging import read_metrics
 from deepres.evaluation import centre_view, evaluate_views, scale_views, ten_crop_views
 from deepres.evaluation.crops import resize_shorter, ten_crops
 
@@ -95,6 +99,17 @@ def test_eval_of_an_imagenet_preset_run_on_a_folder_of_mixed_sizes(tmp_path):
     train(config, tmp_path / "run", quiet=True)
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     single = evaluate_checkpoint(ckpt)
+    # the single view is the test the run made while training (same resize, same centre-crop rounding)
+    tested = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "test_loss" in r][-1]
+    assert single["loss"] == pytest.approx(tested["test_loss"], rel=1e-5)
+    assert single["top1_error"] == pytest.approx(tested["test_top1_error"], abs=1e-9)
+    # predict prepares a file as that test did: the preset's resize (37 for a 32 crop), then the centre crop
+    file = sorted((root / "val" / "c1").iterdir())[0]
+    model, normalizer, _ = load_for_inference(load_checkpoint(ckpt))
+    with torch.no_grad():
+        expected = F.softmax(model(normalizer(paper_imagenet_eval(32)(read_image(file))[None])), dim=1)[0]
+    top = predict_images(ckpt, [file], top_k=3)[0]["top"]
+    assert [row["probability"] for row in top] == pytest.approx([expected[r["index"]].item() for r in top], rel=1e-5)
     ten = evaluate_checkpoint(ckpt, ten_crop=True)
     multi = evaluate_checkpoint(ckpt, scales=[32, 37, 55])
     assert single["count"] == ten["count"] == multi["count"] == 15

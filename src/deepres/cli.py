@@ -200,14 +200,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split,
                                      ten_crop=args.ten_crop, scales=_parse_scales(args.scales),
-                                     batch_size=args.batch_size, device=args.device, workers=args.workers)
+                                     batch_size=args.batch_size, device=args.device, workers=args.workers,
+                                     precision=args.precision)
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             print(f"deepres: warning: {warning.message}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['split']} ({result['mode']}, {result['count']:,} images): accuracy "
+        print(f"{result['split']} ({result['mode']}, {result['count']:,} images, {result['precision']}): accuracy "
               f"{100 - result['top1_error']:.2f}%, top-1 error {result['top1_error']:.2f}%, top-5 error "
               f"{result['top5_error']:.2f}%, loss {result['loss']:.4f}")
     return 0
@@ -222,8 +223,10 @@ def _eval_pretrained(args: argparse.Namespace) -> int:
     if args.scales:
         raise ConfigError("--scales", "the pretrained weights are tested as they were published: a centre crop or "
                                       "--ten-crop")
-    result = evaluate_pretrained(args.checkpoint, args.data_dir, ten_crop=args.ten_crop, batch_size=args.batch_size,
-                                 device=args.device, workers=args.workers)
+    if args.precision not in ("run", "fp32"):
+        raise ConfigError("--precision", "the pretrained weights are tested as they were published, in fp32")
+    result = evaluate_pretrained(args.checkpoint, args.data_dir, ten_crop=args.ten_crop,
+                                 batch_size=args.batch_size or 256, device=args.device, workers=args.workers)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -390,11 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to test (default test)")
     p.add_argument("--ten-crop", action="store_true", help="the standard 10-crop test (corners, centre, flips)")
     p.add_argument("--scales", help="fully-convolutional multi-scale test, shorter sides e.g. 224,256,384,480,640")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per forward pass (default: the run's train.eval_batch_size; 256 for pretrained "
+                        "weights)")
     p.add_argument("--workers", type=_nonnegative_int, default=None,
                    help="decoding processes for image folders (default: the run's data.num_workers, at most the "
                         "cores)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--precision", choices=("run", "fp32", "bf16", "fp16"), default="run",
+                   help="arithmetic of the test: run (default) as the run tested during training (its train.amp, "
+                        "e.g. bf16), so the number repeats its summary; fp32, bf16, or fp16 (GPU only)")
     p.add_argument("--json", action="store_true", help="print JSON (full precision) instead of a line")
     p.set_defaults(func=cmd_eval)
 

@@ -15,13 +15,14 @@ import torch.nn as nn
 from ..config import available_cores, data_workers
 from ..data import load_dataset
 from ..evaluation import RawLoader, evaluate, multiscale_predict, single_predict, ten_crop_predict
-from ..evaluation.crops import resize_shorter
+from ..evaluation.crops import centre_crop, resize_shorter
 from ..runs import load_checkpoint, load_for_inference
 
 __all__ = [
     "NormalizedModel",
     "evaluate_checkpoint",
     "evaluate_checkpoint_modes",
+    "eval_precision",
     "evaluate_pretrained",
     "export_checkpoint",
     "image_files",
@@ -37,13 +38,39 @@ def evaluate_checkpoint(
     split: str = "test",
     ten_crop: bool = False,
     scales: Sequence[int] | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str = "cpu",
     workers: int | None = None,
+    precision: str = "run",
 ) -> dict:
     """Top-1/top-5 error of a checkpoint on a split of the data it was trained on (or the same source elsewhere)."""
     return evaluate_checkpoint_modes(path, [(ten_crop, scales)], data_dir=data_dir, split=split,
-                                     batch_size=batch_size, device=device, workers=workers)[0]
+                                     batch_size=batch_size, device=device, workers=workers, precision=precision)[0]
+
+
+EVAL_PRECISIONS = ("run", "fp32", "bf16", "fp16")
+
+
+def eval_precision(precision: str, ckpt: dict, device: str) -> str:
+    """The arithmetic a checkpoint is tested in: ``run`` (default) is the autocast its run tested in (bf16 when it
+    trained in bf16), so a test of its weights repeats the number in its summary; fp16 needs a GPU and falls back to
+    fp32 elsewhere. Returns "fp32", "bf16" or "fp16"."""
+    from .steps import resolve_amp
+
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(EVAL_PRECISIONS)}; got {precision!r}")
+    if precision == "run":
+        precision = ckpt.get("eval_precision") or resolve_amp(ckpt["config"]["train"].get("amp", "off"),
+                                                              torch.device(device))
+    precision = {"off": "fp32"}.get(precision, precision)
+    return "fp32" if precision == "fp16" and torch.device(device).type != "cuda" else precision
+
+
+def _autocast(precision: str, device: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return None
+    return lambda: torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def evaluate_checkpoint_modes(
@@ -52,17 +79,22 @@ def evaluate_checkpoint_modes(
     *,
     data_dir: str | None = None,
     split: str = "test",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str = "cpu",
     workers: int | None = None,
+    precision: str = "run",
 ) -> list[dict]:
     """:func:`evaluate_checkpoint` for several test modes, each ``(ten_crop, scales)``; the checkpoint and the data
     are read once. Runs of the paper's ImageNet preset are tested on images of any size, resized one by one.
-    ``workers``: decoding processes (default: the run's ``data.num_workers``, at most the cores). A 10-crop or
-    multi-scale test of a run that trained on uncropped images (not the ImageNet preset) warns: those views are not
-    what the model learned from."""
+    ``workers``: decoding processes (default: the run's ``data.num_workers``, at most the cores). ``batch_size``:
+    images per forward pass (default: the run's ``train.eval_batch_size``). ``precision``: see
+    :func:`eval_precision`; each result names it. A 10-crop or multi-scale test of a run that trained on uncropped
+    images (not the ImageNet preset) warns: those views are not what the model learned from."""
     ckpt = load_checkpoint(path)
+    precision = eval_precision(precision, ckpt, device)
+    autocast = _autocast(precision, device)
     model, normalizer, config = load_for_inference(ckpt, device)
+    batch_size = batch_size or config.train.eval_batch_size
     data_cfg = config.data if data_dir is None else dataclasses.replace(config.data, data_dir=data_dir)
     workers = min(data_workers(config.data), available_cores()) if workers is None else workers
     data_cfg = dataclasses.replace(data_cfg, train_subset=None, num_workers=max(0, workers))
@@ -91,7 +123,7 @@ def evaluate_checkpoint_modes(
     for ten_crop, scales in modes:
         if resized:
             result = _evaluate_resized(model, normalizer, splits[split], data_cfg, crop, ten_crop, scales, batch_size,
-                                       device)
+                                       device, autocast)
         else:
             if ten_crop:
                 predict = ten_crop_predict(normalizer, crop, pad=4 if dataset.image_size[0] == crop else 0)
@@ -99,9 +131,10 @@ def evaluate_checkpoint_modes(
                 predict = multiscale_predict(normalizer, scales)
             else:
                 predict = single_predict(normalizer)
-            result = evaluate(model, RawLoader(splits[split], batch_size), device=torch.device(device), predict=predict)
+            result = evaluate(model, RawLoader(splits[split], batch_size), device=torch.device(device), predict=predict,
+                              autocast=autocast)
         mode = "10-crop" if ten_crop else (f"multi-scale {list(scales)}" if scales else "single view")
-        results.append({"checkpoint": str(path), "split": split, "mode": mode, **result})
+        results.append({"checkpoint": str(path), "split": split, "mode": mode, "precision": precision, **result})
     return results
 
 
@@ -155,7 +188,8 @@ def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = Fal
                              f"{crop}, mean {list(cfg['mean'])}, std {list(cfg['std'])}"}
 
 
-def _evaluate_resized(model, normalizer, part, data_cfg, crop, ten_crop, scales, batch_size, device) -> dict:
+def _evaluate_resized(model, normalizer, part, data_cfg, crop, ten_crop, scales, batch_size, device,
+                      autocast=None) -> dict:
     """ImageNet-style evaluation: images of any size, resized per image (single centre crop, 10-crop or scales)."""
     from ..data.presets import imagenet_scales
     from ..data.workers import FileSamples, TensorSamples
@@ -171,13 +205,14 @@ def _evaluate_resized(model, normalizer, part, data_cfg, crop, ten_crop, scales,
         views = centre_view(crop, resize)
     per_batch = max(1, batch_size // (10 if ten_crop else 2 * len(scales) if scales else 1))
     return evaluate_views(model, samples, views, normalizer, device=device, images_per_batch=per_batch,
-                          workers=max(0, data_workers(data_cfg)))
+                          workers=max(0, data_workers(data_cfg)), autocast=autocast)
 
 
-def load_image(path: str | Path, channels: int, size: Sequence[int]) -> torch.Tensor:
+def load_image(path: str | Path, channels: int, size: Sequence[int], resize: int | None = None) -> torch.Tensor:
     """An image file as uint8 (C, H, W), decoded as training decodes (:func:`deepres.data.read_image`: alpha over
-    white, 16-bit scaled, the pixel limit), converted to ``channels``, shorter side resized to the crop, centre
-    crop."""
+    white, 16-bit scaled, the pixel limit), converted to ``channels``, shorter side resized to ``resize``, centre
+    crop of ``size``, as the run's own test prepared its images. Without ``resize`` (runs that trained on whole
+    images) an image of ``size`` is taken as it is and others are resized to the crop's shorter side."""
     from ..data import read_image
     from ..data.images import to_channels
 
@@ -185,11 +220,17 @@ def load_image(path: str | Path, channels: int, size: Sequence[int]) -> torch.Te
         raise FileNotFoundError(f"image not found: {path}")
     x = to_channels(read_image(path), channels)
     h, w = int(size[0]), int(size[1])
-    if tuple(x.shape[-2:]) != (h, w):
-        x = resize_shorter(x[None], min(h, w))[0]
-        top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-        x = x[:, top : top + h, left : left + w]
+    if resize is not None or tuple(x.shape[-2:]) != (h, w):
+        x = centre_crop(resize_shorter(x[None], resize or min(h, w)), (h, w))[0]
     return x.contiguous()
+
+
+def run_test_resize(config: dict, crop: int) -> int | None:
+    """The shorter side a checkpoint's run resized its test images to before the centre crop (the paper's ImageNet
+    preset: 256 for a 224 crop), or None for runs that trained on whole images."""
+    from ..data.presets import imagenet_scales
+
+    return imagenet_scales(crop)[2] if config["data"].get("preset") == "paper_imagenet" else None
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -243,7 +284,8 @@ def _classifier(path: str | Path, device: str):
     ckpt = load_checkpoint(path)
     model, normalizer, _ = load_for_inference(ckpt, device)
     channels, size = int(ckpt["in_channels"]), ckpt["image_size"]
-    return model, ckpt["classes"], lambda file: load_image(file, channels, size), single_predict(normalizer)
+    resize = run_test_resize(ckpt["config"], int(size[0]))
+    return model, ckpt["classes"], lambda file: load_image(file, channels, size, resize), single_predict(normalizer)
 
 
 @torch.no_grad()

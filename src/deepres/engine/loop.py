@@ -399,6 +399,8 @@ def checkpoint_state(run: Run, weights_only: bool = False) -> dict:
         "image_size": list(dataset.image_size) if all(dataset.image_size) else [config.data.image_size or 224] * 2,
         "in_channels": dataset.channels,
         "data_fingerprint": run.fingerprint,
+        # The autocast its evaluations ran in ("off", "bf16", "fp16"): deepres eval repeats them by default.
+        "eval_precision": run.step_fn.precision.name,
         "model_class": run.model_class,
         "best_val_error": run.best_val,
         "deepres_version": __version__,

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from ..tasks.classification import main_logits
 
-__all__ = ["RawLoader", "multiscale_predict", "single_predict", "ten_crop_predict", "ten_crops"]
+__all__ = ["RawLoader", "centre_crop", "centre_offsets", "multiscale_predict", "resize_shorter", "single_predict",
+           "ten_crop_predict", "ten_crops"]
 
 
 class RawLoader:
@@ -34,7 +35,7 @@ def ten_crops(images: torch.Tensor, size: int) -> list[torch.Tensor]:
     h, w = images.shape[-2:]
     if size > h or size > w:
         raise ValueError(f"crop size {size} is larger than the images ({h}x{w})")
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = centre_offsets(h, w, size)
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (top, left)]
     crops = [images[..., y : y + size, x : x + size] for y, x in corners]
     return crops + [c.flip(-1) for c in crops]
@@ -64,12 +65,26 @@ def ten_crop_predict(normalizer, crop_size: int, pad: int = 0) -> Callable:
     return predict
 
 
+def centre_offsets(h: int, w: int, size: int | Sequence[int]) -> tuple[int, int]:
+    """(top, left) of the centre crop of ``size`` (a side, or (height, width)), rounded as torchvision's
+    ``center_crop`` rounds (the training pipelines' test transform), so every test view puts the centre crop where
+    the run's own tests did."""
+    ch, cw = (size, size) if isinstance(size, int) else size
+    return int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+
+
+def centre_crop(images: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    ch, cw = (size, size) if isinstance(size, int) else size
+    top, left = centre_offsets(*images.shape[-2:], (ch, cw))
+    return images[..., top : top + ch, left : left + cw]
+
+
 def resize_shorter(images: torch.Tensor, side: int) -> torch.Tensor:
-    h, w = images.shape[-2:]
-    scale = side / min(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    """uint8 images (..., C, H, W) with the shorter side resized to ``side`` (bilinear, antialiased), by the same
+    kernel and output size as the training pipelines' ``v2.Resize(side)``."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(images, [side], antialias=True)
 
 
 def multiscale_predict(normalizer, scales: Sequence[int], flip: bool = True) -> Callable:

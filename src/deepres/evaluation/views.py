@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tasks.classification import main_logits
-from .crops import resize_shorter, ten_crops
+from .crops import centre_crop, resize_shorter, ten_crops
 from .metrics import topk_correct
 
 __all__ = ["centre_view", "evaluate_views", "scale_views", "ten_crop_views"]
@@ -28,10 +28,7 @@ Views = Callable[[torch.Tensor], list[torch.Tensor]]
 
 def centre_view(crop: int, resize: int) -> Views:
     def views(image: torch.Tensor) -> list[torch.Tensor]:
-        x = resize_shorter(image[None], resize)
-        h, w = x.shape[-2:]
-        top, left = (h - crop) // 2, (w - crop) // 2
-        return [x[..., top : top + crop, left : left + crop].contiguous()]
+        return [centre_crop(resize_shorter(image[None], resize), crop).contiguous()]
 
     return views
 
