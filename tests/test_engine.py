@@ -303,6 +303,32 @@ def test_ema_weights_are_kept_and_used_for_inference(idx_data, tmp_path):
     assert torch.equal(model.fc.weight, ema_fc) and not torch.equal(ema_fc, ckpt["model"]["fc.weight"])
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_weight_ema_follows_the_formula(warmup):
+    """float64: the first update copies the weights, the n-th after it moves the average by 1 - d towards them,
+    d = min(decay, (1 + n) / (10 + n)) with the warm-up, d = decay without; BN's integer count is averaged too."""
+    from deepres.engine.loop import weight_ema
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).double()
+    ema = weight_ema(net, 0.95, warmup)
+    expected = None
+    for n in range(6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn_like(p))
+        current = torch.cat([p.detach().flatten() for p in net.parameters()])
+        if expected is None:
+            expected = current.clone()
+        else:
+            rate = min(0.95, (1 + n) / (10 + n)) if warmup else 0.95
+            expected = rate * expected + (1 - rate) * current
+        ema.update_parameters(net)
+    averaged = torch.cat([p.detach().flatten() for p in ema.module.parameters()])
+    torch.testing.assert_close(averaged, expected, rtol=1e-12, atol=1e-12)
+    assert weight_ema(net, None) is None
+
+
 def test_channels_last_trains_the_same(idx_data, tmp_path):
     """NHWC changes the kernels, not the maths: the first step's loss (the same weights and batch) agrees to float
     rounding; later steps drift apart by rounding amplified through training (measured up to 0.6% after 5 steps with

@@ -286,6 +286,10 @@ class TrainConfig:
     micro_batches: int = 1
     # Exponential moving average of the weights; None: off.
     ema_decay: float | None = None
+    # Ramp the average's decay up as TensorFlow's ExponentialMovingAverage does with its update count n:
+    # min(ema_decay, (1 + n) / (10 + n)), so the early average follows the training weights instead of holding on to
+    # the random initialisation for ~1 / (1 - ema_decay) steps. false: ema_decay from the first update.
+    ema_warmup: bool = True
     # Deterministic algorithms (bit-exact resume on CPU).
     deterministic: bool = False
     # Under torchrun: how long a collective may wait for the other processes before the job ends with an error (a
@@ -708,6 +712,7 @@ HONOURED_BY_EVERY_STEP = frozenset({
     "train.iterations", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.seed", "train.eval_every",
     "train.test_every", "train.checkpoint_every", "train.log_every", "train.channels_last", "train.cuda_graph",
     "train.deterministic", "train.stop_at_accuracy", "train.dist_timeout_s", "train.fit_to_data", "train.tf32",
+    "train.ema_warmup",
     "task.label_smoothing", "task.teacher", "task.temperature", "task.alpha", "task.pseudo_labels", "task.threshold",
     "finetune.mode", "finetune.backbone_lr_scale",
 })

@@ -204,12 +204,25 @@ def resumed_changes(ckpt_config: dict, config: Config, step: int) -> str | None:
             f"values apply from step {step:,} on (the steps before followed the old ones)")
 
 
-def _ema(model: nn.Module, decay: float | None):
+def weight_ema(model: nn.Module, decay: float | None, warmup: bool = True):
+    """The exponential moving average of ``model``'s weights and buffers (None without ``decay``): the first update
+    copies them, the n-th after it moves the average by 1 - d towards them, d = min(decay, (1 + n) / (10 + n)) with
+    ``warmup`` (TensorFlow's ExponentialMovingAverage with num_updates), d = decay without."""
     if not decay:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    @torch.no_grad()
+    def update(averages: list[torch.Tensor], currents: list[torch.Tensor], updates: torch.Tensor) -> None:
+        n = float(updates)
+        rate = min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
+        if torch.is_floating_point(averages[0]):
+            torch._foreach_lerp_(averages, currents, 1.0 - rate)
+        else:  # integer buffers (BN's batch counts)
+            for average, current in zip(averages, currents):
+                average.copy_(average * rate + current * (1.0 - rate))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def setup_run(config: Config, run_dir: str | Path | None = None, resume: str | None = None,
@@ -311,7 +324,7 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     optimizer = build_optimizer(model, config.optim, device, config.finetune.backbone_lr_scale,
                                 capturable=step_kind(config) == "graph")
     schedule = Schedule(config.schedule, config.optim.lr, tc.iterations)
-    ema = _ema(model, tc.ema_decay)
+    ema = weight_ema(model, tc.ema_decay, tc.ema_warmup)
     writer = MetricsWriter(paths.root, enabled=dist.is_main)
     progress = Progress(tc.iterations, 0, enabled=dist.is_main and not quiet)
     train_model = model
