@@ -54,6 +54,39 @@ def test_eval_repeats_a_bf16_runs_numbers_in_bf16_and_tests_in_fp32_when_asked(t
         evaluate_checkpoint(path, precision="fp8")
 
 
+def test_per_class_errors_and_confusion_equal_a_hand_count(trained, capsys):
+    from deepres.cli import main
+    from deepres.data import load_dataset
+
+    path, summary, _ = trained
+    result = evaluate_checkpoint(path, per_class=True)
+    model, normalizer, config = load_for_inference(load_checkpoint(path))
+    test = load_dataset(config.data).test
+    with torch.no_grad():
+        predicted = model(normalizer(test.images)).argmax(dim=1)
+    classes = len(result["per_class"])
+    by_hand = torch.zeros(classes, classes, dtype=torch.int64)
+    for label, guess in zip(test.labels.tolist(), predicted.tolist()):
+        by_hand[label, guess] += 1
+    assert result["confusion"] == by_hand.tolist()
+    assert result["top1_error"] == pytest.approx(summary["test_top1_error"], abs=1e-9)
+    for i, row in enumerate(result["per_class"]):
+        count = int(by_hand[i].sum())
+        assert row["count"] == count and row["top1_error"] == pytest.approx(100 * (1 - by_hand[i, i].item() / count))
+        others = by_hand[i].clone()
+        others[i] = -1
+        if others.max() > 0:
+            j = [r["class"] for r in result["per_class"]].index(row["mistaken_for"])
+            assert j != i and by_hand[i, j] == others.max()
+            assert row["mistaken_share"] == pytest.approx(100 * others.max().item() / count)
+        else:
+            assert row["mistaken_for"] is None
+    assert main(["eval", str(path), "--per-class"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["class", "images", "top-1", "error", "most", "often", "mistaken", "for"]
+    assert len(lines) == 2 + classes
+
+
 def test_ten_crop_equals_the_hand_computed_mean(trained):
     path, _, _ = trained
     model, normalizer, _ = load_for_inference(load_checkpoint(path))

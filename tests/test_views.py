@@ -110,7 +110,10 @@ def test_eval_of_an_imagenet_preset_run_on_a_folder_of_mixed_sizes(tmp_path):
         expected = F.softmax(model(normalizer(paper_imagenet_eval(32)(read_image(file))[None])), dim=1)[0]
     top = predict_images(ckpt, [file], top_k=3)[0]["top"]
     assert [row["probability"] for row in top] == pytest.approx([expected[r["index"]].item() for r in top], rel=1e-5)
-    ten = evaluate_checkpoint(ckpt, ten_crop=True)
+    ten = evaluate_checkpoint(ckpt, ten_crop=True, per_class=True)
+    matrix = torch.tensor(ten["confusion"])
+    assert matrix.sum() == 15 and matrix.sum(dim=1).tolist() == [row["count"] for row in ten["per_class"]] == [5] * 3
+    assert 100 * (1 - matrix.trace().item() / 15) == pytest.approx(ten["top1_error"])
     multi = evaluate_checkpoint(ckpt, scales=[32, 37, 55])
     assert single["count"] == ten["count"] == multi["count"] == 15
     assert (single["mode"], ten["mode"], multi["mode"]) == ("single view", "10-crop", "multi-scale [32, 37, 55]")

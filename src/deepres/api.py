@@ -103,25 +103,29 @@ def _dataset(dataset):
 
 def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: str | None = None,
              ten_crop: bool = False, scales: Sequence[int] | None = None, batch_size: int | None = None,
-             device: str = "cpu", workers: int | None = None, precision: str = "run") -> dict:
+             device: str = "cpu", workers: int | None = None, precision: str = "run",
+             per_class: bool = False) -> dict:
     """Top-1/top-5 error (percent) and loss of a checkpoint on a split of the data it was trained on, as
     ``deepres eval`` prints them; ``data_dir`` reads the same source from elsewhere. ``precision``: ``"run"`` tests in
     the arithmetic the run tested in during training (its ``train.amp``), so the number repeats its summary;
-    ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU) choose. ``checkpoint`` may also name a model with pretrained weights
-    (``"resnet50"``), tested in fp32 on the ImageNet folder ``data_dir`` (its validation images, prepared as the
-    weights were evaluated; the published error beside ours)."""
+    ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU) choose. ``per_class``: also ``per_class`` (each class's images, top-1
+    error and the class it is most often mistaken for) and ``confusion`` (rows the true class). ``checkpoint`` may also
+    name a model with pretrained weights (``"resnet50"``), tested in fp32 on the ImageNet folder ``data_dir`` (its
+    validation images, prepared as the weights were evaluated; the published error beside ours)."""
     from .engine.inference import evaluate_checkpoint, evaluate_pretrained, pretrained_name
 
     if pretrained_name(checkpoint) is not None:
         if data_dir is None or scales:
             raise ValueError(f"{checkpoint}: pretrained weights are tested on an ImageNet folder (data_dir) with a "
                              f"centre crop or ten_crop")
-        if precision not in ("run", "fp32"):
-            raise ValueError(f"{checkpoint}: pretrained weights are tested as they were published, in fp32")
+        if precision not in ("run", "fp32") or per_class:
+            raise ValueError(f"{checkpoint}: pretrained weights are tested as they were published, in fp32, with the "
+                             f"overall errors (no per_class)")
         return evaluate_pretrained(str(checkpoint), data_dir, ten_crop=ten_crop, batch_size=batch_size or 256,
                                    device=device, workers=workers)
     return evaluate_checkpoint(Path(checkpoint), data_dir=data_dir, split=split, ten_crop=ten_crop, scales=scales,
-                               batch_size=batch_size, device=device, workers=workers, precision=precision)
+                               batch_size=batch_size, device=device, workers=workers, precision=precision,
+                               per_class=per_class)
 
 
 def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):

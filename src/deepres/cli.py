@@ -201,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split,
                                      ten_crop=args.ten_crop, scales=_parse_scales(args.scales),
                                      batch_size=args.batch_size, device=args.device, workers=args.workers,
-                                     precision=args.precision)
+                                     precision=args.precision, per_class=args.per_class)
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             print(f"deepres: warning: {warning.message}", file=sys.stderr)
@@ -211,7 +211,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{result['split']} ({result['mode']}, {result['count']:,} images, {result['precision']}): accuracy "
               f"{100 - result['top1_error']:.2f}%, top-1 error {result['top1_error']:.2f}%, top-5 error "
               f"{result['top5_error']:.2f}%, loss {result['loss']:.4f}")
+        if args.per_class:
+            _print_per_class(result["per_class"])
     return 0
+
+
+def _print_per_class(rows: list[dict]) -> None:
+    width = max([len("class")] + [len(r["class"]) for r in rows])
+    print(f"{'class':<{width}}   images  top-1 error  most often mistaken for")
+    for r in rows:
+        error = "-" if r["top1_error"] is None else f"{r['top1_error']:.2f}%"
+        mistaken = f"{r['mistaken_for']} ({r['mistaken_share']:.1f}%)" if r["mistaken_for"] else "-"
+        print(f"{r['class']:<{width}} {r['count']:>8,} {error:>12}  {mistaken}")
 
 
 def _eval_pretrained(args: argparse.Namespace) -> int:
@@ -225,6 +236,8 @@ def _eval_pretrained(args: argparse.Namespace) -> int:
                                       "--ten-crop")
     if args.precision not in ("run", "fp32"):
         raise ConfigError("--precision", "the pretrained weights are tested as they were published, in fp32")
+    if args.per_class:
+        raise ConfigError("--per-class", "the pretrained weights are tested for their published overall errors")
     result = evaluate_pretrained(args.checkpoint, args.data_dir, ten_crop=args.ten_crop,
                                  batch_size=args.batch_size or 256, device=args.device, workers=args.workers)
     if args.json:
@@ -403,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("run", "fp32", "bf16", "fp16"), default="run",
                    help="arithmetic of the test: run (default) as the run tested during training (its train.amp, "
                         "e.g. bf16), so the number repeats its summary; fp32, bf16, or fp16 (GPU only)")
+    p.add_argument("--per-class", action="store_true",
+                   help="also each class's images, top-1 error and the class it is most often mistaken for (JSON: "
+                        "per_class and the confusion matrix, rows the true class)")
     p.add_argument("--json", action="store_true", help="print JSON (full precision) instead of a line")
     p.set_defaults(func=cmd_eval)
 

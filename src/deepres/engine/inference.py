@@ -24,6 +24,7 @@ __all__ = [
     "evaluate_checkpoint_modes",
     "eval_precision",
     "evaluate_pretrained",
+    "per_class_errors",
     "export_checkpoint",
     "image_files",
     "load_image",
@@ -42,10 +43,28 @@ def evaluate_checkpoint(
     device: str = "cpu",
     workers: int | None = None,
     precision: str = "run",
+    per_class: bool = False,
 ) -> dict:
     """Top-1/top-5 error of a checkpoint on a split of the data it was trained on (or the same source elsewhere)."""
     return evaluate_checkpoint_modes(path, [(ten_crop, scales)], data_dir=data_dir, split=split,
-                                     batch_size=batch_size, device=device, workers=workers, precision=precision)[0]
+                                     batch_size=batch_size, device=device, workers=workers, precision=precision,
+                                     per_class=per_class)[0]
+
+
+def per_class_errors(confusion: list[list[int]], classes: Sequence[str]) -> list[dict]:
+    """Per class of a confusion matrix (rows the true class): its images, top-1 error, and the class its images were
+    most often mistaken for (None when never), with the share of its images that went there."""
+    rows = []
+    for i, name in enumerate(classes):
+        row = confusion[i]
+        count = sum(row)
+        others = [j for j in range(len(row)) if j != i]
+        worst = max(others, key=lambda j: row[j]) if others else None
+        rows.append({"class": name, "count": count,
+                     "top1_error": 100.0 * (count - row[i]) / count if count else None,
+                     "mistaken_for": classes[worst] if worst is not None and row[worst] else None,
+                     "mistaken_share": 100.0 * row[worst] / count if worst is not None and count else 0.0})
+    return rows
 
 
 EVAL_PRECISIONS = ("run", "fp32", "bf16", "fp16")
@@ -83,13 +102,16 @@ def evaluate_checkpoint_modes(
     device: str = "cpu",
     workers: int | None = None,
     precision: str = "run",
+    per_class: bool = False,
 ) -> list[dict]:
     """:func:`evaluate_checkpoint` for several test modes, each ``(ten_crop, scales)``; the checkpoint and the data
     are read once. Runs of the paper's ImageNet preset are tested on images of any size, resized one by one.
     ``workers``: decoding processes (default: the run's ``data.num_workers``, at most the cores). ``batch_size``:
     images per forward pass (default: the run's ``train.eval_batch_size``). ``precision``: see
-    :func:`eval_precision`; each result names it. A 10-crop or multi-scale test of a run that trained on uncropped
-    images (not the ImageNet preset) warns: those views are not what the model learned from."""
+    :func:`eval_precision`; each result names it. ``per_class``: each result also holds the confusion matrix
+    (``confusion``, rows the true class) and ``per_class`` (:func:`per_class_errors`). A 10-crop or multi-scale test
+    of a run that trained on uncropped images (not the ImageNet preset) warns: those views are not what the model
+    learned from."""
     ckpt = load_checkpoint(path)
     precision = eval_precision(precision, ckpt, device)
     autocast = _autocast(precision, device)
@@ -123,7 +145,7 @@ def evaluate_checkpoint_modes(
     for ten_crop, scales in modes:
         if resized:
             result = _evaluate_resized(model, normalizer, splits[split], data_cfg, crop, ten_crop, scales, batch_size,
-                                       device, autocast)
+                                       device, autocast, per_class)
         else:
             if ten_crop:
                 predict = ten_crop_predict(normalizer, crop, pad=4 if dataset.image_size[0] == crop else 0)
@@ -132,8 +154,10 @@ def evaluate_checkpoint_modes(
             else:
                 predict = single_predict(normalizer)
             result = evaluate(model, RawLoader(splits[split], batch_size), device=torch.device(device), predict=predict,
-                              autocast=autocast)
+                              autocast=autocast, confusion=per_class)
         mode = "10-crop" if ten_crop else (f"multi-scale {list(scales)}" if scales else "single view")
+        if per_class:
+            result["per_class"] = per_class_errors(result["confusion"], dataset.classes)
         results.append({"checkpoint": str(path), "split": split, "mode": mode, "precision": precision, **result})
     return results
 
@@ -189,7 +213,7 @@ def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = Fal
 
 
 def _evaluate_resized(model, normalizer, part, data_cfg, crop, ten_crop, scales, batch_size, device,
-                      autocast=None) -> dict:
+                      autocast=None, confusion: bool = False) -> dict:
     """ImageNet-style evaluation: images of any size, resized per image (single centre crop, 10-crop or scales)."""
     from ..data.presets import imagenet_scales
     from ..data.workers import FileSamples, TensorSamples
@@ -205,7 +229,7 @@ def _evaluate_resized(model, normalizer, part, data_cfg, crop, ten_crop, scales,
         views = centre_view(crop, resize)
     per_batch = max(1, batch_size // (10 if ten_crop else 2 * len(scales) if scales else 1))
     return evaluate_views(model, samples, views, normalizer, device=device, images_per_batch=per_batch,
-                          workers=max(0, data_workers(data_cfg)), autocast=autocast)
+                          workers=max(0, data_workers(data_cfg)), autocast=autocast, confusion=confusion)
 
 
 def load_image(path: str | Path, channels: int, size: Sequence[int], resize: int | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..tasks.classification import main_logits
 from .crops import centre_crop, resize_shorter, ten_crops
-from .metrics import topk_correct
+from .metrics import add_confusion, topk_correct
 
 __all__ = ["centre_view", "evaluate_views", "scale_views", "ten_crop_views"]
 
@@ -77,9 +77,11 @@ def evaluate_views(
     images_per_batch: int = 32,
     workers: int = 0,
     autocast=None,
+    confusion: bool = False,
 ) -> dict:
     """Top-1/top-5 error and loss over ``samples`` (``load(i)`` -> uint8 (C, H, W), ``labels``), each image scored by
-    the mean softmax of ``views(image)``: a list of (V, C, h, w) uint8 groups."""
+    the mean softmax of ``views(image)``: a list of (V, C, h, w) uint8 groups. ``confusion``: also the confusion
+    matrix of the scores' top-1 (rows the true class)."""
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(_ViewSet(samples, views), batch_size=images_per_batch, num_workers=workers,
                                          collate_fn=_as_list)
@@ -87,6 +89,7 @@ def evaluate_views(
     was_training = model.training
     model.eval()
     loss = correct1 = correct5 = count = 0.0
+    matrix = None
     try:
         for batch in loader:
             probs: list[torch.Tensor | None] = [None] * len(batch)
@@ -112,9 +115,14 @@ def evaluate_views(
             correct1 += c1.item()
             correct5 += c5.item()
             count += len(batch)
+            if confusion:
+                matrix = add_confusion(matrix, scores, labels)
     finally:
         model.train(was_training)
     if not count:
         raise ValueError("evaluation split is empty")
-    return {"loss": loss / count, "top1_error": 100.0 * (1 - correct1 / count),
-            "top5_error": 100.0 * (1 - correct5 / count), "count": int(count)}
+    out = {"loss": loss / count, "top1_error": 100.0 * (1 - correct1 / count),
+           "top5_error": 100.0 * (1 - correct5 / count), "count": int(count)}
+    if confusion:
+        out["confusion"] = matrix.tolist()
+    return out
