@@ -38,11 +38,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .models import describe_models, list_models, model_entry
 
     # Grouped by family (ImageNet ResNets, CIFAR ResNets, then the zoo), natural order within each.
-    names = sorted(list_models(args.filter), key=lambda n: model_entry(n).family)
+    names = sorted(list_models(args.filter, pretrained=args.pretrained), key=lambda n: model_entry(n).family)
     if args.pretrained:
-        from .models.pretrained import PRETRAINED, pretrained_cfg
+        from .models.pretrained import pretrained_cfg
 
-        names = [n for n in names if n in PRETRAINED]
+        if not names:
+            print(f"no model with pretrained weights matches '{args.filter}'", file=sys.stderr)
+            return 1
         if args.json:
             print(json.dumps([{k: v for k, v in pretrained_cfg(n).items() if k != "classes"} | {"name": n}
                               for n in names], indent=2))
