@@ -239,15 +239,22 @@ def test_adamw_is_adam_with_decoupled_decay_and_the_exempt_groups():
         load_config(None, ["optim.name=adamw", "optim.nesterov=true"])
 
 
-def test_adamw_trains_resumes_exactly_and_a_changed_optimizer_is_refused(idx_data, tmp_path):
-    sets = {"optim.name": "adamw", "optim.lr": 0.002, "optim.weight_decay": 0.05, "train.iterations": 6,
-            "train.checkpoint_every": 3}
+def _straight_and_resumed(idx_data, tmp_path, sets: dict) -> tuple[dict, list]:
+    """A run of ``sets`` straight through, and one stopped at step 3 and resumed: (the straight run's summary,
+    [(step, train loss) of each run])."""
     straight = train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "straight", quiet=True)
     train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "resumed", quiet=True,
           on_step=lambda step, info: step < 3)
     train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "resumed", resume="auto", quiet=True)
     rows = [[(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / run / "metrics.jsonl") if "train_loss" in r]
             for run in ("straight", "resumed")]
+    return straight, rows
+
+
+def test_adamw_trains_resumes_exactly_and_a_changed_optimizer_is_refused(idx_data, tmp_path):
+    sets = {"optim.name": "adamw", "optim.lr": 0.002, "optim.weight_decay": 0.05, "train.iterations": 6,
+            "train.checkpoint_every": 3}
+    straight, rows = _straight_and_resumed(idx_data, tmp_path, sets)
     assert rows[0] == rows[1] and len(rows[0]) == 6
     losses = [loss for _, loss in rows[0]]
     assert straight["iterations"] == 6 and losses[-1] < losses[0]
@@ -289,13 +296,8 @@ def test_micro_batches_sum_to_the_whole_batchs_update():
 
 def test_micro_batches_train_resume_exactly_and_are_refused_where_they_cannot_run(idx_data, tmp_path):
     sets = {"train.iterations": 6, "train.micro_batches": 3, "train.checkpoint_every": 3}
-    straight = train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "straight", quiet=True)
+    straight, rows = _straight_and_resumed(idx_data, tmp_path, sets)
     assert straight["micro_batches"] == 3
-    train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "resumed", quiet=True,
-          on_step=lambda step, info: step < 3)
-    train(load_config(None, small_overrides(idx_data, **sets)), tmp_path / "resumed", resume="auto", quiet=True)
-    rows = [[(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / run / "metrics.jsonl") if "train_loss" in r]
-            for run in ("straight", "resumed")]
     assert rows[0] == rows[1] and len(rows[0]) == 6
     with pytest.raises(ConfigError, match="train.micro_batches.*cuda_graph=false"):
         load_config(None, small_overrides(idx_data, **{"train.micro_batches": 2, "train.cuda_graph": True}))
