@@ -54,8 +54,8 @@ def training_images(data) -> tuple[int, str, tuple[int, int] | None]:
 
 
 def _small_images(model, side: int) -> list[str]:
-    """Advice (no change) when images far below an ImageNet net's 224 meet its stem, which shrinks them 4x (2x for
-    VGG and AlexNet's pools) before the first stage: every family has a 32x32 form, ``small_input``."""
+    """Advice (no change) when images far below a 224-pixel net's input meet its ImageNet stem, which downsamples
+    before the first stage: every such family has a 32x32 form, ``small_input``."""
     from ..models import model_entry
 
     try:
