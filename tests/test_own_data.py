@@ -100,7 +100,8 @@ def test_fit_to_data_bounds_validation_batch_lr_crop_and_cadence(folder):
     assert fitted.train.eval_every == fitted.train.checkpoint_every == iterations // 10
     assert len(notices) == 6 and all("->" in n for n in notices[:-1])
     # 16x16 crops into ResNet-50's ImageNet stem: advice, no change
-    assert "model resnet50 is built for 224x224 input; at 16x16" in notices[-1] and "small_input" in notices[-1]
+    assert "model resnet50 is built for 224x224 input; its downsampling leaves 16x16" in notices[-1]
+    assert "small_input=true" in notices[-1]
     assert "small_input" not in fitted.model.options
     big, big_notices = fit_to_data(config, count=(1_281_167, "imagenet", (375, 500)))
     assert (big.data.val_size, big.train.batch_size, big.optim.lr, big.data.image_size) == (10000, 256, 0.1, None)

@@ -54,8 +54,8 @@ def training_images(data) -> tuple[int, str, tuple[int, int] | None]:
 
 
 def _small_images(model, side: int) -> list[str]:
-    """Advice (no change) when images far below a 224-pixel net's input meet its ImageNet stem, which downsamples
-    before the first stage: every such family has a 32x32 form, ``small_input``."""
+    """Advice (no change) when images far below a 224-pixel net's input meet it: every such family has a 32x32 form
+    (``small_input``) that downsamples less."""
     from ..models import model_entry
 
     try:
@@ -64,9 +64,9 @@ def _small_images(model, side: int) -> list[str]:
         return []
     if side >= 64 or native < 100 or "small_input" in model.options:
         return []
-    return [f"model {model.name} is built for {native}x{native} input; at {side}x{side} its ImageNet stem shrinks "
-            f"the images before the first stage. model.options.small_input=true gives it the 32x32 form (a stride-1 "
-            f"stem: more compute per image); this run keeps the ImageNet stem"]
+    return [f"model {model.name} is built for {native}x{native} input; its downsampling leaves {side}x{side} images "
+            f"a few pixels wide early on. model.options.small_input=true gives it its 32x32 form (less downsampling: "
+            f"more compute per image); this run keeps the {native}x{native} form"]
 
 
 def _power_of_two_at_most(n: int) -> int:
