@@ -99,6 +99,12 @@ def test_load_model_and_predict_read_a_checkpoint_back(idx_data, tmp_path):
     for i, img in enumerate(images):
         files.append(tmp_path / f"img{i}.png")
         Image.fromarray(img[0].numpy()).save(files[-1])
+    # model.transform prepares one image as the run's test did: file, PIL image, uint8 or float tensor alike
+    for given in (files[1], Image.open(files[1]), images[1], images[1].float() / 255):
+        torch.testing.assert_close(model.transform(given), images[1].float() / 255, rtol=0, atol=0)
+    rgb = Image.fromarray(np.stack([images[2][0].numpy()] * 3, axis=-1))
+    torch.testing.assert_close(model.transform(rgb), images[2].float() / 255, rtol=0, atol=0)  # luma of grey = grey
+    assert model.transform(Image.fromarray(np.zeros((40, 20), np.uint8))).shape == (1, 16, 16)  # resized, cropped
     results = deepres.predict(path, files, top_k=2)
     with torch.no_grad():
         expected = model(images.float() / 255).argmax(1).tolist()

@@ -172,6 +172,9 @@ def test_predict_and_load_model_take_a_pretrained_models_name(hub, tmp_path):
     with torch.no_grad():
         raw = x * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
         assert (model(raw[None]) - theirs(x[None])).abs().max().item() < 1e-4
+        # model.transform: the weights' resize and crop, [0, 1] out (the model normalises), from a file or PIL image
+        torch.testing.assert_close(model.transform(image), raw, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.transform(Image.open(image)), raw, rtol=0, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="resnet20 has no pretrained weights"):
         deepres.predict("resnet20", [image])
 

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import deepres
 from deepres.config import load_config
 from deepres.data import Normalizer
 from deepres.engine import train
@@ -109,6 +110,8 @@ def test_eval_of_an_imagenet_preset_run_on_a_folder_of_mixed_sizes(tmp_path):
     with torch.no_grad():
         expected = F.softmax(model(normalizer(paper_imagenet_eval(32)(read_image(file))[None])), dim=1)[0]
     top = predict_images(ckpt, [file], top_k=3)[0]["top"]
+    view = paper_imagenet_eval(32)(read_image(file)).float() / 255
+    torch.testing.assert_close(deepres.load_model(ckpt).transform(file), view, rtol=0, atol=0)
     assert [row["probability"] for row in top] == pytest.approx([expected[r["index"]].item() for r in top], rel=1e-5)
     ten = evaluate_checkpoint(ckpt, ten_crop=True, per_class=True)
     matrix = torch.tensor(ten["confusion"])

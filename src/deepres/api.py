@@ -132,12 +132,13 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):
     """The trained model of a checkpoint in eval mode, as ``deepres export`` writes it: float images in [0, 1] of
     shape (N, C, H, W) in (``image_size`` (H, W) as trained, ``in_channels`` C), logits out, the run's normalisation
     built in. ``classes`` names the logits; ``model`` is the bare network (normalised input), for features or further
-    training. EMA weights when the run kept them.
+    training; ``transform`` prepares one image (a file, a PIL image or a tensor) as the run's test did:
+    ``model(model.transform(image)[None])``. EMA weights when the run kept them.
 
     ``checkpoint`` may also name a model with pretrained weights (``"resnet50"``; ``deepres models --pretrained``):
-    its ImageNet classes, the weights' normalisation, ``image_size`` their crop; resize and crop images as its
-    ``model.pretrained_cfg`` says (:func:`deepres.models.eval_transform` does all three for you)."""
-    from .engine.inference import NormalizedModel, pretrained_name
+    its ImageNet classes, the weights' normalisation, ``image_size`` their crop, ``transform`` their evaluation resize
+    and crop."""
+    from .engine.inference import NormalizedModel, TestTransform, checkpoint_transform, pretrained_name
     from .runs import load_checkpoint, load_for_inference
 
     name = pretrained_name(checkpoint)
@@ -149,6 +150,7 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):
         cfg = model.pretrained_cfg
         wrapped = NormalizedModel(model, *eval_normalization(cfg)).to(device).eval()
         wrapped.classes, wrapped.image_size, wrapped.in_channels = list(cfg["classes"]), cfg["input_size"][1:], 3
+        wrapped.transform = TestTransform(3, cfg["input_size"][1:], pretrained_cfg=cfg)
         return wrapped
     ckpt = load_checkpoint(Path(checkpoint))
     model, normalizer, _ = load_for_inference(ckpt, device)
@@ -156,6 +158,7 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):
     wrapped.classes = list(ckpt["classes"])
     wrapped.image_size = tuple(int(v) for v in ckpt["image_size"])
     wrapped.in_channels = int(ckpt["in_channels"])
+    wrapped.transform = checkpoint_transform(ckpt)
     return wrapped
 
 

@@ -20,6 +20,7 @@ from ..runs import load_checkpoint, load_for_inference
 
 __all__ = [
     "NormalizedModel",
+    "TestTransform",
     "evaluate_checkpoint",
     "evaluate_checkpoint_modes",
     "eval_precision",
@@ -234,19 +235,65 @@ def _evaluate_resized(model, normalizer, part, data_cfg, crop, ten_crop, scales,
 
 def load_image(path: str | Path, channels: int, size: Sequence[int], resize: int | None = None) -> torch.Tensor:
     """An image file as uint8 (C, H, W), decoded as training decodes (:func:`deepres.data.read_image`: alpha over
-    white, 16-bit scaled, the pixel limit), converted to ``channels``, shorter side resized to ``resize``, centre
-    crop of ``size``, as the run's own test prepared its images. Without ``resize`` (runs that trained on whole
-    images) an image of ``size`` is taken as it is and others are resized to the crop's shorter side."""
+    white, 16-bit scaled, the pixel limit), then :func:`fit_image`."""
     from ..data import read_image
     from ..data.images import to_channels
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    x = to_channels(read_image(path), channels)
+    return fit_image(to_channels(read_image(path), channels), size, resize)
+
+
+def fit_image(image: torch.Tensor, size: Sequence[int], resize: int | None = None) -> torch.Tensor:
+    """A uint8 (C, H, W) image with its shorter side resized to ``resize`` and the centre crop of ``size`` taken, as a
+    run's own test prepared its images. Without ``resize`` (runs that trained on whole images) an image of ``size`` is
+    taken as it is and others are resized to the crop's shorter side."""
     h, w = int(size[0]), int(size[1])
-    if resize is not None or tuple(x.shape[-2:]) != (h, w):
-        x = centre_crop(resize_shorter(x[None], resize or min(h, w)), (h, w))[0]
-    return x.contiguous()
+    if resize is not None or tuple(image.shape[-2:]) != (h, w):
+        image = centre_crop(resize_shorter(image[None], resize or min(h, w)), (h, w))[0]
+    return image.contiguous()
+
+
+class TestTransform:
+    """One image prepared as a model's test prepared its images, for :func:`deepres.load_model`'s model (which
+    normalises itself): an image file, a PIL image or a (C, H, W) tensor (uint8, or float in [0, 1]) in; float
+    (C, H, W) in [0, 1] out. A PIL image is decoded as its PNG file would be (alpha over white, grey kept grey), then
+    brought to the model's channels. ``pretrained_cfg``: the published weights' resize, interpolation and crop instead
+    of a run's."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, channels: int, size: Sequence[int], resize: int | None = None,
+                 pretrained_cfg: dict | None = None):
+        self.channels, self.size, self.resize = channels, tuple(int(v) for v in size), resize
+        self.pretrained_cfg = pretrained_cfg
+
+    def __call__(self, image) -> torch.Tensor:
+        from ..data import read_image
+        from ..data.images import decode_image_bytes, to_channels
+
+        if isinstance(image, (str, os.PathLike)):
+            if not Path(image).is_file():
+                raise FileNotFoundError(f"image not found: {image}")
+            image = read_image(image)
+        elif not isinstance(image, torch.Tensor):  # a PIL image
+            import io
+
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            image = decode_image_bytes(buffer.getvalue(), "<PIL image>")
+        elif image.is_floating_point():
+            image = (image * 255).round().clamp(0, 255).to(torch.uint8)
+        image = to_channels(image, self.channels)
+        if self.pretrained_cfg is None:
+            image = fit_image(image, self.size, self.resize)
+        else:
+            from torchvision.transforms.v2 import functional as TF
+
+            from ..models.pretrained import eval_resize
+
+            image = TF.center_crop(eval_resize(self.pretrained_cfg)(image), list(self.size))
+        return image.float() / 255
 
 
 def run_test_resize(config: dict, crop: int) -> int | None:
@@ -310,6 +357,12 @@ def _classifier(path: str | Path, device: str):
     channels, size = int(ckpt["in_channels"]), ckpt["image_size"]
     resize = run_test_resize(ckpt["config"], int(size[0]))
     return model, ckpt["classes"], lambda file: load_image(file, channels, size, resize), single_predict(normalizer)
+
+
+def checkpoint_transform(ckpt: dict) -> TestTransform:
+    """The :class:`TestTransform` of a checkpoint's run."""
+    size = ckpt["image_size"]
+    return TestTransform(int(ckpt["in_channels"]), size, run_test_resize(ckpt["config"], int(size[0])))
 
 
 @torch.no_grad()
