@@ -87,8 +87,18 @@ def test_googlenet_gives_torchvisions_logits_and_new_heads_for_new_classes(hub):
     assert torch.equal(tuned.inception5b.branch1.conv.weight, theirs.inception5b.branch1.conv.weight)
     bare = create_model("googlenet", pretrained=True, aux_logits=False)
     assert not bare.aux_logits and torch.equal(bare.fc.weight, theirs.fc.weight)
-    with pytest.raises(ValueError, match="in_channels"):
-        create_model("googlenet", pretrained=True, in_chans=1)
+    # grey: normalised with ImageNet's average mean and std (data.normalize=imagenet), the RGB net's logits on the
+    # grey image repeated three times and normalised per channel
+    grey = create_model("googlenet", pretrained=True, in_chans=1).eval()
+    pixels = torch.rand(2, 1, 64, 64)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = theirs((pixels.expand(-1, 3, -1, -1) - mean) / std)
+        got = grey((pixels - mean.mean()) / std.mean())
+    assert (got - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
+    with pytest.raises(ValueError, match="in_channels 3 or 1"):
+        create_model("googlenet", pretrained=True, in_chans=2)
 
 
 def test_deformable_resnet50_starts_from_resnet50s_weights(hub):

@@ -22,7 +22,8 @@ loads unchanged:
   ``branch3_kernel=5`` for the paper's 5x5 (7.0M parameters instead of 6.6M without the auxiliary heads);
 - the auxiliary heads average-pool adaptively to 4x4 (the paper's 5x5/3 pooling gives 4x4 at 224x224) and have BN;
 - ``transform_input=True`` re-normalises ImageNet-normalised input to [-1, 1], as torchvision's pretrained weights
-  expect (off by default).
+  expect (off by default); a grey input (``in_channels=1``) is taken as normalised with the channels' average mean
+  and std.
 
 ``small_input=True`` is the CIFAR-size form: a 3x3 stride-1 first conv and no first max pool, so a 32x32 image
 reaches the inception modules at 16x16, 8x8 and 4x4 (224x224 reaches them at 28, 14 and 7).
@@ -160,8 +161,9 @@ class GoogLeNet(ClassifierHead, nn.Module):
         super().__init__()
         if branch3_kernel not in (3, 5):
             raise ValueError(f"branch3_kernel must be 3 (torchvision) or 5 (the paper); got {branch3_kernel}")
-        if transform_input and in_channels != 3:
-            raise ValueError(f"transform_input re-normalises RGB input; it needs in_channels=3, got {in_channels}")
+        if transform_input and in_channels not in (1, 3):
+            raise ValueError(f"transform_input re-normalises RGB (or grey) input; it needs in_channels 3 or 1, got "
+                             f"{in_channels}")
         self.transform_input = transform_input
         if small_input:
             self.conv1 = ConvBN(in_channels, 64, 3, padding=1)
@@ -205,9 +207,14 @@ class GoogLeNet(ClassifierHead, nn.Module):
         return self.aux1 is not None
 
     def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        # From torchvision's ImageNet normalisation ((x - mean) / std) to (x - 0.5) / 0.5 per channel.
+        # From torchvision's ImageNet normalisation ((x - mean) / std) to (x - 0.5) / 0.5 per channel. A grey input is
+        # normalised with the channels' average mean and std (data.normalize=imagenet): mapped back with those, it is
+        # the grey image's (x - 0.5) / 0.5, which the summed RGB filters of conv1 see as the RGB net sees the image
+        # repeated three times.
         mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        if x.shape[1] == 1:
+            mean, std = mean.mean(dim=1, keepdim=True), std.mean(dim=1, keepdim=True)
         return x * (std / 0.5) + (mean - 0.5) / 0.5
 
     def _trunk(self, x: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

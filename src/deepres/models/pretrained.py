@@ -12,7 +12,8 @@ net on a grey image repeated three times).
 interpolation, the 1,000 class names and their published accuracy); ``eval_transform(cfg)`` builds the matching
 preprocessing. The CIFAR nets have no published weights: asking for them says which models have some.
 GoogLeNet's weights were trained on inputs scaled to [-1, 1]: it is built with ``transform_input=True``, which maps the
-ImageNet-normalised input it is given to that (torchvision does the same); like torchvision's, its auxiliary heads
+ImageNet-normalised input it is given to that (torchvision does the same; with ``in_chans=1``, grey input normalised
+with the channels' average mean and std, as ``data.normalize=imagenet`` does); like torchvision's, its auxiliary heads
 load the file's untrained ones (built with ``aux_logits=False``, it has none). ``deform_resnet50`` starts from
 ResNet-50's weights, as Dai et al. start from an ImageNet-trained ResNet: its offsets start at zero, so it computes
 exactly ResNet-50's function until training moves them.
