@@ -73,6 +73,10 @@ def test_schedule_points_beyond_the_run_are_announced():
     notes = schedule.notices()
     assert len(notes) == 1 and "0.5 and 500" in notes[0] and "iteration 500" in notes[0]
     assert schedule.lr_at(500) == pytest.approx(0.001)  # as torch's MultiStepLR: gamma twice
+    demo = load_config("demo", ["optim.lr=0.002"])  # the demo's warm-up starts at 0.01
+    notes = Schedule(demo.schedule, demo.optim.lr, demo.train.iterations).notices()
+    assert len(notes) == 1 and "schedule.warmup_lr 0.01 is above optim.lr 0.002" in notes[0]
+    assert not Schedule(demo.schedule, 0.1, demo.train.iterations).notices()
 
 
 def test_the_readme_lists_every_recipe():

@@ -89,8 +89,9 @@ class Schedule:
         return round(value * self.total) if 0 < value < 1 else int(value)
 
     def notices(self) -> list[str]:
-        """Schedule points past the last iteration (they never take effect), and milestones given once as a fraction
-        and once as an iteration that fall together (gamma applies twice there): what a run warns about."""
+        """Schedule points past the last iteration (they never take effect), milestones given once as a fraction and
+        once as an iteration that fall together (gamma applies twice there), and a warm-up that starts above the rate
+        it leads to: what a run warns about."""
         multistep = self.cfg.name == "multistep"
         out = [f"schedule.milestones {m} is at or beyond the run's {self.total} iterations: the learning rate "
                f"never drops there" for m in self.milestones if m >= self.total and multistep]
@@ -98,6 +99,9 @@ class Schedule:
         out += [f"schedule.milestones {given_m} and {given[m]} both fall at iteration {m}: the learning rate drops "
                 f"by schedule.gamma twice there" for m, given_m in zip(self.milestones, self.cfg.milestones)
                 if multistep and given[m] != given_m]
+        if (self.warmup > 0 or self.cfg.warmup_until_train_error is not None) and self.cfg.warmup_lr > self.base_lr:
+            out.append(f"schedule.warmup_lr {self.cfg.warmup_lr:g} is above optim.lr {self.base_lr:g}: the warm-up "
+                       f"starts higher than the rate it leads to (set schedule.warmup_lr below optim.lr)")
         if self.warmup >= self.total:
             out.append(f"schedule.warmup_iterations {self.warmup} is at or beyond the run's {self.total} iterations: "
                        f"the warm-up never ends")
