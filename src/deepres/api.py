@@ -138,28 +138,9 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):
     ``checkpoint`` may also name a model with pretrained weights (``"resnet50"``; ``deepres models --pretrained``):
     its ImageNet classes, the weights' normalisation, ``image_size`` their crop, ``transform`` their evaluation resize
     and crop."""
-    from .engine.inference import NormalizedModel, TestTransform, checkpoint_transform, pretrained_name
-    from .runs import load_checkpoint, load_for_inference
+    from .engine.inference import load_classifier
 
-    name = pretrained_name(checkpoint)
-    if name is not None:
-        from .models import create_model
-        from .models.pretrained import eval_normalization
-
-        model = create_model(name, pretrained=True)
-        cfg = model.pretrained_cfg
-        wrapped = NormalizedModel(model, *eval_normalization(cfg)).to(device).eval()
-        wrapped.classes, wrapped.image_size, wrapped.in_channels = list(cfg["classes"]), cfg["input_size"][1:], 3
-        wrapped.transform = TestTransform(3, cfg["input_size"][1:], pretrained_cfg=cfg)
-        return wrapped
-    ckpt = load_checkpoint(Path(checkpoint))
-    model, normalizer, _ = load_for_inference(ckpt, device)
-    wrapped = NormalizedModel(model, normalizer.mean, normalizer.std).to(device).eval()
-    wrapped.classes = list(ckpt["classes"])
-    wrapped.image_size = tuple(int(v) for v in ckpt["image_size"])
-    wrapped.in_channels = int(ckpt["in_channels"])
-    wrapped.transform = checkpoint_transform(ckpt)
-    return wrapped
+    return load_classifier(checkpoint, device)
 
 
 def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], *, top_k: int = 5,

@@ -28,6 +28,7 @@ __all__ = [
     "per_class_errors",
     "export_checkpoint",
     "image_files",
+    "load_classifier",
     "load_image",
     "predict_images",
 ]
@@ -255,18 +256,22 @@ def fit_image(image: torch.Tensor, size: Sequence[int], resize: int | None = Non
 
 
 class TestTransform:
-    """One image prepared as a model's test prepared its images, for :func:`deepres.load_model`'s model (which
+    """One image prepared as a model's test prepared its images, for :func:`load_classifier`'s model (which
     normalises itself): an image file, a PIL image or a (C, H, W) tensor (uint8, or float in [0, 1]) in; float
     (C, H, W) in [0, 1] out. A PIL image is decoded as its PNG file would be (alpha over white, grey kept grey), then
-    brought to the model's channels. ``pretrained_cfg``: the published weights' resize, interpolation and crop instead
-    of a run's."""
+    brought to the model's channels. ``pretrained_cfg``: the published weights' resize, interpolation and crop
+    (:func:`~deepres.models.eval_transform`) instead of a run's."""
 
     __test__ = False  # not a pytest class
 
     def __init__(self, channels: int, size: Sequence[int], resize: int | None = None,
                  pretrained_cfg: dict | None = None):
         self.channels, self.size, self.resize = channels, tuple(int(v) for v in size), resize
-        self.pretrained_cfg = pretrained_cfg
+        self.pretrained = None
+        if pretrained_cfg is not None:
+            from ..models import eval_transform
+
+            self.pretrained = eval_transform(pretrained_cfg, normalize=False)
 
     def __call__(self, image) -> torch.Tensor:
         from ..data import read_image
@@ -285,15 +290,9 @@ class TestTransform:
         elif image.is_floating_point():
             image = (image * 255).round().clamp(0, 255).to(torch.uint8)
         image = to_channels(image, self.channels)
-        if self.pretrained_cfg is None:
-            image = fit_image(image, self.size, self.resize)
-        else:
-            from torchvision.transforms.v2 import functional as TF
-
-            from ..models.pretrained import eval_resize
-
-            image = TF.center_crop(eval_resize(self.pretrained_cfg)(image), list(self.size))
-        return image.float() / 255
+        if self.pretrained is not None:
+            return self.pretrained(image)
+        return fit_image(image, self.size, self.resize).float() / 255
 
 
 def run_test_resize(config: dict, crop: int) -> int | None:
@@ -332,20 +331,22 @@ def pretrained_name(path: str | Path) -> str | None:
     return name if name in PRETRAINED and not Path(path).exists() else None
 
 
-def _classifier(path: str | Path, device: str):
-    """(model, class names, image file -> input tensor, (model, batch) -> logits) of a checkpoint, or of a model name
-    with pretrained weights: those are preprocessed as they were evaluated (``eval_transform``: resize, centre crop,
-    the weights' normalisation)."""
+def load_classifier(path: str | Path, device: str = "cpu") -> NormalizedModel:
+    """A checkpoint's trained model (or, for a model name with pretrained weights, those weights) as
+    :func:`deepres.load_model` gives it: eval mode, normalisation inside, float images in [0, 1] in, logits out, with
+    ``classes``, ``image_size``, ``in_channels`` and ``transform`` (a :class:`TestTransform`: one image prepared as
+    the run's test, or the weights' evaluation, prepared it)."""
     name = pretrained_name(path)
     if name is not None:
-        from ..data import read_image
-        from ..data.images import to_channels
-        from ..models import create_model, eval_transform
+        from ..models import create_model
+        from ..models.pretrained import eval_normalization
 
-        model = create_model(name, pretrained=True).eval().to(device)
-        transform = eval_transform(model.pretrained_cfg)  # image_files has checked that every file exists
-        return (model, model.pretrained_cfg["classes"], lambda file: transform(to_channels(read_image(file), 3)),
-                single_predict(nn.Identity()))
+        model = create_model(name, pretrained=True)
+        cfg = model.pretrained_cfg
+        wrapped = NormalizedModel(model, *eval_normalization(cfg)).to(device).eval()
+        wrapped.classes, wrapped.image_size, wrapped.in_channels = list(cfg["classes"]), tuple(cfg["input_size"][1:]), 3
+        wrapped.transform = TestTransform(3, wrapped.image_size, pretrained_cfg=cfg)
+        return wrapped
     if not Path(path).exists():
         from ..models import list_models
 
@@ -354,15 +355,13 @@ def _classifier(path: str | Path, device: str):
                                     f"models --pretrained lists those that have)")
     ckpt = load_checkpoint(path)
     model, normalizer, _ = load_for_inference(ckpt, device)
-    channels, size = int(ckpt["in_channels"]), ckpt["image_size"]
-    resize = run_test_resize(ckpt["config"], int(size[0]))
-    return model, ckpt["classes"], lambda file: load_image(file, channels, size, resize), single_predict(normalizer)
-
-
-def checkpoint_transform(ckpt: dict) -> TestTransform:
-    """The :class:`TestTransform` of a checkpoint's run."""
-    size = ckpt["image_size"]
-    return TestTransform(int(ckpt["in_channels"]), size, run_test_resize(ckpt["config"], int(size[0])))
+    wrapped = NormalizedModel(model, normalizer.mean, normalizer.std).to(device).eval()
+    wrapped.classes = list(ckpt["classes"])
+    wrapped.image_size = tuple(int(v) for v in ckpt["image_size"])
+    wrapped.in_channels = int(ckpt["in_channels"])
+    wrapped.transform = TestTransform(wrapped.in_channels, wrapped.image_size,
+                                      run_test_resize(ckpt["config"], wrapped.image_size[0]))
+    return wrapped
 
 
 @torch.no_grad()
@@ -371,14 +370,14 @@ def predict_images(path: str | Path, images: Sequence[str | Path], top_k: int = 
     """Top-k classes (by name, with probabilities) for each image file; folders among ``images`` stand for the image
     files in them (:func:`image_files`). Images are decoded and classified ``batch_size`` at a time. ``path`` is a
     checkpoint, or the name of a model with pretrained weights (``resnet50``: ImageNet's classes)."""
-    model, classes, prepare, predict = _classifier(path, device)
-    files = image_files(images)
+    model = load_classifier(path, device)
+    classes, files = model.classes, image_files(images)
     k = min(top_k, len(classes))
     results = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        batch = torch.stack([prepare(p) for p in chunk]).to(device)
-        probs = torch.softmax(predict(model, batch).float(), dim=1)
+        batch = torch.stack([model.transform(p) for p in chunk]).to(device)
+        probs = torch.softmax(model(batch).float(), dim=1)
         values, indices = probs.topk(k, dim=1)
         results += [{"image": str(p), "top": [{"class": classes[i], "index": int(i), "probability": float(v)}
                                               for v, i in zip(vs.tolist(), ix.tolist())]}

@@ -91,15 +91,16 @@ def eval_normalization(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.tensor(cfg[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
 
 
-def eval_transform(cfg: dict):
+def eval_transform(cfg: dict, normalize: bool = True):
     """The preprocessing the weights were evaluated with, for PIL images and uint8 or float (C, H, W) tensors: resize
-    the shorter side, centre crop, scale to [0, 1], normalise. Grey images are repeated to the three channels the
-    weights take, an alpha channel is dropped."""
+    the shorter side, centre crop, scale to [0, 1], normalise (``normalize=False``: [0, 1] out, for a model that
+    normalises itself). Grey images are repeated to the three channels the weights take, an alpha channel is
+    dropped."""
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.ToImage(), v2.Lambda(_three_channels), eval_resize(cfg), v2.CenterCrop(cfg["crop_size"]),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg["mean"], cfg["std"]),
-                       v2.ToPureTensor()])
+    steps = [v2.ToImage(), v2.Lambda(_three_channels), eval_resize(cfg), v2.CenterCrop(cfg["crop_size"]),
+             v2.ToDtype(torch.float32, scale=True)]
+    return v2.Compose(steps + [v2.Normalize(cfg["mean"], cfg["std"])] * normalize + [v2.ToPureTensor()])
 
 
 def _three_channels(image: torch.Tensor) -> torch.Tensor:
