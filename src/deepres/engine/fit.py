@@ -120,9 +120,8 @@ def fit_to_data(config: Config, world_size: int = 1, count: tuple[int, str, tupl
             if value > iterations:
                 notices.append(f"train.{key} {value} -> {bounded}: a tenth of the run's {iterations:,} iterations")
                 t = dataclasses.replace(t, **{key: bounded})
-    changed = bool(notices)
+    if notices:
+        config = dataclasses.replace(config, data=d, train=t, optim=o, schedule=s)
     if t.fit_to_data and image is not None:
         notices += _small_images(config.model, d.image_size or min(image))
-    if changed:
-        config = dataclasses.replace(config, data=d, train=t, optim=o, schedule=s)
     return config, notices
