@@ -123,6 +123,26 @@ def test_deform_cpu_times_both_kernels_on_every_stage_shape(tmp_path):
     assert result["meets_target"] is None and result["cpu_model"]  # a smoke run claims nothing
 
 
+def test_train_memory_measures_each_setting_in_a_process_of_its_own(tmp_path, capsys):
+    """The whole batch (the reference) and the checkpointed step, each in a child process: both rows, the same first
+    loss (the benchmark checks it too), the ratio as reference / ours; an unknown setting is a usage error."""
+    from deepres.benchmarks.train_memory import main
+
+    assert main(["--smoke", "--steps", "1", "--settings", "grad_checkpointing", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("train-memory-cpu-*.json")
+    result = json.loads(path.read_text())
+    whole, checkpointed = result["settings"]
+    assert (whole["setting"], checkpointed["setting"]) == ("whole", "grad_checkpointing")
+    assert checkpointed["grad_checkpointing"] and not whole["grad_checkpointing"]
+    assert checkpointed["first_loss"] == pytest.approx(whole["first_loss"], rel=1e-5)
+    assert KEYS <= set(result) and result["ratio"] == pytest.approx(result["reference"] / result["ours"])
+    assert result["ours"] == checkpointed["peak_mib_above_model"] and whole["seconds_per_step"] > 0
+    assert "resnet20, batch 8 at 32" in result["metric"] and result["cpu_model"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--smoke", "--settings", "grad_checkpointing,half"])
+    assert exit_info.value.code == 2 and "unknown half" in capsys.readouterr().err
+
+
 def test_imagenet_throughput_records_the_resnet50_bars(tmp_path):
     # ResNet-50 at a tiny size on the CPU: the file carries the issue's two bars, and a CPU run meets neither.
     out = subprocess.run([sys.executable, "-m", "deepres", "benchmark", "imagenet-throughput", "--smoke", "--model",

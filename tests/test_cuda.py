@@ -1,6 +1,6 @@
 """CUDA behaviour the CPU suite cannot show: the captured CUDA-graph step against eager steps (SGD and AdamW), resume
-from a captured run, bf16 with channels_last, torch.compile, exact resume under bf16, NCCL DDP, and the device loader
-giving a GPU the same batches as a CPU.
+from a captured run, bf16 with channels_last, torch.compile, exact resume under bf16, activation checkpointing, NCCL
+DDP, and the device loader giving a GPU the same batches as a CPU.
 
 Skipped without a GPU (CI has none); on the GPU machine: ``pytest tests/test_cuda.py``. ``DEEPRES_TEST_DEVICE=cpu``
 runs the same code on the CPU (the captured step then runs eagerly, with a notice), to check the tests themselves.
@@ -129,6 +129,23 @@ def test_loop_bf16_channels_last_resume_equals_uninterrupted(tmp_path, micro_bat
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+
+
+def test_grad_checkpointing_equals_the_plain_run_bf16_channels_last(tmp_path):
+    """Activation checkpointing on the GPU (deterministic kernels, bf16, channels_last): the same losses and weights as
+    the plain run, the recomputation leaving BN's running statistics alone."""
+    data = make_idx_dataset(tmp_path / "data")
+    extra = {"train.device": DEVICE, "train.amp": "bf16", "train.channels_last": True, "train.iterations": 12,
+             "schedule.milestones": "8"}
+    plain = train(load_config(None, small_overrides(data, **extra)), tmp_path / "plain", quiet=True)
+    checkpointed = train(load_config(None, small_overrides(data, **extra, **{"train.grad_checkpointing": True})),
+                         tmp_path / "checkpointed", quiet=True)
+    assert checkpointed["grad_checkpointing"] and not plain["grad_checkpointing"]
+    assert _losses(tmp_path / "checkpointed") == _losses(tmp_path / "plain")
+    a = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "checkpointed" / "checkpoints" / "last.pt")["model"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
 

@@ -317,6 +317,8 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if tc.grad_checkpointing:
+        _grad_checkpointing(model)
     # A teacher's construction draws random numbers: the run's own stream stays untouched.
     with torch.random.fork_rng(devices=[]):
         teacher = load_teacher(config.task.teacher, dataset.classes, device) if task.needs_teacher else None
@@ -359,6 +361,16 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
         writer.truncate_after(run.step if resume_path is not None else -1,
                               drop=lambda row: final and row["step"] == run.step and "test_loss" in row)
     return run
+
+
+def _grad_checkpointing(model: nn.Module) -> None:
+    """Turn on the model's activation checkpointing (timm's ``set_grad_checkpointing``); a model without it is a
+    config error naming its class."""
+    if not callable(getattr(model, "set_grad_checkpointing", None)):
+        raise ConfigError("train.grad_checkpointing", f"the model ({_class_name(model)}) has no "
+                          f"set_grad_checkpointing(enable) method to recompute its activations; every deepres model "
+                          f"and timm's models have one; use train.micro_batches to save memory instead")
+    model.set_grad_checkpointing(True)
 
 
 def _class_name(module: nn.Module) -> str:
@@ -572,6 +584,7 @@ def _start_line(run: Run) -> str:
             f"{run.data.loader} loader), {run.device} x {run.dist.world_size}, step {describe['step']}, precision "
             f"{'fp32' if describe['amp'] == 'off' else describe['amp']}"
             f"{', channels_last' if c.train.channels_last else ''}{micro}"
+            f"{', gradient checkpointing' if c.train.grad_checkpointing else ''}"
             f"{', optimizer AdamW' if c.optim.name == 'adamw' else ''}; from step {run.step} of "
             f"{c.train.iterations:,}; run folder {run.paths.root}")
 
@@ -660,6 +673,7 @@ def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
         "world_size": run.dist.world_size,
         **run.step_fn.describe(),
         "channels_last": config.train.channels_last,
+        "grad_checkpointing": config.train.grad_checkpointing,
         "tf32": config.train.tf32 if device.type == "cuda" else None,
         "setup_seconds": run.setup_seconds,
         "train_seconds": clock.train_seconds(),
@@ -701,8 +715,10 @@ def _out_of_memory(run: Run, what: str) -> str:
              if more > tc.micro_batches else "")
     now = f"train.batch_size={tc.batch_size}" + (f", train.micro_batches={tc.micro_batches}" if tc.micro_batches > 1
                                                  else "")
-    return (f"{what} at {now} on {run.device}: try {parts}--set train.batch_size={smaller} (and scale optim.lr by the "
-            f"same factor), or --set train.amp=bf16 --set train.channels_last=true")
+    recompute = ("" if tc.grad_checkpointing or step_kind(run.config) == "graph" else
+                 "--set train.grad_checkpointing=true (the same run, activations recomputed in the backward pass), ")
+    return (f"{what} at {now} on {run.device}: try {parts}{recompute}--set train.batch_size={smaller} (and scale "
+            f"optim.lr by the same factor), or --set train.amp=bf16 --set train.channels_last=true")
 
 
 def _peer_lost(exc: RuntimeError) -> bool:

@@ -22,12 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .checkpointing import GradCheckpointing
 from .registry import ClassifierHead, register_model
 
 __all__ = ["AlexNet", "ConvFCNet", "alexnet"]
 
 
-class ConvFCNet(ClassifierHead, nn.Module):
+class ConvFCNet(ClassifierHead, GradCheckpointing, nn.Module):
     """Convolutional features, adaptive average pooling to ``pool_size``, then FC-ReLU-FC-ReLU-FC with dropout 0.5.
 
     Args:
@@ -76,7 +77,9 @@ class ConvFCNet(ClassifierHead, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last convolutional feature map, after its max pooling."""
-        return self.features(x)
+        if not self._checkpointing_now():
+            return self.features(x)
+        return self.run_blocks(_pooled_groups(self.features), x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pooling to the fixed grid, the hidden layers, then the logits layer (skipped when ``pre_logits``)."""
@@ -95,6 +98,17 @@ class ConvFCNet(ClassifierHead, nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised logits layer for ``num_classes`` (0: none, the hidden features come out)."""
         self.classifier[-1] = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _pooled_groups(features: nn.Sequential) -> list[nn.Sequential]:
+    """The layers of ``features`` in groups that each end with a pooling layer (the last group: whatever follows the
+    last pooling), the units gradient checkpointing keeps the inputs of."""
+    groups: list[list[nn.Module]] = [[]]
+    for layer in features:
+        groups[-1].append(layer)
+        if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+            groups.append([])
+    return [nn.Sequential(*group) for group in groups if group]
 
 
 def _relu(lrn: bool) -> nn.Module:

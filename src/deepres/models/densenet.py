@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpointing import GradCheckpointing
 from .registry import ClassifierHead, register_model
 
 __all__ = ["DenseBlock", "DenseLayer", "DenseNet", "Transition", "densenet_bc"]
@@ -84,7 +85,7 @@ class Transition(nn.Sequential):
         )
 
 
-class DenseNet(ClassifierHead, nn.Module):
+class DenseNet(ClassifierHead, GradCheckpointing, nn.Module):
     """A stem, dense blocks joined by transitions, a final BN-ReLU, global average pooling and a linear classifier.
 
     Args:
@@ -153,7 +154,11 @@ class DenseNet(ClassifierHead, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's feature map after the final BN and ReLU."""
-        return F.relu(self.features(x))
+        if not self._checkpointing_now():
+            return F.relu(self.features(x))
+        for module in self.features:  # checkpointed block by block and transition by transition
+            x = self.run_block(module, x) if isinstance(module, (DenseBlock, Transition)) else module(x)
+        return F.relu(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pooling, then the classifier (skipped when ``pre_logits``)."""

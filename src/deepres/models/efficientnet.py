@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torchvision.ops
 
+from .checkpointing import GradCheckpointing
 from .registry import ClassifierHead, register_model
 from .senet import SqueezeExcite
 
@@ -124,7 +125,7 @@ class MBConv(nn.Module):
         return f"use_residual={self.use_residual}, drop_prob={self.drop_prob:.4f}"
 
 
-class EfficientNet(ClassifierHead, nn.Module):
+class EfficientNet(ClassifierHead, GradCheckpointing, nn.Module):
     """B0 scaled by ``width`` and ``depth`` factors: stem, MBConv stages, 1x1 head conv, pooling, dropout, classifier.
 
     ``features`` holds the stem (``features.0``), the seven stages (``features.1`` .. ``features.7``) and the head
@@ -191,12 +192,12 @@ class EfficientNet(ClassifierHead, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The head conv's feature map (N, num_features, H/32, W/32)."""
-        return self.features(x)
+        return self.run_sequence(self.features, x)  # checkpointed stage by stage
 
     def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's output, before the head conv (320 channels for B0): the deepest map of
         ``features_only``, as timm gives it."""
-        return self.features[:-1](x)
+        return self.run_sequence(self.features[:-1], x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pooling, dropout, then the classifier (skipped when ``pre_logits``)."""

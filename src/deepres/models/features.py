@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from .checkpointing import GradCheckpointing
+
 __all__ = ["FeatureInfo", "HookFeatures", "ResNetFeatures", "feature_extractor", "feature_info", "resolve_out_indices"]
 
 RESNET_FAMILIES = "resnet*, plain*, resnext50_32x4d, wide_resnet50_2, se_resnet*, deform_resnet50"
@@ -238,7 +240,7 @@ def feature_info(model: nn.Module, out_indices: Sequence[int] | None = None) -> 
     return FeatureInfo(info, resolve_out_indices(out_indices, len(info), name))
 
 
-class ResNetFeatures(nn.Module):
+class ResNetFeatures(GradCheckpointing, nn.Module):
     """The stem and stages of a ResNet; forward returns the maps ``out_indices`` picks, as a list in that order.
 
     The children are the model's own modules (shared, not copied) under the same names, registered in the order
@@ -269,7 +271,7 @@ class ResNetFeatures(nn.Module):
         if self.num_stages:
             x = self.maxpool(x)
         for stage in self.stages():
-            x = stage(x)
+            x = self.run_sequence(stage, x)
             maps.append(x)
         return [maps[i] for i in self.out_indices]
 
@@ -305,6 +307,10 @@ class HookFeatures(nn.Module):
         for attr in ("model_name", "input_size", "pretrained_cfg"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """The model's own gradient checkpointing (see :mod:`deepres.models.checkpointing`)."""
+        self._model.set_grad_checkpointing(enable)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps: dict[str, torch.Tensor] = {}

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from .checkpointing import GradCheckpointing
 from .registry import ClassifierHead, register_model
 
 __all__ = ["AuxOutputs", "ConvBN", "GoogLeNet", "Inception", "InceptionAux", "googlenet"]
@@ -137,7 +138,7 @@ def _trunc_normal_(tensor: torch.Tensor, std: float, a: float, b: float) -> torc
         return tensor.clamp_(a, b)
 
 
-class GoogLeNet(ClassifierHead, nn.Module):
+class GoogLeNet(ClassifierHead, GradCheckpointing, nn.Module):
     """The Table 1 net. See the module docstring for the auxiliary outputs and the differences from the paper.
 
     Args:
@@ -222,14 +223,14 @@ class GoogLeNet(ClassifierHead, nn.Module):
             x = self._transform_input(x)
         x = self.maxpool1(self.conv1(x))
         x = self.maxpool2(self.conv3(self.conv2(x)))
-        x = self.maxpool3(self.inception3b(self.inception3a(x)))
-        x = self.inception4a(x)
+        x = self.maxpool3(self.run_blocks([self.inception3a, self.inception3b], x))
+        x = self.run_block(self.inception4a, x)
         aux = [self.aux1(x)] if with_aux else []
-        x = self.inception4d(self.inception4c(self.inception4b(x)))
+        x = self.run_blocks([self.inception4b, self.inception4c, self.inception4d], x)
         if with_aux:
             aux.append(self.aux2(x))
-        x = self.maxpool4(self.inception4e(x))
-        x = self.inception5b(self.inception5a(x))
+        x = self.maxpool4(self.run_block(self.inception4e, x))
+        x = self.run_blocks([self.inception5a, self.inception5b], x)
         return x, aux
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

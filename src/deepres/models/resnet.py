@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpointing import GradCheckpointing
 from .registry import ClassifierHead, register_model
 
 __all__ = [
@@ -182,7 +183,7 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
-class ResNet(ClassifierHead, nn.Module):
+class ResNet(ClassifierHead, GradCheckpointing, nn.Module):
     """A stem, stages of blocks (``layer1`` ...), global average pooling and a fully connected classifier.
 
     Args:
@@ -277,7 +278,7 @@ class ResNet(ClassifierHead, nn.Module):
         """The last stage's feature map (N, num_features, H/32, W/32 for ImageNet nets)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in self.stages():
-            x = stage(x)
+            x = self.run_sequence(stage, x)  # checkpointed block by block, as timm's ResNets
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

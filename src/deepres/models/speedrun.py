@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .checkpointing import GradCheckpointing
 from .registry import ClassifierHead, register_model
 
 __all__ = ["SpeedrunResNet", "speedrun_resnet9"]
@@ -33,7 +34,7 @@ class Residual(nn.Module):
         return x + self.branch(x)
 
 
-class SpeedrunResNet(ClassifierHead, nn.Module):
+class SpeedrunResNet(ClassifierHead, GradCheckpointing, nn.Module):
     """Stem, then per stage: conv-BN-ReLU widening, 2x2 max pool, and (where ``residual``) a residual pair."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, ...] = (64, 128, 256, 512),
@@ -59,7 +60,7 @@ class SpeedrunResNet(ClassifierHead, nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))
+        return self.run_sequence(self.stages, self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.pool(x), 1)
