@@ -136,7 +136,7 @@ def test_train_memory_measures_each_setting_in_a_process_of_its_own(tmp_path, ca
     assert checkpointed["grad_checkpointing"] and not whole["grad_checkpointing"]
     assert checkpointed["first_loss"] == pytest.approx(whole["first_loss"], rel=1e-5)
     assert KEYS <= set(result) and result["ratio"] == pytest.approx(result["reference"] / result["ours"])
-    assert result["ours"] == checkpointed["peak_mib_above_model"] and whole["seconds_per_step"] > 0
+    assert result["ours"] == max(checkpointed["peak_mib_above_model"], 1 / 1024) and whole["seconds_per_step"] > 0
     assert "resnet20, batch 8 at 32" in result["metric"] and result["cpu_model"]
     with pytest.raises(SystemExit) as exit_info:
         main(["--smoke", "--settings", "grad_checkpointing,half"])

@@ -285,8 +285,8 @@ class TrainConfig:
     # micro-batch's statistics, as in any gradient accumulation. 1: the whole batch at once.
     micro_batches: int = 1
     # Activation (gradient) checkpointing: keep each block's input only and recompute its activations in the backward
-    # pass (model.set_grad_checkpointing, as timm). ResNet-50 at batch 32, bf16, on a CPU: 0.6x the step's memory at
-    # 1.3x to 1.45x its time (deepres benchmark train-memory). The run is the same as without it (the recomputation
+    # pass (model.set_grad_checkpointing, as timm). ResNet-50 at batch 32, bf16, on a CPU: 0.55x to 0.65x the step's
+    # memory at 1.25x its time (deepres benchmark train-memory). The run is the same as without it (the recomputation
     # leaves BN running statistics alone and replays the random masks), so a run may resume with it switched either way.
     grad_checkpointing: bool = False
     # Exponential moving average of the weights; None: off.

@@ -11,8 +11,8 @@ from the same weights on the same random batch:
 - ``both``: the two together.
 
 Memory is the rise of the peak above the built model's (the gradients and the optimizer state that the first step
-creates included): on a CPU the process's peak resident
-memory (``ru_maxrss``), on a GPU the peak of allocated memory. Time is seconds per step after a warm-up step.
+creates included): on a CPU the resident high-water mark (on Linux reset to the resident size first, see
+:class:`PeakMemory`), on a GPU the peak of allocated memory. Time is seconds per step after a warm-up step.
 
     deepres benchmark train-memory                      # ResNet-50, batch 32 at 224, train.amp=auto
     deepres benchmark train-memory --smoke --out /tmp/r # a tiny run (CI)
@@ -39,11 +39,45 @@ from .common import time_steps, write_result
 SETTINGS = {"whole": (1, False), "micro_batches": (4, False), "grad_checkpointing": (1, True), "both": (4, True)}
 
 
-def _peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class PeakMemory:
+    """The rise of the peak above now. GPU: peak allocated memory. CPU on Linux: the resident high-water mark, reset to
+    the current resident size first (``/proc/self/clear_refs``), so what imports and construction touched before
+    does not hide a smaller step; elsewhere the process's ``ru_maxrss``, whose rise can then read low."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset = False
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.start = torch.cuda.max_memory_allocated(device) / 2**20
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+            self.reset = _status_kib("VmHWM") is not None
+        except OSError:
+            pass
+        self.start = (_status_kib("VmRSS") if self.reset else self._max_rss_kib()) / 2**10
+
+    @staticmethod
+    def _max_rss_kib() -> float:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return peak / 2**10 if sys.platform == "darwin" else peak
+
+    def rise_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.start
+        return (_status_kib("VmHWM") if self.reset else self._max_rss_kib()) / 2**10 - self.start
 
 
 def measure(setting: str, args) -> dict:
@@ -59,14 +93,11 @@ def measure(setting: str, args) -> dict:
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch_size, 3, args.size, args.size, generator=generator).to(device)
     labels = torch.randint(0, 10, (args.batch_size,), generator=generator).to(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    before = _peak_mib(device)
+    peak = PeakMemory(device)
     losses = []
     seconds = time_steps(lambda: losses.append(step(images, labels)[0].item()), device, 1, args.steps)
     return {"setting": setting, "micro_batches": micro_batches, "grad_checkpointing": checkpointing,
-            "peak_mib_above_model": _peak_mib(device) - before, "seconds_per_step": seconds, "first_loss": losses[0],
+            "peak_mib_above_model": peak.rise_mib(), "seconds_per_step": seconds, "first_loss": losses[0],
             "precision": step.precision.name}
 
 
@@ -110,8 +141,9 @@ def main(argv=None) -> int:
         print(f"{setting:>18}: peak +{rows[-1]['peak_mib_above_model']:,.0f} MiB, "
               f"{rows[-1]['seconds_per_step']:.3f} s/step", flush=True)
     whole = rows[0]
-    for row in rows:
-        row["memory_ratio"] = row["peak_mib_above_model"] / whole["peak_mib_above_model"]
+    for row in rows:  # a rise under the 1 KiB resolution (a tiny run reusing freed memory) has no ratio
+        row["memory_ratio"] = (row["peak_mib_above_model"] / whole["peak_mib_above_model"]
+                               if whole["peak_mib_above_model"] > 0 else None)
         row["time_ratio"] = row["seconds_per_step"] / whole["seconds_per_step"]
     checkpointed = next(row for row in rows if row["setting"] == "grad_checkpointing")
     if abs(checkpointed["first_loss"] - whole["first_loss"]) > 1e-5 * max(1.0, abs(whole["first_loss"])):
@@ -123,7 +155,9 @@ def main(argv=None) -> int:
               f"of {args.model}, batch {args.batch_size} at {args.size}, {whole['precision']}; ours: "
               f"train.grad_checkpointing; reference: the whole batch at once; lower is better, "
               f"ratio = reference / ours")
-    write_result("train-memory", device, metric, checkpointed["peak_mib_above_model"], whole["peak_mib_above_model"],
+    resolution = 1 / 2**10  # MiB: the rises are read in KiB
+    write_result("train-memory", device, metric, max(checkpointed["peak_mib_above_model"], resolution),
+                 max(whole["peak_mib_above_model"], resolution),
                  target=None, higher_is_better=False, out=Path(args.out) if args.out else None, model=args.model,
                  batch_size=args.batch_size, size=args.size, steps=args.steps, settings=rows, **extra)
     return 0

@@ -1,6 +1,6 @@
 """Activation (gradient) checkpointing: keep only each block's input during the forward pass and recompute the block's
 activations in the backward pass, trading one more forward pass of each block for the memory of its activations
-(ResNet-50 at batch 32 at 224, bf16, on a CPU: 0.6x the step's peak memory at 1.3x to 1.45x its time).
+(ResNet-50 at batch 32 at 224, bf16, on a CPU: 0.55x to 0.65x the step's peak memory at 1.25x its time).
 
 Every model family marks its blocks (residual blocks, dense blocks and transitions, EfficientNet stages, inception
 modules, the conv groups between poolings) and runs them through :meth:`GradCheckpointing.run_block`;
