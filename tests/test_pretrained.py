@@ -219,15 +219,29 @@ def test_eval_of_pretrained_weights_on_an_imagenet_folder(hub, tmp_path, monkeyp
 
     import deepres
 
-    result = deepres.evaluate("resnet18", data_dir=tmp_path / "imagenet", batch_size=250, workers=0)
-    assert result["count"] == 1000 and result["split"] == "val"
+    result = deepres.evaluate("resnet18", data_dir=tmp_path / "imagenet", batch_size=250, workers=0, per_class=True)
+    assert result["count"] == 1000 and result["split"] == "val" and result["precision"] == "fp32"
     assert result["top1_error"] == pytest.approx(expected_top1, abs=0.11)  # one image's worth of rounding
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-4)
     assert result["published_top1_error"] == pytest.approx(100 - real("resnet18")["top1"])
-    assert main(["eval", "resnet18", "--data-dir", str(tmp_path / "imagenet"), "--ten-crop", "--workers", "0"]) == 0
+    # Per class (one image each here): its row names the folder and the weights' class; the confusion matrix holds
+    # each image once, at (its class, the predicted class).
+    rows, matrix = result["per_class"], torch.tensor(result["confusion"])
+    categories = real("resnet18")["classes"]
+    assert rows[0]["class"] == f"n00000000 ({categories[0]})" and [r["count"] for r in rows] == [1] * 1000
+    assert matrix.sum() == 1000 and (matrix.sum(1) == 1).all()
+    agree = (matrix.argmax(1) == logits.argmax(1)).float().mean().item()
+    assert agree >= 0.99 and sum(r["top1_error"] for r in rows) / 1000 == pytest.approx(result["top1_error"])
+    bf16 = deepres.evaluate("resnet18", data_dir=tmp_path / "imagenet", batch_size=250, workers=0, precision="bf16")
+    assert bf16["precision"] == "bf16" and bf16["loss"] != result["loss"]
+    assert bf16["loss"] == pytest.approx(result["loss"], rel=0.05)
+    assert main(["eval", "resnet18", "--data-dir", str(tmp_path / "imagenet"), "--ten-crop", "--workers", "0",
+                 "--per-class"]) == 0
     out = capsys.readouterr().out
-    assert "on val (10-crop, 1,000 images; resize 36 (bilinear), 10 crops 32" in out, out
-    assert f"published (torchvision, single centre crop): top-1 error {result['published_top1_error']:.2f}%" in out
+    assert "on val (10-crop, 1,000 images, fp32; resize 36 (bilinear), 10 crops 32" in out, out
+    published = result["published_top1_error"]
+    assert f"published (torchvision, single centre crop, fp32): top-1 error {published:.2f}%" in out
+    assert "most often mistaken for" in out and f"n00000000 ({categories[0]})" in out
     assert main(["eval", "resnet18"]) == 2 and "--data-dir" in capsys.readouterr().err
     (tmp_path / "imagenet" / "val" / "n00000999" / "image.png").rename(tmp_path / "spare.png")
     (tmp_path / "imagenet" / "val" / "n00000999").rmdir()

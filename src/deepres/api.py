@@ -110,19 +110,17 @@ def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: st
     the arithmetic the run tested in during training (its ``train.amp``), so the number repeats its summary;
     ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU) choose. ``per_class``: also ``per_class`` (each class's images, top-1
     error and the class it is most often mistaken for) and ``confusion`` (rows the true class). ``checkpoint`` may also
-    name a model with pretrained weights (``"resnet50"``), tested in fp32 on the ImageNet folder ``data_dir`` (its
-    validation images, prepared as the weights were evaluated; the published error beside ours)."""
+    name a model with pretrained weights (``"resnet50"``), tested on the ImageNet folder ``data_dir`` (its validation
+    images, prepared as the weights were evaluated; the published error beside ours), in fp32 unless ``precision``
+    asks for bf16 or fp16."""
     from .engine.inference import evaluate_checkpoint, evaluate_pretrained, pretrained_name
 
     if pretrained_name(checkpoint) is not None:
         if data_dir is None or scales:
             raise ValueError(f"{checkpoint}: pretrained weights are tested on an ImageNet folder (data_dir) with a "
                              f"centre crop or ten_crop")
-        if precision not in ("run", "fp32") or per_class:
-            raise ValueError(f"{checkpoint}: pretrained weights are tested as they were published, in fp32, with the "
-                             f"overall errors (no per_class)")
         return evaluate_pretrained(str(checkpoint), data_dir, ten_crop=ten_crop, batch_size=batch_size or 256,
-                                   device=device, workers=workers)
+                                   device=device, workers=workers, precision=precision, per_class=per_class)
     return evaluate_checkpoint(Path(checkpoint), data_dir=data_dir, split=split, ten_crop=ten_crop, scales=scales,
                                batch_size=batch_size, device=device, workers=workers, precision=precision,
                                per_class=per_class)

@@ -236,21 +236,20 @@ def _eval_pretrained(args: argparse.Namespace) -> int:
     if args.scales:
         raise ConfigError("--scales", "the pretrained weights are tested as they were published: a centre crop or "
                                       "--ten-crop")
-    if args.precision not in ("run", "fp32"):
-        raise ConfigError("--precision", "the pretrained weights are tested as they were published, in fp32")
-    if args.per_class:
-        raise ConfigError("--per-class", "the pretrained weights are tested for their published overall errors")
     result = evaluate_pretrained(args.checkpoint, args.data_dir, ten_crop=args.ten_crop,
-                                 batch_size=args.batch_size or 256, device=args.device, workers=args.workers)
+                                 batch_size=args.batch_size or 256, device=args.device, workers=args.workers,
+                                 precision=args.precision, per_class=args.per_class)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{args.checkpoint} ({result['weights']}) on {result['split']} ({result['mode']}, {result['count']:,} "
-          f"images; {result['preprocessing']}): top-1 error {result['top1_error']:.2f}%, top-5 error "
-          f"{result['top5_error']:.2f}%, loss {result['loss']:.4f}")
+          f"images, {result['precision']}; {result['preprocessing']}): top-1 error {result['top1_error']:.2f}%, "
+          f"top-5 error {result['top5_error']:.2f}%, loss {result['loss']:.4f}")
     if result["published_top1_error"] is not None:
-        print(f"published (torchvision, single centre crop): top-1 error {result['published_top1_error']:.2f}%, "
+        print(f"published (torchvision, single centre crop, fp32): top-1 error {result['published_top1_error']:.2f}%, "
               f"top-5 error {result['published_top5_error']:.2f}%")
+    if args.per_class:
+        _print_per_class(result["per_class"])
     return 0
 
 
@@ -417,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--precision", choices=("run", "fp32", "bf16", "fp16"), default="run",
                    help="arithmetic of the test: run (default) as the run tested during training (its train.amp, "
-                        "e.g. bf16), so the number repeats its summary; fp32, bf16, or fp16 (GPU only)")
+                        "e.g. bf16), so the number repeats its summary; fp32 (pretrained weights: run means fp32, as "
+                        "they were published), bf16, or fp16 (GPU only)")
     p.add_argument("--per-class", action="store_true",
                    help="also each class's images, top-1 error and the class it is most often mistaken for (JSON: "
                         "per_class and the confusion matrix, rows the true class)")

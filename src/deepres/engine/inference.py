@@ -87,6 +87,11 @@ def eval_precision(precision: str, ckpt: dict, device: str) -> str:
     return "fp32" if precision == "fp16" and torch.device(device).type != "cuda" else precision
 
 
+def _pretrained_precision(precision: str, device: str) -> str:
+    """Published weights were tested in fp32: ``run`` is fp32 for them; bf16 and fp16 (GPU) may be asked for."""
+    return eval_precision(precision, {"eval_precision": "fp32"}, device)
+
+
 def _autocast(precision: str, device: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
@@ -166,12 +171,15 @@ def evaluate_checkpoint_modes(
 
 @torch.no_grad()
 def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = False, batch_size: int = 256,
-                        device: str = "cpu", workers: int | None = None, on_bad_image: str = "error") -> dict:
+                        device: str = "cpu", workers: int | None = None, on_bad_image: str = "error",
+                        precision: str = "fp32", per_class: bool = False) -> dict:
     """Top-1/top-5 error of a model's pretrained weights on the validation images of an ImageNet-layout folder
     (``root/val/<wnid>/``, or ``root/<wnid>/`` itself; an archive of either), each image prepared as the weights were
     evaluated: shorter side resized with their interpolation, centre crop (or the 10 crops of that resized image),
     their mean and std. Class folders map to the weights' classes in sorted order, as torchvision's ImageNet does.
-    The published numbers come beside ours (``published_top1_error``, ``published_top5_error``)."""
+    The published numbers come beside ours (``published_top1_error``, ``published_top5_error``). ``precision``:
+    fp32 (``run``: the published weights' own), bf16, or fp16 on a GPU. ``per_class``: also ``per_class``
+    (:func:`per_class_errors`, each class named by its folder and the weights' class name) and ``confusion``."""
     from torchvision.transforms.v2 import functional as TF
 
     from ..data.folders import FileSplit, _scan_split, find_split_root, resolve_image_source
@@ -184,6 +192,7 @@ def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = Fal
 
     if pretrained_name(name) is None:
         raise ValueError(f"{name!r} is not a model with pretrained weights (deepres models --pretrained lists them)")
+    precision = _pretrained_precision(precision, device)
     root = find_split_root(resolve_image_source(data_dir))
     folder = next((root / s for s in ("val", "test") if (root / s).is_dir()), root)
     skipped: list[str] = []
@@ -205,9 +214,14 @@ def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = Fal
     per_batch = max(1, batch_size // (10 if ten_crop else 1))
     workers = available_cores() if workers is None else workers
     result = evaluate_views(model, FileSamples(FileSplit(paths, torch.tensor(labels)), 3), views, normalizer,
-                            device=device, images_per_batch=per_batch, workers=max(0, min(workers, 8)))
+                            device=device, images_per_batch=per_batch, workers=max(0, min(workers, 8)),
+                            autocast=_autocast(precision, device), confusion=per_class)
+    if per_class:
+        names = [f"{folder_name} ({category})" for folder_name, category in zip(classes, cfg["classes"])]
+        result["per_class"] = per_class_errors(result["confusion"], names)
     published = {f"published_top{k}_error": None if cfg[f"top{k}"] is None else 100.0 - cfg[f"top{k}"] for k in (1, 5)}
-    return {"checkpoint": name, "split": folder.name, "mode": "10-crop" if ten_crop else "single view", **result,
+    return {"checkpoint": name, "split": folder.name, "mode": "10-crop" if ten_crop else "single view",
+            "precision": precision, **result,
             "skipped": len(skipped), **published, "weights": cfg["weights"],
             "preprocessing": f"resize {cfg['resize_size']} ({cfg['interpolation']}), "
                              f"{'10 crops' if ten_crop else 'centre crop'} "
