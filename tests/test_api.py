@@ -176,6 +176,21 @@ def test_bad_datasets_are_named():
         deepres.train("demo", dataset={"train": _pictures(3, 0)})
 
 
+def test_a_recipe_that_does_not_fit_your_dataset_names_every_key(tmp_path):
+    """The demo recipe (5,000 validation images, batch 128) on 60 training images: one error naming both keys and
+    train.fit_to_data, before anything trains; a dataset that brings its own validation split is not checked against
+    data.val_size (it carves nothing)."""
+    with pytest.raises(ConfigError) as info:
+        deepres.train("demo", run_dir=tmp_path / "a", dataset=(_pictures(60, 0), _pictures(6, 1)))
+    message = str(info.value)
+    assert "data.val_size=5000 leaves no training images" in message and "60 training images" in message
+    assert "train.batch_size=128 is larger than the training split" in message and "train.fit_to_data=true" in message
+    with pytest.raises(ConfigError, match=r"train.batch_size=128 is larger") as info:
+        deepres.train("demo", run_dir=tmp_path / "b",
+                      dataset={"train": _pictures(60, 0), "val": _pictures(6, 2), "test": _pictures(6, 1)})
+    assert "data.val_size" not in str(info.value)
+
+
 def _readme_python(title: str) -> str:
     text = (ROOT / "README.md").read_text()
     section = text.split(title, 1)[1]

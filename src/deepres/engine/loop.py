@@ -288,6 +288,11 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
             count = (len(given_data.train) + len(given_data.val or ()), given_data.name, given_data.image_size)
             config, fitted = fit_to_data(config, dist.world_size, count)
             tc = config.train
+        else:  # misfits (a validation split or a batch larger than the data) are errors naming every key at once
+            own_val = given_data.val is not None  # then data.val_size carves nothing
+            checked = dataclasses.replace(config, data=dataclasses.replace(config.data, val_size=0)) if own_val \
+                else config
+            fit_to_data(checked, dist.world_size, (len(given_data.train), given_data.name, given_data.image_size))
         given_data = _with_validation(given_data, config.data)
     elif tc.fit_to_data or _plain_folder(config.data):
         config, fitted = fit_to_data(config, dist.world_size)
