@@ -265,6 +265,21 @@ def test_adamw_trains_resumes_exactly_and_a_changed_optimizer_is_refused(idx_dat
               tmp_path / "resumed", resume="auto", quiet=True)
 
 
+def test_trivialaugment_and_random_erasing_train_resume_exactly_and_bad_values_are_named(idx_data, tmp_path):
+    sets = {"train.iterations": 6, "train.checkpoint_every": 3, "data.preset": "paper_cifar",
+            "data.trivialaugment": True, "data.random_erasing": 0.5}
+    straight, rows = _straight_and_resumed(idx_data, tmp_path, sets)
+    assert rows[0] == rows[1] and len(rows[0]) == 6
+    with pytest.raises(ValueError, match="data.random_erasing 0.5 vs 0.25"):
+        train(load_config(None, small_overrides(idx_data, **{**sets, "data.random_erasing": 0.25,
+                                                               "train.iterations": 9})),
+              tmp_path / "resumed", resume="auto", quiet=True)
+    with pytest.raises(ConfigError, match="data.trivialaugment.*randaugment_n=0"):
+        load_config(None, small_overrides(idx_data, **{"data.trivialaugment": True, "data.randaugment_n": 2}))
+    with pytest.raises(ConfigError, match=r"data.random_erasing.*\[0, 1\]; got 1.5"):
+        load_config(None, small_overrides(idx_data, **{"data.random_erasing": 1.5}))
+
+
 def test_micro_batches_sum_to_the_whole_batchs_update():
     """Gradient accumulation: parts of 4, 3 and 3 images, each loss weighted by its share, give the whole batch's
     gradient (float64, a net without BN: every part sees the same function), hence the same weights, loss and errors

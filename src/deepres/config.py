@@ -200,9 +200,17 @@ class DataConfig:
     gather: Literal["epoch", "batch"] = "epoch"
     # Processes that decode and augment images (image folders); None: the cores this process may use, at most 8.
     num_workers: int | None = None
-    # Augmentations beyond the paper (0 disables).
+    # Augmentations beyond the paper (0 disables). RandAugment (Cubuk et al. 2020): N operations at magnitude M per
+    # image, after the crop and flip (the ImageNet preset: before the crop).
     randaugment_n: int = 0
     randaugment_m: int = 9
+    # TrivialAugment (Muller and Hutter 2021; torchvision's TrivialAugmentWide, as in its ResNet-50 recipe): one of 14
+    # operations at a random strength per image, where RandAugment would run. Not together with RandAugment.
+    trivialaugment: bool = False
+    # Random erasing (Zhong et al. 2020) with this probability per image: a rectangle of 2% to 33% of the image, aspect
+    # ratio 0.3 to 3.3, set to 0 after normalisation (the mean colour), before CutMix/Mixup: torchvision's
+    # RandomErasing defaults, placed as in its recipes (after Normalize; its ResNet-50 recipe uses 0.1). 0: off.
+    random_erasing: float = 0.0
     cutmix_alpha: float = 0.0
     mixup_alpha: float = 0.0
     # Few labels: keep the first N training images of each class (after the validation split) labeled; the rest
@@ -710,7 +718,8 @@ HONOURED_BY_EVERY_STEP = frozenset({
     "data.preset",
     "data.normalize", "data.image_size", "data.on_bad_image", "data.max_image_pixels", "data.channels",
     "data.cache_dir", "data.loader",
-    "data.gather", "data.num_workers", "data.randaugment_n", "data.randaugment_m", "data.labeled_per_class",
+    "data.gather", "data.num_workers", "data.randaugment_n", "data.randaugment_m", "data.trivialaugment",
+    "data.random_erasing", "data.labeled_per_class",
     "data.unlabeled_subset", "data.test_per_class",
     "optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay", "optim.decay_norm_and_bias",
     "optim.betas", "optim.eps",
@@ -861,6 +870,11 @@ def _check_ranges(c: Config) -> None:
              f"must be >= 0 (or null: the machine's cores); got {d.num_workers}")
     _require(d.randaugment_n >= 0, "data.randaugment_n", f"must be >= 0; got {d.randaugment_n}")
     _require(0 <= d.randaugment_m <= 30, "data.randaugment_m", f"must be in [0, 30]; got {d.randaugment_m}")
+    _require(not (d.trivialaugment and d.randaugment_n > 0), "data.trivialaugment",
+             f"TrivialAugment replaces RandAugment; set data.randaugment_n=0 (got {d.randaugment_n}) or "
+             f"data.trivialaugment=false")
+    _require(0.0 <= d.random_erasing <= 1.0, "data.random_erasing",
+             f"must be a probability in [0, 1]; got {d.random_erasing}")
     _require(d.cutmix_alpha >= 0, "data.cutmix_alpha", f"must be >= 0; got {d.cutmix_alpha}")
     _require(d.mixup_alpha >= 0, "data.mixup_alpha", f"must be >= 0; got {d.mixup_alpha}")
     _require(m.num_classes is None or m.num_classes >= 1, "model.num_classes", f"must be >= 1; got {m.num_classes}")

@@ -184,6 +184,7 @@ class DeviceLoader:
         crop_flip: bool = True,
         augment: Augment | None = None,
         mix: Mix | None = None,
+        erase=None,
         rank: int = 0,
         world_size: int = 1,
         gather: str = "epoch",
@@ -205,6 +206,7 @@ class DeviceLoader:
         self.crop_flip = crop_flip
         self.augment = augment
         self.mix = mix
+        self.erase = erase  # RandomErasing: after normalising, before mixing
         self.gather = gather
         self.steps_per_epoch = len(split) // batch_size
         self._epoch, self._order = -1, None
@@ -216,7 +218,7 @@ class DeviceLoader:
     @property
     def augmented(self) -> bool:
         """Whether batches vary with the step beyond their order (augmentation or mixing)."""
-        return self.crop_flip or self.augment is not None or self.mix is not None
+        return self.crop_flip or self.augment is not None or self.mix is not None or self.erase is not None
 
     def _start_epoch(self, epoch: int) -> None:
         if epoch == self._epoch:
@@ -248,9 +250,14 @@ class DeviceLoader:
             if self.augment is not None:
                 images = self.augment(images, generator)
             local = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+            # Erasing boxes are drawn for the global batch, so any world size erases the same images.
+            boxes = self.erase.boxes(len(images), *images.shape[-2:], generator) if self.erase else None
             if self.mix is None:  # only this rank's slice needs normalising
-                return self.normalizer(images[local]), labels[local]
-            x, y = self.mix(self.normalizer(images), labels, generator)  # mixing pairs images across the global batch
+                x = self.normalizer(images[local])
+                return (x if boxes is None else self.erase.apply(x, boxes[local])), labels[local]
+            x = self.normalizer(images)
+            x = x if boxes is None else self.erase.apply(x, boxes)
+            x, y = self.mix(x, labels, generator)  # mixing pairs images across the global batch
             return x[local], y[local]
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

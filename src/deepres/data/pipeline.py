@@ -48,13 +48,23 @@ class DataBundle:
 
 def device_augmentation(cfg) -> tuple[bool, object]:
     """(paper crop and flip?, per-batch augmentation after it or None) of a preset on the device loader (PAPER.md
-    section 5): the crop and flip for ``paper_cifar``, then RandAugment when enabled."""
-    from .presets import RandAugmentBatch
+    section 5): the crop and flip for ``paper_cifar``, then RandAugment or TrivialAugment when enabled."""
+    from .presets import RandAugmentBatch, TrivialAugmentBatch
 
     if cfg.preset not in ("paper_cifar", "none"):
         raise ValueError(f"data.preset={cfg.preset!r} has no device-resident implementation; use data.loader=workers")
-    randaugment = RandAugmentBatch(cfg.randaugment_n, cfg.randaugment_m) if cfg.randaugment_n > 0 else None
-    return cfg.preset == "paper_cifar", randaugment
+    if cfg.randaugment_n > 0:
+        policy = RandAugmentBatch(cfg.randaugment_n, cfg.randaugment_m)
+    else:
+        policy = TrivialAugmentBatch() if cfg.trivialaugment else None
+    return cfg.preset == "paper_cifar", policy
+
+
+def train_erasing(cfg):
+    """The random erasing of ``data.random_erasing`` (after normalisation, before batch mixing), or None."""
+    from .presets import RandomErasing
+
+    return RandomErasing(cfg.random_erasing) if cfg.random_erasing > 0 else None
 
 
 def train_mix(cfg, num_classes: int):
@@ -84,7 +94,8 @@ def train_loader_over(split, data: DataBundle, cfg, augment: bool = True) -> Dev
     crop_flip, extra = device_augmentation(cfg) if augment else (False, None)
     return DeviceLoader(split, old.batch_size, normalizer=data.normalizer, device=old.device, seed=old.seed,
                         crop_flip=crop_flip, augment=extra, mix=train_mix(cfg, data.dataset.num_classes) if augment
-                        else None, rank=old.rank, world_size=old.world_size, gather=old.gather)
+                        else None, erase=train_erasing(cfg) if augment else None, rank=old.rank,
+                        world_size=old.world_size, gather=old.gather)
 
 
 def choose_loader(cfg, dataset: Dataset | None = None) -> str:
@@ -139,7 +150,8 @@ def build_data(
     common = dict(normalizer=normalizer, device=device, rank=rank, world_size=world_size)
     crop_flip, augment = device_augmentation(cfg)
     train = DeviceLoader(dataset.train, batch_size, seed=seed, crop_flip=crop_flip, augment=augment,
-                         mix=train_mix(cfg, dataset.num_classes), gather=cfg.gather, **common)
+                         mix=train_mix(cfg, dataset.num_classes), erase=train_erasing(cfg), gather=cfg.gather,
+                         **common)
     val = EvalLoader(dataset.val, eval_batch_size, **common) if dataset.val is not None else None
     test = EvalLoader(dataset.test, eval_batch_size, **common)
     return DataBundle(dataset, normalizer, train, val, test, loader="device")
@@ -177,14 +189,14 @@ def _worker_transforms(cfg, first_image: torch.Tensor):
     """(per-image train transform, eval transform, lighting std or None, output size) of the preset."""
     from torchvision.transforms import v2
 
-    from .presets import paper_imagenet_eval, paper_imagenet_train
+    from .presets import augment_policy, paper_imagenet_eval, paper_imagenet_train
     from .workers import ResizeSquare
 
-    randaugment = (cfg.randaugment_n, cfg.randaugment_m) if cfg.randaugment_n > 0 else None
+    policy = augment_policy(cfg)
     if cfg.preset == "paper_imagenet":
         crop = cfg.image_size or 224
         lighting = LIGHTING_STD if first_image.shape[0] == 3 else None
-        return paper_imagenet_train(crop, randaugment), paper_imagenet_eval(crop), lighting, crop
+        return paper_imagenet_train(crop, policy), paper_imagenet_eval(crop), lighting, crop
     size = cfg.image_size
     resize = ResizeSquare(size) if size else None
     ops = [resize] if resize else []
@@ -194,8 +206,8 @@ def _worker_transforms(cfg, first_image: torch.Tensor):
         ops += [v2.RandomCrop(side, padding=4), v2.RandomHorizontalFlip()]
     elif cfg.preset != "none":
         raise ValueError(f"unknown data.preset {cfg.preset!r}")
-    if randaugment:  # after the crop, as on the device loader
-        ops.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
+    if policy is not None:  # after the crop, as on the device loader
+        ops.append(policy)
     train = v2.Compose(ops) if ops else None
     return train, resize, None, size
 
@@ -233,6 +245,7 @@ def _build_worker_data(cfg, batch_size, eval_batch_size, seed, device, rank, wor
         seed=seed,
         lighting=lighting,
         mix=train_mix(cfg, dataset.num_classes),
+        erase=train_erasing(cfg),
         on_bad_image=cfg.on_bad_image,
         **common,
     )

@@ -27,7 +27,11 @@ __all__ = [
     "CutMix",
     "MixChoice",
     "Mixup",
+    "PerImageBatch",
     "RandAugmentBatch",
+    "RandomErasing",
+    "TrivialAugmentBatch",
+    "augment_policy",
     "pca_lighting",
     "paper_imagenet_eval",
     "paper_imagenet_train",
@@ -70,20 +74,15 @@ class Compose:
         return f"Compose({', '.join(getattr(o, '__name__', repr(o)) for o in self.ops)})"
 
 
-class RandAugmentBatch:
-    """RandAugment(N, M) (Cubuk et al. 2020) per image of a uint8 batch, via torchvision's ``v2.RandAugment``.
+class PerImageBatch:
+    """A per-image torchvision ``v2`` transform applied to each image of a uint8 batch.
 
     torchvision draws from the global torch RNG; each image runs under ``torch.random.fork_rng`` seeded from the
     step generator, so batches stay a function of (seed, step) and the caller's RNG is untouched.
     """
 
-    def __init__(self, num_ops: int = 2, magnitude: int = 9):
-        from torchvision.transforms import v2
-
-        if num_ops < 0 or not 0 <= magnitude <= 30:
-            raise ValueError(f"RandAugment needs num_ops >= 0 and 0 <= magnitude <= 30; got N={num_ops}, M={magnitude}")
-        self.num_ops, self.magnitude = num_ops, magnitude
-        self.transform = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.transform = transform
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         seeds = torch.randint(0, 2**62, (images.shape[0],), generator=generator).tolist()
@@ -102,8 +101,90 @@ class RandAugmentBatch:
             torch.set_num_threads(threads)
         return out
 
+
+class RandAugmentBatch(PerImageBatch):
+    """RandAugment(N, M) (Cubuk et al. 2020) per image of a uint8 batch, via torchvision's ``v2.RandAugment``."""
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 9):
+        from torchvision.transforms import v2
+
+        if num_ops < 0 or not 0 <= magnitude <= 30:
+            raise ValueError(f"RandAugment needs num_ops >= 0 and 0 <= magnitude <= 30; got N={num_ops}, M={magnitude}")
+        self.num_ops, self.magnitude = num_ops, magnitude
+        super().__init__(v2.RandAugment(num_ops=num_ops, magnitude=magnitude))
+
     def __repr__(self) -> str:
         return f"RandAugmentBatch(N={self.num_ops}, M={self.magnitude})"
+
+
+class TrivialAugmentBatch(PerImageBatch):
+    """TrivialAugment (Muller and Hutter 2021) per image of a uint8 batch: one of 14 operations at a random strength,
+    via torchvision's ``v2.TrivialAugmentWide``."""
+
+    def __init__(self):
+        from torchvision.transforms import v2
+
+        super().__init__(v2.TrivialAugmentWide())
+
+    def __repr__(self) -> str:
+        return "TrivialAugmentBatch()"
+
+
+def augment_policy(cfg):
+    """The per-image augmentation policy of a data config as a torchvision ``v2`` transform (RandAugment or
+    TrivialAugment), or None."""
+    from torchvision.transforms import v2
+
+    if cfg.randaugment_n > 0:
+        return v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m)
+    if cfg.trivialaugment:
+        return v2.TrivialAugmentWide()
+    return None
+
+
+class RandomErasing:
+    """Random erasing (Zhong et al. 2020) on a normalised float batch, each image with probability ``p``: a
+    rectangle of a uniform fraction ``scale`` of the image's area and a log-uniform aspect ratio in ``ratio`` (up to
+    ``attempts`` draws for one that fits, else the image is left alone) is set to 0, the mean after normalisation.
+    torchvision's ``RandomErasing`` defaults and algorithm, drawn for a whole batch from the step's generator:
+    :meth:`boxes` draws, :meth:`apply` erases (so a DDP rank can erase its slice of the global batch's draws)."""
+
+    def __init__(self, p: float, scale: tuple[float, float] = (0.02, 0.33), ratio: tuple[float, float] = (0.3, 3.3),
+                 attempts: int = 10):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"data.random_erasing must be a probability in [0, 1]; got {p}")
+        self.p, self.scale, self.ratio, self.attempts = p, scale, ratio, attempts
+
+    def boxes(self, n: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, 4) int64 rows of (top, left, box height, box width); height 0: the image is not erased."""
+        erase = torch.rand(n, generator=generator) < self.p
+        area = height * width * torch.empty(n, self.attempts).uniform_(*self.scale, generator=generator)
+        log_ratio = torch.empty(n, self.attempts).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]),
+                                                           generator=generator)
+        h = torch.round(torch.sqrt(area * torch.exp(log_ratio))).long()
+        w = torch.round(torch.sqrt(area / torch.exp(log_ratio))).long()
+        fits = (h < height) & (w < width)
+        first = fits.long().argmax(dim=1)  # the first draw that fits (0 when none does: masked below)
+        rows = torch.arange(n)
+        h, w = h[rows, first], w[rows, first]
+        keep = erase & fits.any(dim=1)
+        top = (torch.rand(n, generator=generator) * (height - h + 1)).long()
+        left = (torch.rand(n, generator=generator) * (width - w + 1)).long()
+        return torch.stack([top, left, h * keep, w * keep], dim=1)
+
+    @staticmethod
+    def apply(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """``images`` (N, C, H, W) with each row's box set to 0."""
+        boxes = boxes.to(images.device)
+        ys = torch.arange(images.shape[-2], device=images.device)
+        xs = torch.arange(images.shape[-1], device=images.device)
+        top, left, h, w = boxes.unbind(1)
+        inside = (((ys >= top[:, None]) & (ys < (top + h)[:, None]))[:, :, None]
+                  & ((xs >= left[:, None]) & (xs < (left + w)[:, None]))[:, None, :])
+        return images.masked_fill(inside[:, None], 0.0)
+
+    def __repr__(self) -> str:
+        return f"RandomErasing(p={self.p})"
 
 
 def _as_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -195,15 +276,16 @@ def imagenet_scales(crop: int = 224) -> tuple[int, int, int]:
     return round(crop * 256 / 224), round(crop * 480 / 224), round(crop * 256 / 224)
 
 
-def paper_imagenet_train(crop: int = 224, randaugment: tuple[int, int] | None = None):
+def paper_imagenet_train(crop: int = 224, policy=None):
     """Paper section 3.4, per image on uint8: shorter side random in [256, 480], random 224 crop, horizontal flip.
-    RandAugment (when given) runs before the crop; PCA lighting and mean subtraction are batched afterwards."""
+    ``policy`` (RandAugment or TrivialAugment, see :func:`augment_policy`) runs before the crop; PCA lighting, mean
+    subtraction and random erasing are batched afterwards."""
     from torchvision.transforms import v2
 
     lo, hi, _ = imagenet_scales(crop)
     ops = [v2.RandomResize(lo, hi + 1, antialias=True)]
-    if randaugment is not None and randaugment[0] > 0:
-        ops.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
+    if policy is not None:
+        ops.append(policy)
     ops += [v2.RandomCrop(crop), v2.RandomHorizontalFlip()]
     return v2.Compose(ops)
 

@@ -136,7 +136,8 @@ class WorkerLoader:
     """Training batches decoded and augmented by DataLoader workers (see module doc for the guarantees).
 
     ``transform`` is the per-image uint8 pipeline (e.g. :func:`~deepres.data.presets.paper_imagenet_train`);
-    ``lighting`` the PCA alpha std applied batched after transfer (None: off); ``mix`` a CutMix/Mixup hook.
+    ``lighting`` the PCA alpha std applied batched after transfer (None: off); ``erase`` a
+    :class:`~deepres.data.presets.RandomErasing` applied after normalising; ``mix`` a CutMix/Mixup hook.
     """
 
     def __init__(
@@ -150,6 +151,7 @@ class WorkerLoader:
         seed: int = 0,
         lighting: float | None = None,
         mix: Callable | None = None,
+        erase=None,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 4,
@@ -170,6 +172,7 @@ class WorkerLoader:
         self.normalizer = normalizer
         self.lighting = lighting
         self.mix = mix
+        self.erase = erase  # RandomErasing: after normalising, before mixing
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.steps_per_epoch = len(samples) // batch_size
@@ -207,6 +210,10 @@ class WorkerLoader:
 
             x = pca_lighting(x, alpha=alpha[lo : lo + x.shape[0]])
         x = self.normalizer.normalize01(x)
+        if self.erase is not None:  # drawn for the global batch, as the lighting
+            lo = self.rank * self.local_batch
+            boxes = self.erase.boxes(self.batch_size, *x.shape[-2:], generator)
+            x = self.erase.apply(x, boxes[lo : lo + x.shape[0]])
         if self.mix is not None:
             x, labels = self.mix(x, labels, generator)
         return x, labels
