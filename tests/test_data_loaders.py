@@ -26,7 +26,7 @@ from deepres.data import (
     step_generator,
 )
 from deepres.data import pipeline
-from deepres.data.presets import IMAGENET_EIGVAL, IMAGENET_EIGVEC, MixChoice, RandomErasing, TrivialAugmentBatch
+from deepres.data.presets import IMAGENET_EIGVAL, IMAGENET_EIGVEC, MixChoice, PerImageBatch, RandomErasing
 
 from .test_data_common import make_image_folder
 
@@ -144,7 +144,9 @@ def test_randaugment_is_deterministic_and_leaves_global_rng_alone():
 
 def test_trivialaugment_is_deterministic_and_changes_images():
     images = _split(n=16, size=16).images
-    ta = TrivialAugmentBatch()
+    from torchvision.transforms import v2
+
+    ta = PerImageBatch(v2.TrivialAugmentWide())
     state = torch.get_rng_state()
     a = ta(images, step_generator(0, 1, 3))
     assert torch.equal(torch.get_rng_state(), state)

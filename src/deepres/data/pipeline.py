@@ -49,15 +49,12 @@ class DataBundle:
 def device_augmentation(cfg) -> tuple[bool, object]:
     """(paper crop and flip?, per-batch augmentation after it or None) of a preset on the device loader (PAPER.md
     section 5): the crop and flip for ``paper_cifar``, then RandAugment or TrivialAugment when enabled."""
-    from .presets import RandAugmentBatch, TrivialAugmentBatch
+    from .presets import PerImageBatch, augment_policy
 
     if cfg.preset not in ("paper_cifar", "none"):
         raise ValueError(f"data.preset={cfg.preset!r} has no device-resident implementation; use data.loader=workers")
-    if cfg.randaugment_n > 0:
-        policy = RandAugmentBatch(cfg.randaugment_n, cfg.randaugment_m)
-    else:
-        policy = TrivialAugmentBatch() if cfg.trivialaugment else None
-    return cfg.preset == "paper_cifar", policy
+    policy = augment_policy(cfg)
+    return cfg.preset == "paper_cifar", PerImageBatch(policy) if policy is not None else None
 
 
 def train_erasing(cfg):

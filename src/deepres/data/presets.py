@@ -30,7 +30,6 @@ __all__ = [
     "PerImageBatch",
     "RandAugmentBatch",
     "RandomErasing",
-    "TrivialAugmentBatch",
     "augment_policy",
     "pca_lighting",
     "paper_imagenet_eval",
@@ -101,6 +100,9 @@ class PerImageBatch:
             torch.set_num_threads(threads)
         return out
 
+    def __repr__(self) -> str:
+        return f"PerImageBatch({self.transform!r})"
+
 
 class RandAugmentBatch(PerImageBatch):
     """RandAugment(N, M) (Cubuk et al. 2020) per image of a uint8 batch, via torchvision's ``v2.RandAugment``."""
@@ -117,22 +119,10 @@ class RandAugmentBatch(PerImageBatch):
         return f"RandAugmentBatch(N={self.num_ops}, M={self.magnitude})"
 
 
-class TrivialAugmentBatch(PerImageBatch):
-    """TrivialAugment (Muller and Hutter 2021) per image of a uint8 batch: one of 14 operations at a random strength,
-    via torchvision's ``v2.TrivialAugmentWide``."""
-
-    def __init__(self):
-        from torchvision.transforms import v2
-
-        super().__init__(v2.TrivialAugmentWide())
-
-    def __repr__(self) -> str:
-        return "TrivialAugmentBatch()"
-
-
 def augment_policy(cfg):
-    """The per-image augmentation policy of a data config as a torchvision ``v2`` transform (RandAugment or
-    TrivialAugment), or None."""
+    """The per-image augmentation policy of a data config as a torchvision ``v2`` transform: RandAugment, or
+    TrivialAugment (Muller and Hutter 2021: one of 14 operations at a random strength, ``v2.TrivialAugmentWide``),
+    or None. The device loader runs it per image of a batch (:class:`PerImageBatch`), the worker loader per sample."""
     from torchvision.transforms import v2
 
     if cfg.randaugment_n > 0:
