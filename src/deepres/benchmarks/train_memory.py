@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +70,11 @@ class PeakMemory:
 
     @staticmethod
     def _max_rss_kib() -> float:
+        try:
+            import resource
+        except ImportError as exc:  # Windows
+            raise RuntimeError("train-memory reads a CPU's memory with the resource module (Linux, macOS); on this "
+                               "system measure on a GPU (--device cuda)") from exc
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         return peak / 2**10 if sys.platform == "darwin" else peak
 
