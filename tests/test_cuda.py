@@ -150,6 +150,32 @@ def test_grad_checkpointing_equals_the_plain_run_bf16_channels_last(tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
 
 
+def test_weight_ema_updates_without_waiting_for_the_gpu():
+    """The EMA update (every step of an ema_decay run) computes its rate on the host: under CUDA's sync debug mode
+    set to error, updates after the first (a copy) raise nothing, and the average follows the formula."""
+    from deepres.engine.loop import weight_ema
+    from deepres.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("resnet20", num_classes=10).to(DEVICE)
+    ema = weight_ema(net, 0.99)
+    ema.update_parameters(net)
+    with torch.no_grad():
+        net.fc.weight.add_(1.0)
+    if DEVICE == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            ema.update_parameters(net)
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert int(ema.n_averaged) == 4
+    # The weights moved by 1 after the copy; each update n keeps d = (1 + n) / (10 + n) of the gap (the warm-up).
+    gap = (ema.module.fc.weight - net.fc.weight).float()
+    torch.testing.assert_close(gap, torch.full_like(gap, -(2 / 11) * (3 / 12) * (4 / 13)), rtol=1e-4, atol=1e-5)
+
+
 def test_device_loader_gives_the_gpu_the_cpu_batches():
     """Batches are drawn from CPU generators: the same seed gives the same images, order and crops on any device."""
     g = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@ the compiled step against the eager one, fp16 with its GradScaler through a resu
 on a CPU."""
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -278,6 +279,20 @@ def test_trivialaugment_and_random_erasing_train_resume_exactly_and_bad_values_a
         load_config(None, small_overrides(idx_data, **{"data.trivialaugment": True, "data.randaugment_n": 2}))
     with pytest.raises(ConfigError, match=r"data.random_erasing.*\[0, 1\]; got 1.5"):
         load_config(None, small_overrides(idx_data, **{"data.random_erasing": 1.5}))
+
+
+def test_a_weight_ema_run_resumes_exactly(idx_data, tmp_path):
+    """The average (its weights and update count) is checkpointed and restored: a run stopped at step 3 and resumed
+    ends with the uninterrupted run's average, which best.pt and the test use."""
+    sets = {"train.iterations": 6, "train.checkpoint_every": 3, "train.ema_decay": 0.9}
+    straight, rows = _straight_and_resumed(idx_data, tmp_path, sets)
+    assert rows[0] == rows[1] and len(rows[0]) == 6
+    averages = [load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["ema"] for run in ("straight", "resumed")]
+    assert int(averages[0]["n_averaged"]) == 6
+    for key, value in averages[0].items():
+        assert torch.equal(value, averages[1][key]), key
+    resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert resumed["test_top1_error"] == straight["test_top1_error"]
 
 
 def test_micro_batches_sum_to_the_whole_batchs_update():

@@ -208,22 +208,42 @@ def resumed_changes(ckpt_config: dict, config: Config, step: int) -> str | None:
 def weight_ema(model: nn.Module, decay: float | None, warmup: bool = True):
     """The exponential moving average of ``model``'s weights and buffers (None without ``decay``): the first update
     copies them, the n-th after it moves the average by 1 - d towards them, d = min(decay, (1 + n) / (10 + n)) with
-    ``warmup`` (TensorFlow's ExponentialMovingAverage with num_updates), d = decay without."""
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel
+    ``warmup`` (TensorFlow's ExponentialMovingAverage with num_updates), d = decay without. A
+    :class:`WeightEMA`."""
+    return WeightEMA(model, decay, warmup) if decay else None
+
+
+class WeightEMA(torch.optim.swa_utils.AveragedModel):
+    """torch's ``AveragedModel`` (``module`` the average, ``n_averaged`` its update count; the same state dict) with
+    an update that does not wait for the GPU: the rate is computed on the host from the count's CPU buffer, where
+    ``AveragedModel``'s own update copies the count to the device every step (from pageable memory: a copy that
+    waits for the stream)."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        super().__init__(model, use_buffers=True)
+        self.decay, self.warmup = decay, warmup
 
     @torch.no_grad()
-    def update(averages: list[torch.Tensor], currents: list[torch.Tensor], updates: torch.Tensor) -> None:
-        n = float(updates)
-        rate = min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
-        if torch.is_floating_point(averages[0]):
-            torch._foreach_lerp_(averages, currents, 1.0 - rate)
-        else:  # integer buffers (BN's batch counts)
-            for average, current in zip(averages, currents):
-                average.copy_(average * rate + current * (1.0 - rate))
-
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    def update_parameters(self, model: nn.Module) -> None:
+        n = int(self.n_averaged)  # a CPU tensor (unless the average was moved): no device synchronisation
+        averages = [*self.module.parameters(), *self.module.buffers()]
+        currents = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if n == 0:
+            for average, current in zip(averages, currents, strict=True):
+                average.copy_(current)
+        else:
+            rate = min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
+            groups: dict[tuple, tuple[list, list]] = {}
+            for average, current in zip(averages, currents, strict=True):
+                if torch.is_floating_point(average):
+                    pair = groups.setdefault((average.device, average.dtype), ([], []))
+                    pair[0].append(average)
+                    pair[1].append(current)
+                else:  # integer buffers (BN's batch counts)
+                    average.copy_(average * rate + current * (1.0 - rate))
+            for group_averages, group_currents in groups.values():
+                torch._foreach_lerp_(group_averages, group_currents, 1.0 - rate)
+        self.n_averaged += 1
 
 
 def setup_run(config: Config, run_dir: str | Path | None = None, resume: str | None = None,
