@@ -19,8 +19,8 @@ from .test_engine import small_overrides
 # One net of each family, at a small input, with a module of a checkpointed unit (it runs again in the backward pass).
 FAMILIES = [
     ("resnet20", {}, "layer1.0", 32),
-    ("resnet50", {}, "layer2.0", 64),
-    ("se_resnet18", {}, "layer1.0", 64),
+    ("resnet50", {}, "layer2.0", 32),
+    ("se_resnet18", {}, "layer1.0", 32),
     ("densenet_bc", {"depth": 40, "growth_rate": 12}, "features.denseblock1", 32),
     ("efficientnet_b0", {"small_input": True}, "features.2", 32),  # stage by stage; stochastic depth 0.2 is on
     ("googlenet", {"small_input": True}, "inception3a", 32),
