@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 (smoke 8)")
     parser.add_argument("--size", type=int, default=None, help="image side, default 224 (smoke 32)")
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="as train.amp")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per setting after one warm-up step")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per setting after one warm-up step")
     parser.add_argument("--device", default=None, help="cuda when there is one, else cpu")
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"comma-separated, of {', '.join(SETTINGS)}; whole (the reference) is always measured")
