@@ -1,6 +1,7 @@
 """Pretrained weights the way torchvision and timm give them. No download: each test puts a file with the published
 name into the torch.hub cache, as a download would, and checks what create_model does with it."""
 
+import json
 import warnings
 
 import numpy as np
@@ -243,6 +244,16 @@ def test_eval_of_pretrained_weights_on_an_imagenet_folder(hub, tmp_path, monkeyp
     assert f"published (torchvision, single centre crop, fp32): top-1 error {published:.2f}%" in out
     assert "most often mistaken for" in out and f"n00000000 ({categories[0]})" in out
     assert main(["eval", "resnet18"]) == 2 and "--data-dir" in capsys.readouterr().err
+    broken = tmp_path / "imagenet" / "val" / "n00000007" / "image.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    with pytest.raises(ValueError, match="n00000007"):
+        evaluate_pretrained("resnet18", tmp_path / "imagenet", workers=0)
+    assert main(["eval", "resnet18", "--data-dir", str(tmp_path / "imagenet"), "--workers", "0", "--on-bad-image",
+                 "skip", "--json"]) == 0
+    captured = capsys.readouterr()
+    skipping = json.loads(captured.out)
+    assert skipping["count"] == 999 and skipping["skipped"] == 1 and "n00000007" in skipping["skipped_images"][0]
+    assert "skipped 1 bad image(s) of val" in captured.err
     (tmp_path / "imagenet" / "val" / "n00000999" / "image.png").rename(tmp_path / "spare.png")
     (tmp_path / "imagenet" / "val" / "n00000999").rmdir()
     with pytest.raises(ValueError, match="999 class folders; resnet18's weights know 1000"):

@@ -122,3 +122,11 @@ def test_eval_of_an_imagenet_preset_run_on_a_folder_of_mixed_sizes(tmp_path):
     assert (single["mode"], ten["mode"], multi["mode"]) == ("single view", "10-crop", "multi-scale [32, 37, 55]")
     for result in (single, ten, multi):
         assert 0.0 <= result["top1_error"] <= 100.0 and np.isfinite(result["loss"])
+    # A test image that no longer decodes: an error naming it, or with on_bad_image=skip left out and listed
+    broken = root / "val" / "c2" / "3.jpg"
+    broken.write_bytes(broken.read_bytes()[:60])
+    with pytest.raises(ValueError, match="c2/3.jpg"):
+        evaluate_checkpoint(ckpt)
+    skipped = evaluate_checkpoint(ckpt, on_bad_image="skip")
+    assert skipped["count"] == 14 and len(skipped["skipped_images"]) == 1
+    assert skipped["skipped_images"][0].startswith(str(broken))

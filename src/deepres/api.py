@@ -104,7 +104,7 @@ def _dataset(dataset):
 def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: str | None = None,
              ten_crop: bool = False, scales: Sequence[int] | None = None, batch_size: int | None = None,
              device: str = "cpu", workers: int | None = None, precision: str = "run",
-             per_class: bool = False) -> dict:
+             per_class: bool = False, on_bad_image: str | None = None) -> dict:
     """Top-1/top-5 error (percent) and loss of a checkpoint on a split of the data it was trained on, as
     ``deepres eval`` prints them; ``data_dir`` reads the same source from elsewhere. ``precision``: ``"run"`` tests in
     the arithmetic the run tested in during training (its ``train.amp``), so the number repeats its summary;
@@ -112,7 +112,8 @@ def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: st
     error and the class it is most often mistaken for) and ``confusion`` (rows the true class). ``checkpoint`` may also
     name a model with pretrained weights (``"resnet50"``), tested on the ImageNet folder ``data_dir`` (its validation
     images, prepared as the weights were evaluated; the published error beside ours), in fp32 unless ``precision``
-    asks for bf16 or fp16."""
+    asks for bf16 or fp16. ``on_bad_image``: ``"error"`` (pretrained weights' default) or ``"skip"`` (listed in
+    ``skipped_images``) for an image file that cannot be decoded; None: the run's ``data.on_bad_image``."""
     from .engine.inference import evaluate_checkpoint, evaluate_pretrained, pretrained_name
 
     if pretrained_name(checkpoint) is not None:
@@ -120,10 +121,11 @@ def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: st
             raise ValueError(f"{checkpoint}: pretrained weights are tested on an ImageNet folder (data_dir) with a "
                              f"centre crop or ten_crop")
         return evaluate_pretrained(str(checkpoint), data_dir, ten_crop=ten_crop, batch_size=batch_size or 256,
-                                   device=device, workers=workers, precision=precision, per_class=per_class)
+                                   device=device, workers=workers, precision=precision, per_class=per_class,
+                                   on_bad_image=on_bad_image or "error")
     return evaluate_checkpoint(Path(checkpoint), data_dir=data_dir, split=split, ten_crop=ten_crop, scales=scales,
                                batch_size=batch_size, device=device, workers=workers, precision=precision,
-                               per_class=per_class)
+                               per_class=per_class, on_bad_image=on_bad_image)
 
 
 def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):

@@ -203,7 +203,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split,
                                      ten_crop=args.ten_crop, scales=_parse_scales(args.scales),
                                      batch_size=args.batch_size, device=args.device, workers=args.workers,
-                                     precision=args.precision, per_class=args.per_class)
+                                     precision=args.precision, per_class=args.per_class,
+                                     on_bad_image=args.on_bad_image)
+    _print_skipped(result)
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             print(f"deepres: warning: {warning.message}", file=sys.stderr)
@@ -216,6 +218,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.per_class:
             _print_per_class(result["per_class"])
     return 0
+
+
+def _print_skipped(result: dict) -> None:
+    skipped = result.get("skipped_images", [])
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"deepres: skipped {len(skipped)} bad image(s) of {result['split']}: {shown}", file=sys.stderr)
 
 
 def _print_per_class(rows: list[dict]) -> None:
@@ -238,7 +247,9 @@ def _eval_pretrained(args: argparse.Namespace) -> int:
                                       "--ten-crop")
     result = evaluate_pretrained(args.checkpoint, args.data_dir, ten_crop=args.ten_crop,
                                  batch_size=args.batch_size or 256, device=args.device, workers=args.workers,
-                                 precision=args.precision, per_class=args.per_class)
+                                 precision=args.precision, per_class=args.per_class,
+                                 on_bad_image=args.on_bad_image or "error")
+    _print_skipped(result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -421,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", action="store_true",
                    help="also each class's images, top-1 error and the class it is most often mistaken for (JSON: "
                         "per_class and the confusion matrix, rows the true class)")
+    p.add_argument("--on-bad-image", choices=("error", "skip"), default=None,
+                   help="an image file that cannot be decoded: error naming it, or skip it (listed on stderr; JSON: "
+                        "skipped_images). Default: the run's data.on_bad_image; error for pretrained weights")
     p.add_argument("--json", action="store_true", help="print JSON (full precision) instead of a line")
     p.set_defaults(func=cmd_eval)
 

@@ -46,11 +46,12 @@ def evaluate_checkpoint(
     workers: int | None = None,
     precision: str = "run",
     per_class: bool = False,
+    on_bad_image: str | None = None,
 ) -> dict:
     """Top-1/top-5 error of a checkpoint on a split of the data it was trained on (or the same source elsewhere)."""
     return evaluate_checkpoint_modes(path, [(ten_crop, scales)], data_dir=data_dir, split=split,
                                      batch_size=batch_size, device=device, workers=workers, precision=precision,
-                                     per_class=per_class)[0]
+                                     per_class=per_class, on_bad_image=on_bad_image)[0]
 
 
 def per_class_errors(confusion: list[list[int]], classes: Sequence[str]) -> list[dict]:
@@ -110,13 +111,16 @@ def evaluate_checkpoint_modes(
     workers: int | None = None,
     precision: str = "run",
     per_class: bool = False,
+    on_bad_image: str | None = None,
 ) -> list[dict]:
     """:func:`evaluate_checkpoint` for several test modes, each ``(ten_crop, scales)``; the checkpoint and the data
     are read once. Runs of the paper's ImageNet preset are tested on images of any size, resized one by one.
     ``workers``: decoding processes (default: the run's ``data.num_workers``, at most the cores). ``batch_size``:
     images per forward pass (default: the run's ``train.eval_batch_size``). ``precision``: see
     :func:`eval_precision`; each result names it. ``per_class``: each result also holds the confusion matrix
-    (``confusion``, rows the true class) and ``per_class`` (:func:`per_class_errors`). A 10-crop or multi-scale test
+    (``confusion``, rows the true class) and ``per_class`` (:func:`per_class_errors`). ``on_bad_image``: ``error``
+    or ``skip`` an image file that cannot be decoded (None: the run's ``data.on_bad_image``); skipped test images are
+    listed in ``skipped_images``. A 10-crop or multi-scale test
     of a run that trained on uncropped images (not the ImageNet preset) warns: those views are not what the model
     learned from."""
     ckpt = load_checkpoint(path)
@@ -126,7 +130,8 @@ def evaluate_checkpoint_modes(
     batch_size = batch_size or config.train.eval_batch_size
     data_cfg = config.data if data_dir is None else dataclasses.replace(config.data, data_dir=data_dir)
     workers = min(data_workers(config.data), available_cores()) if workers is None else workers
-    data_cfg = dataclasses.replace(data_cfg, train_subset=None, num_workers=max(0, workers))
+    data_cfg = dataclasses.replace(data_cfg, train_subset=None, num_workers=max(0, workers),
+                                   on_bad_image=on_bad_image or data_cfg.on_bad_image)
     if data_cfg.preset != "paper_imagenet" and any(ten or sc for ten, sc in modes):
         import warnings
 
@@ -215,10 +220,13 @@ def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = Fal
     workers = available_cores() if workers is None else workers
     result = evaluate_views(model, FileSamples(FileSplit(paths, torch.tensor(labels)), 3), views, normalizer,
                             device=device, images_per_batch=per_batch, workers=max(0, min(workers, 8)),
-                            autocast=_autocast(precision, device), confusion=per_class)
+                            autocast=_autocast(precision, device), confusion=per_class, on_bad_image=on_bad_image)
     if per_class:
         names = [f"{folder_name} ({category})" for folder_name, category in zip(classes, cfg["classes"])]
         result["per_class"] = per_class_errors(result["confusion"], names)
+    skipped += result.pop("skipped_images", [])  # files the scan left out, then images that did not decode
+    if skipped:
+        result["skipped_images"] = skipped
     published = {f"published_top{k}_error": None if cfg[f"top{k}"] is None else 100.0 - cfg[f"top{k}"] for k in (1, 5)}
     return {"checkpoint": name, "split": folder.name, "mode": "10-crop" if ten_crop else "single view",
             "precision": precision, **result,
@@ -245,7 +253,8 @@ def _evaluate_resized(model, normalizer, part, data_cfg, crop, ten_crop, scales,
         views = centre_view(crop, resize)
     per_batch = max(1, batch_size // (10 if ten_crop else 2 * len(scales) if scales else 1))
     return evaluate_views(model, samples, views, normalizer, device=device, images_per_batch=per_batch,
-                          workers=max(0, data_workers(data_cfg)), autocast=autocast, confusion=confusion)
+                          workers=max(0, data_workers(data_cfg)), autocast=autocast, confusion=confusion,
+                          on_bad_image=data_cfg.on_bad_image)
 
 
 def load_image(path: str | Path, channels: int, size: Sequence[int], resize: int | None = None) -> torch.Tensor:

@@ -52,14 +52,22 @@ def scale_views(scales: Sequence[int], flip: bool = True) -> Views:
 
 
 class _ViewSet(torch.utils.data.Dataset):
-    def __init__(self, samples, views: Views):
-        self.samples, self.views = samples, views
+    def __init__(self, samples, views: Views, on_bad_image: str = "error"):
+        self.samples, self.views, self.on_bad_image = samples, views, on_bad_image
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        return self.views(self.samples.load(i)), int(self.samples.labels[i])
+        from ..data.images import BadImageError
+
+        try:
+            image = self.samples.load(i)
+        except BadImageError as exc:
+            if self.on_bad_image != "skip":
+                raise
+            return None, f"{exc.path}: {exc.reason}"
+        return self.views(image), int(self.samples.labels[i])
 
 
 def _as_list(items):
@@ -78,20 +86,27 @@ def evaluate_views(
     workers: int = 0,
     autocast=None,
     confusion: bool = False,
+    on_bad_image: str = "error",
 ) -> dict:
     """Top-1/top-5 error and loss over ``samples`` (``load(i)`` -> uint8 (C, H, W), ``labels``), each image scored by
     the mean softmax of ``views(image)``: a list of (V, C, h, w) uint8 groups. ``confusion``: also the confusion
-    matrix of the scores' top-1 (rows the true class)."""
+    matrix of the scores' top-1 (rows the true class). ``on_bad_image="skip"``: an image that cannot be decoded is
+    left out (``skipped_images`` lists each as "path: reason") instead of ending the test with its name."""
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(_ViewSet(samples, views), batch_size=images_per_batch, num_workers=workers,
-                                         collate_fn=_as_list)
+    loader = torch.utils.data.DataLoader(_ViewSet(samples, views, on_bad_image), batch_size=images_per_batch,
+                                         num_workers=workers, collate_fn=_as_list)
     ctx = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
     loss = correct1 = correct5 = count = 0.0
     matrix = None
+    skipped: list[str] = []
     try:
         for batch in loader:
+            skipped += [reason for views_, reason in batch if views_ is None]
+            batch = [item for item in batch if item[0] is not None]
+            if not batch:
+                continue
             probs: list[torch.Tensor | None] = [None] * len(batch)
             n_views = [sum(g.shape[0] for g in groups) for groups, _ in batch]
             # Views of one shape across the batch's images run together.
@@ -120,9 +135,11 @@ def evaluate_views(
     finally:
         model.train(was_training)
     if not count:
-        raise ValueError("evaluation split is empty")
+        raise ValueError("evaluation split is empty" + (f": all {len(skipped)} images were bad" if skipped else ""))
     out = {"loss": loss / count, "top1_error": 100.0 * (1 - correct1 / count),
            "top5_error": 100.0 * (1 - correct5 / count), "count": int(count)}
+    if skipped:
+        out["skipped_images"] = skipped
     if confusion:
         out["confusion"] = matrix.tolist()
     return out
