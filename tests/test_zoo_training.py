@@ -39,7 +39,14 @@ def idx_sets(tmp_path_factory):
     return {size: make_idx_dataset(root / str(size), n_train=256, n_test=64, size=size) for size in (16, 32)}
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# The two ResNet-50-size variants take about 25 s each here, so they run in the slow suite. They are the ResNet class
+# senet trains through; tests/test_zoo.py checks ResNeXt's logits against torchvision's, the deformable conv against
+# torchvision's operator, and every family's training step under bf16 autocast.
+SLOW = {"deform", "resnext"}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f
+                                    for f in sorted(FAMILIES)])
 def test_family_trains_through_the_command_line(family, idx_sets, tmp_path):
     name, options, lr, iterations, size = FAMILIES[family]
     run = tmp_path / "run"
