@@ -79,18 +79,22 @@ def eval_precision(precision: str, ckpt: dict, device: str) -> str:
     fp32 elsewhere. Returns "fp32", "bf16" or "fp16"."""
     from .steps import resolve_amp
 
-    if precision not in EVAL_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(EVAL_PRECISIONS)}; got {precision!r}")
-    if precision == "run":
+    if _checked(precision) == "run":
         precision = ckpt.get("eval_precision") or resolve_amp(ckpt["config"]["train"].get("amp", "off"),
                                                               torch.device(device))
+    return _on_device(precision, device)
+
+
+def _checked(precision: str) -> str:
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(EVAL_PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def _on_device(precision: str, device: str) -> str:
+    """A resolved precision as results name it (a run's "off" is fp32); fp16 off a GPU falls back to fp32."""
     precision = {"off": "fp32"}.get(precision, precision)
     return "fp32" if precision == "fp16" and torch.device(device).type != "cuda" else precision
-
-
-def _pretrained_precision(precision: str, device: str) -> str:
-    """Published weights were tested in fp32: ``run`` is fp32 for them; bf16 and fp16 (GPU) may be asked for."""
-    return eval_precision(precision, {"eval_precision": "fp32"}, device)
 
 
 def _autocast(precision: str, device: str):
@@ -197,7 +201,7 @@ def evaluate_pretrained(name: str, data_dir: str | Path, *, ten_crop: bool = Fal
 
     if pretrained_name(name) is None:
         raise ValueError(f"{name!r} is not a model with pretrained weights (deepres models --pretrained lists them)")
-    precision = _pretrained_precision(precision, device)
+    precision = _on_device("fp32" if _checked(precision) == "run" else precision, device)  # as published: fp32
     root = find_split_root(resolve_image_source(data_dir))
     folder = next((root / s for s in ("val", "test") if (root / s).is_dir()), root)
     skipped: list[str] = []
