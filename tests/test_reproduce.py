@@ -148,6 +148,9 @@ def test_zoo_and_imagenet_smoke(tiny_cifar, tmp_path):
     assert "| resnet34-C | 22.7M | 3.83 |" in imagenet  # option C: projections on every shortcut
 
 
+# About 40 s here: in the slow suite. The default suite keeps the concurrency itself (tests/test_benchmarks.py's
+# run_concurrent tests) and the GPU pass's concurrent deepres-train runs (tests/test_gpu_pass.py).
+@pytest.mark.slow
 def test_parallel_runs_are_deepres_train_processes_that_feed_every_report(tiny_cifar, tmp_path):
     """--parallel 2 on the CPU: two `deepres train` processes side by side; their run folders (metrics, summaries,
     last.pt and best.pt) serve the degradation report, Table 6 and the layer responses, and `deepres eval` reads the
