@@ -155,6 +155,105 @@ def test_trivialaugment_is_deterministic_and_changes_images():
     assert a.dtype == torch.uint8 and (a != images).flatten(1).any(1).sum() >= 8  # identity is 1 of 14 operations
 
 
+def _subset(items, p=1.0):
+    from deepres.config import load_config
+    from deepres.data.presets import random_subset
+
+    return random_subset(load_config(None, [f"data.augment={items}", f"data.augment_p={p}"]).data)
+
+
+def _smooth(n=4, h=17, w=23, seed=0):
+    """uint8 RGB images without sharp edges (bilinear resampling of them is not decided by a rounding tie)."""
+    coarse = torch.rand(n, 3, 5, 6, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear").mul(255).round().to(torch.uint8)
+
+
+def test_the_random_subset_operations_equal_torchvision_s():
+    """Each data.augment operation with given parameters against torchvision's functional op on the same image:
+    rotation, shear and perspective equal (the perspective's corners given in pixel-centre coordinates, +0.5 in
+    torchvision's); brightness, contrast, saturation and hue within 1 (torchvision truncates, we round)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from deepres.data.presets import AUGMENT_OPERATIONS as ops
+
+    bilinear = InterpolationMode.BILINEAR
+    x = _smooth()
+
+    def ours(name, **params):
+        params = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in params.items()}
+        return ops[name].apply(x.float(), params).round().to(torch.uint8)
+
+    def theirs(fn):
+        return torch.stack([fn(i, x[i]) for i in range(len(x))])
+
+    angles = [10.0, -25.0, 3.0, 40.0]
+    assert torch.equal(ours("rotate", angle=angles), theirs(lambda i, im: TF.rotate(im, angles[i], bilinear)))
+    shears = [[10.0, 5.0], [-20.0, 0.0], [0.0, 15.0], [7.0, -7.0]]
+    assert torch.equal(ours("shear", shear=shears), theirs(
+        lambda i, im: TF.affine(im, angle=0.0, translate=[0, 0], scale=1.0, shear=shears[i], interpolation=bilinear)))
+    moves = torch.rand(4, 4, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.5
+    h, w = x.shape[-2:]
+    corners = torch.tensor([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=torch.float64)
+    ends = corners + torch.tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]]) * moves * torch.tensor([w // 2, h // 2])
+    assert torch.equal(ours("perspective", moves=moves), theirs(
+        lambda i, im: TF.perspective(im, (corners + 0.5).tolist(), (ends[i] + 0.5).tolist(), bilinear)))
+
+    factors, hues = [0.6, 1.0, 1.3, 1.4], [0.1, -0.05, 0.25, -0.5]
+    keep, still = [1.0] * 4, [0.0] * 4
+    x = torch.randint(0, 256, (4, 3, 9, 9), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    for got, fn in (
+        (ours("brightness", brightness=factors), lambda i, im: TF.adjust_brightness(im, factors[i])),
+        (ours("color_jitter", brightness=keep, contrast=factors, saturation=keep, hue=still),
+         lambda i, im: TF.adjust_contrast(im, factors[i])),
+        (ours("color_jitter", brightness=keep, contrast=keep, saturation=factors, hue=still),
+         lambda i, im: TF.adjust_saturation(im, factors[i])),
+        (ours("color_jitter", brightness=keep, contrast=keep, saturation=keep, hue=hues),
+         lambda i, im: TF.adjust_hue(im, hues[i])),
+    ):
+        assert (got.int() - theirs(fn).int()).abs().max() <= 1
+    assert torch.equal(ours("color_jitter", brightness=keep, contrast=keep, saturation=keep, hue=still), x)
+    grey = x[:, :1]
+    assert torch.equal(ops["color_jitter"].apply(grey.float(), {"brightness": torch.ones(4), "contrast": torch.ones(4),
+                                                                "saturation": torch.full((4,), 0.5),
+                                                                "hue": torch.full((4,), 0.2)}), grey.float())
+
+
+def test_the_random_subset_draws_each_operation_with_its_probability_and_strength():
+    """data.augment (PAPER.md section 7: a random subset of the lecture's operations per image): each operation is
+    chosen with probability p (2,000 images: standard error 0.011) independently of the others, its parameters drawn
+    within its strength; strength 0 is the identity; a batch is a function of the generator's state only (the
+    global RNG untouched) and equal on a batch of one image (the worker loader's form)."""
+    draws = _subset("[shear:10, rotate:20, perspective, brightness:0.4, color_jitter, noise:0.1]", p=0.3).draw(
+        2000, (3, 8, 8), torch.Generator().manual_seed(0))
+    chosen = torch.stack([d["chosen"] for d in draws]).float()
+    assert chosen.mean(1).sub(0.3).abs().max() < 0.045
+    assert (chosen[0] * chosen[1]).mean().item() == pytest.approx(0.09, abs=0.03)
+    shear, angle, moves = draws[0]["shear"], draws[1]["angle"], draws[2]["moves"]
+    assert shear.abs().max() <= 10 and shear.abs().max() > 9.9 and angle.abs().max() <= 20 and angle.abs().max() > 19.9
+    assert moves.min() >= 0 and moves.max() <= 0.3 and moves.max() > 0.29
+    assert draws[3]["brightness"].min() >= 0.6 and draws[3]["brightness"].max() <= 1.4
+    assert draws[4]["hue"].abs().max() <= 0.1 and draws[4]["hue"].abs().max() > 0.099
+    assert draws[5]["noise"].std().item() == pytest.approx(25.5, rel=0.02)
+
+    g = lambda step: step_generator(0, 1, step)  # noqa: E731
+    images = _split(n=32, size=16).images
+    identity = _subset("[shear:0, rotate:0, perspective:0, brightness:0, color_jitter:0, noise:0]")
+    assert torch.equal(identity(images, g(0)), images)
+    policy = _subset("[perspective, color_jitter, noise:0.02]", p=0.5)
+    state = torch.get_rng_state()
+    a = policy(images, g(6))
+    assert torch.get_rng_state().equal(state) and a.dtype == torch.uint8
+    assert torch.equal(a, policy(images, g(6))) and not torch.equal(a, policy(images, g(7)))
+    assert 0.75 < (a != images).flatten(1).any(1).float().mean().item() < 0.97  # 1 - 0.5^3
+    one = policy.one_image()
+    torch.manual_seed(3)
+    b = one(images[0])
+    torch.manual_seed(3)
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    assert torch.equal(b, policy(images[:1], generator)[0])
+
+
 def test_random_erasing_draws_as_torchvision_does():
     """The boxes' rate and areas against torchvision's RandomErasing at p=0.5 on 32x32 (4,000 draws each: the
     erased rate's standard error is 0.008, the mean area's 0.0025); every box lies inside the image and exactly it
@@ -352,6 +451,20 @@ def test_trivialaugment_and_random_erasing_through_workers(tmp_path):
     names = [type(t).__name__ for t in build_data(imagenet, batch_size=8, eval_batch_size=16, seed=0)
              .train.dataset.transform.transforms]
     assert names == ["RandomResize", "TrivialAugmentWide", "RandomCrop", "RandomHorizontalFlip"]
+
+
+def test_the_random_subset_through_workers(tmp_path):
+    """The worker loader runs data.augment's operations per image after the crop and flip (noise at p=1 changes
+    every image against the same run without it)."""
+    root = _folder(tmp_path, size=16)
+    cfg = _worker_cfg(root, tmp_path, num_workers=0, augment=["rotate:10", "noise"], augment_p=1.0)
+    bundle = build_data(cfg, batch_size=8, eval_batch_size=16, seed=0)
+    plain = build_data(_worker_cfg(root, tmp_path, num_workers=0), batch_size=8, eval_batch_size=16, seed=0)
+    names = [type(t).__name__ for t in bundle.train.dataset.transform.transforms]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "OneImage"]
+    x, _ = bundle.train.batch(0)
+    assert (x != plain.train.batch(0)[0]).flatten(1).any(1).all()
+    assert torch.equal(x, build_data(cfg, batch_size=8, eval_batch_size=16, seed=0).train.batch(0)[0])
 
 
 def test_worker_loader_skips_bad_files_with_a_log(tmp_path, caplog):

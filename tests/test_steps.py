@@ -281,6 +281,23 @@ def test_trivialaugment_and_random_erasing_train_resume_exactly_and_bad_values_a
         load_config(None, small_overrides(idx_data, **{"data.random_erasing": 1.5}))
 
 
+def test_the_random_subset_trains_resumes_exactly_and_bad_values_are_named(idx_data, tmp_path):
+    sets = {"train.iterations": 6, "train.checkpoint_every": 3, "data.augment": ["shear", "rotate", "noise"]}
+    straight, rows = _straight_and_resumed(idx_data, tmp_path, sets)
+    assert rows[0] == rows[1] and len(rows[0]) == 6
+    with pytest.raises(ValueError, match="data.augment_p 0.5 vs 0.25"):
+        train(load_config(None, small_overrides(idx_data, **{**sets, "data.augment_p": 0.25,
+                                                               "train.iterations": 9})),
+              tmp_path / "resumed", resume="auto", quiet=True)
+    for value, message in ((["rotation"], r"data.augment\[0\].*'rotation' \(did you mean 'rotate'\?\)"),
+                           (["noise", "perspective:1.5"], r"data.augment\[1\].*must be in \[0, 1\]; got 1.5"),
+                           (["rotate", "rotate:5"], r"data.augment\[1\].*rotate is listed twice")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, small_overrides(idx_data, **{"data.augment": value}))
+    with pytest.raises(ConfigError, match="data.augment': one per-image policy"):
+        load_config(None, small_overrides(idx_data, **{"data.augment": ["noise"], "data.randaugment_n": 2}))
+
+
 def test_a_weight_ema_run_resumes_exactly(idx_data, tmp_path):
     """The average (its weights and update count) is checkpointed and restored: a run stopped at step 3 and resumed
     ends with the uninterrupted run's average, which best.pt and the test use."""

@@ -364,7 +364,7 @@ EXPERIMENT_HELP = {
     "semi-supervised": "pseudo-labels and Noisy Student with 4,000 labels",
     "distillation": "ResNet-56 into ResNet-20",
     "transfer": "CIFAR-10 to Fashion-MNIST with 1,000 labels",
-    "augmentation": "CutMix and RandAugment against pad-crop-flip",
+    "augmentation": "CutMix, RandAugment, TrivialAugment, erasing, a random subset against pad-crop-flip",
 }
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "AUGMENT_OPS",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -31,6 +32,7 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "apply_overrides",
+    "augment_ops",
     "config_differences",
     "config_reference",
     "find_recipe",
@@ -207,6 +209,15 @@ class DataConfig:
     # TrivialAugment (Muller and Hutter 2021; torchvision's TrivialAugmentWide, as in its ResNet-50 recipe): one of 14
     # operations at a random strength per image, where RandAugment would run. Not together with RandAugment.
     trivialaugment: bool = False
+    # The lecture's augmentations as a random subset per image (PAPER.md section 7): each operation listed is applied
+    # with probability augment_p, independently, in the listed order, where RandAugment would run. Operations (and
+    # their default strength; "name:strength" sets another): shear (15 degrees, x and y), rotate (15 degrees),
+    # perspective (distortion 0.3), brightness (factor 1 +/- 0.4), color_jitter (brightness, contrast, saturation
+    # 1 +/- 0.4, hue +/- a quarter of it), noise (Gaussian, std 0.05 of the range). Crop and flip are the preset's.
+    # Not together with RandAugment or TrivialAugment. []: off.
+    augment: list[str] = field(default_factory=list)
+    # The probability of each data.augment operation per image (0.5: half the images get any one of them).
+    augment_p: float = 0.5
     # Random erasing (Zhong et al. 2020) with this probability per image: a rectangle of 2% to 33% of the image, aspect
     # ratio 0.3 to 3.3, set to 0 after normalisation (the mean colour), before CutMix/Mixup: torchvision's
     # RandomErasing defaults, placed as in its recipes (after Normalize; its ResNet-50 recipe uses 0.1). 0: off.
@@ -719,7 +730,7 @@ HONOURED_BY_EVERY_STEP = frozenset({
     "data.normalize", "data.image_size", "data.on_bad_image", "data.max_image_pixels", "data.channels",
     "data.cache_dir", "data.loader",
     "data.gather", "data.num_workers", "data.randaugment_n", "data.randaugment_m", "data.trivialaugment",
-    "data.random_erasing", "data.labeled_per_class",
+    "data.augment", "data.augment_p", "data.random_erasing", "data.labeled_per_class",
     "data.unlabeled_subset", "data.test_per_class",
     "optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay", "optim.decay_norm_and_bias",
     "optim.betas", "optim.eps",
@@ -810,6 +821,41 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+# data.augment's operations: name -> (default strength, largest strength, what the strength is).
+AUGMENT_OPS = {
+    "shear": (15.0, 60.0, "degrees of shear along x and along y"),
+    "rotate": (15.0, 180.0, "degrees of rotation"),
+    "perspective": (0.3, 1.0, "distortion scale"),
+    "brightness": (0.4, 1.0, "brightness factor 1 +/- strength"),
+    "color_jitter": (0.4, 1.0, "brightness, contrast and saturation factors 1 +/- strength, hue +/- strength / 4"),
+    "noise": (0.05, 1.0, "standard deviation of Gaussian noise, a fraction of the pixel range"),
+}
+
+
+def augment_ops(items: list[str]) -> list[tuple[str, float]]:
+    """data.augment's items as (operation, strength) pairs; ConfigError naming the item when one is unknown, repeated
+    or out of range."""
+    ops: list[tuple[str, float]] = []
+    for i, item in enumerate(items):
+        key = f"data.augment[{i}]"
+        name, _, text = str(item).partition(":")
+        name = name.strip()
+        if name not in AUGMENT_OPS:
+            near = difflib.get_close_matches(name, AUGMENT_OPS, n=1)
+            raise ConfigError(key, f"unknown operation {name!r}{f' (did you mean {near[0]!r}?)' if near else ''}; "
+                                   f"one of {', '.join(AUGMENT_OPS)}, optionally as name:strength")
+        default, largest, meaning = AUGMENT_OPS[name]
+        try:
+            strength = float(text) if text.strip() else default
+        except ValueError:
+            raise ConfigError(key, f"{item!r}: the strength after ':' must be a number ({meaning})") from None
+        _require(_finite(strength) and 0.0 <= strength <= largest, key,
+                 f"{item!r}: {name}'s strength ({meaning}) must be in [0, {largest:g}]; got {strength:g}")
+        _require(name not in (n for n, _ in ops), key, f"{name} is listed twice")
+        ops.append((name, strength))
+    return ops
+
+
 def _finite(value: float) -> bool:
     return value == value and value not in (float("inf"), float("-inf"))
 
@@ -873,6 +919,11 @@ def _check_ranges(c: Config) -> None:
     _require(not (d.trivialaugment and d.randaugment_n > 0), "data.trivialaugment",
              f"TrivialAugment replaces RandAugment; set data.randaugment_n=0 (got {d.randaugment_n}) or "
              f"data.trivialaugment=false")
+    _require(0.0 <= d.augment_p <= 1.0, "data.augment_p", f"must be a probability in [0, 1]; got {d.augment_p}")
+    augment_ops(d.augment)
+    _require(not (d.augment and (d.randaugment_n > 0 or d.trivialaugment)), "data.augment",
+             "one per-image policy at a time: data.augment, RandAugment (data.randaugment_n > 0) or "
+             "data.trivialaugment; unset the others")
     _require(0.0 <= d.random_erasing <= 1.0, "data.random_erasing",
              f"must be a probability in [0, 1]; got {d.random_erasing}")
     _require(d.cutmix_alpha >= 0, "data.cutmix_alpha", f"must be >= 0; got {d.cutmix_alpha}")

@@ -48,11 +48,14 @@ class DataBundle:
 
 def device_augmentation(cfg) -> tuple[bool, object]:
     """(paper crop and flip?, per-batch augmentation after it or None) of a preset on the device loader (PAPER.md
-    section 5): the crop and flip for ``paper_cifar``, then RandAugment or TrivialAugment when enabled."""
-    from .presets import PerImageBatch, augment_policy
+    section 5): the crop and flip for ``paper_cifar``, then RandAugment, TrivialAugment or ``data.augment``'s random
+    subset when enabled."""
+    from .presets import PerImageBatch, augment_policy, random_subset
 
     if cfg.preset not in ("paper_cifar", "none"):
         raise ValueError(f"data.preset={cfg.preset!r} has no device-resident implementation; use data.loader=workers")
+    if cfg.augment:  # batched on the device
+        return cfg.preset == "paper_cifar", random_subset(cfg)
     policy = augment_policy(cfg)
     return cfg.preset == "paper_cifar", PerImageBatch(policy) if policy is not None else None
 

@@ -161,8 +161,8 @@ def _resume_source(resume: str | None, paths: RunPaths) -> Path | None:
 # Settings a resumed run must share with its checkpoint: they decide which images each step sees and how, so
 # resuming with others would not continue the run but start a different one from its weights (model.init does that).
 EXACT_RESUME_KEYS = ("train.batch_size", "train.seed", "data.gather", "data.preset", "data.randaugment_n",
-                     "data.randaugment_m", "data.trivialaugment", "data.random_erasing", "data.cutmix_alpha",
-                     "data.mixup_alpha")
+                     "data.randaugment_m", "data.trivialaugment", "data.augment", "data.augment_p",
+                     "data.random_erasing", "data.cutmix_alpha", "data.mixup_alpha")
 
 
 def _check_compatible(ckpt: dict, config: Config, classes: list[str], fingerprint: str, path: Path) -> None:
