@@ -143,6 +143,28 @@ def test_train_memory_measures_each_setting_in_a_process_of_its_own(tmp_path, ca
     assert exit_info.value.code == 2 and "unknown half" in capsys.readouterr().err
 
 
+def test_augment_times_the_same_operations_both_ways(tmp_path, capsys):
+    """The reference is the same six operations as torchvision transforms: at p=1 both change every image, at p=0
+    neither; the smoke run writes a complete result."""
+    import torch
+
+    from deepres.benchmarks.augment import OPS, main, torchvision_policy
+    from deepres.config import augment_ops
+    from deepres.data.presets import RandomSubset
+
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for p, changed in ((1.0, True), (0.0, False)):
+        ours = RandomSubset(augment_ops(OPS), p)(images, torch.Generator().manual_seed(1))
+        theirs = torch.stack([torchvision_policy(p)(image) for image in images])
+        for out in (ours, theirs):
+            assert bool((out != images).flatten(1).any(1).all()) is changed
+    assert main(["--smoke", "--batch-size", "16", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("augment-cpu-*.json")
+    result = json.loads(path.read_text())
+    assert KEYS <= set(result) and result["ours"] > 0 and result["reference"] > 0
+    assert result["ratio"] == pytest.approx(result["ours"] / result["reference"])
+
+
 def test_imagenet_throughput_records_the_resnet50_bars(tmp_path):
     # ResNet-50 at a tiny size on the CPU: the file carries the issue's two bars, and a CPU run meets neither.
     out = subprocess.run([sys.executable, "-m", "deepres", "benchmark", "imagenet-throughput", "--smoke", "--model",
