@@ -164,3 +164,27 @@ def test_num_classes_follows_the_classifier_in_every_family():
             seen.append(model.num_classes)
             seen.append(model(torch.empty(1, 3, *model.input_size)).shape[1])
     assert seen == [7, 0, 3, 3] * len(FAMILY_MODELS)
+
+
+def test_torch_hub_loads_every_registered_model_from_a_checkout():
+    """hubconf.py: torch.hub.load(checkout, NAME, source="local", **kwargs) is create_model(NAME, **kwargs) for every
+    registered name (same weights from the same seed); an unknown name and missing weights are torch's and our
+    errors."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("deepres_hubconf", root / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    assert all(callable(getattr(hubconf, name, None)) for name in list_models())
+    torch.manual_seed(0)
+    hub = torch.hub.load(str(root), "resnet20", source="local", num_classes=7, in_chans=1)
+    torch.manual_seed(0)
+    ours = create_model("resnet20", num_classes=7, in_chans=1)
+    assert type(hub) is type(ours) and hub.state_dict().keys() == ours.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), ours.state_dict().values()))
+    assert "resnet56" in hubconf.resnet56.__doc__
+    with pytest.raises(RuntimeError, match="resnet21"):
+        torch.hub.load(str(root), "resnet21", source="local")
+    with pytest.raises(ValueError, match="no pretrained weights for 'resnet20'"):
+        torch.hub.load(str(root), "resnet20", source="local", pretrained=True)
