@@ -150,7 +150,7 @@ def test_augment_times_the_same_operations_both_ways(tmp_path, capsys):
 
     from deepres.benchmarks.augment import OPS, main, torchvision_policy
     from deepres.config import augment_ops
-    from deepres.data.presets import RandomSubset
+    from deepres.data.policies import RandomSubset
 
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for p, changed in ((1.0, True), (0.0, False)):

@@ -17,6 +17,7 @@ from deepres.data import (
     Normalizer,
     RandAugmentBatch,
     Split,
+    TrivialAugmentBatch,
     WorkerEvalLoader,
     WorkerLoader,
     build_data,
@@ -26,7 +27,7 @@ from deepres.data import (
     step_generator,
 )
 from deepres.data import pipeline
-from deepres.data.presets import IMAGENET_EIGVAL, IMAGENET_EIGVEC, MixChoice, PerImageBatch, RandomErasing
+from deepres.data.presets import IMAGENET_EIGVAL, IMAGENET_EIGVEC, MixChoice, RandomErasing
 
 from .test_data_common import make_image_folder
 
@@ -144,9 +145,7 @@ def test_randaugment_is_deterministic_and_leaves_global_rng_alone():
 
 def test_trivialaugment_is_deterministic_and_changes_images():
     images = _split(n=16, size=16).images
-    from torchvision.transforms import v2
-
-    ta = PerImageBatch(v2.TrivialAugmentWide())
+    ta = TrivialAugmentBatch()
     state = torch.get_rng_state()
     a = ta(images, step_generator(0, 1, 3))
     assert torch.equal(torch.get_rng_state(), state)
@@ -155,9 +154,106 @@ def test_trivialaugment_is_deterministic_and_changes_images():
     assert a.dtype == torch.uint8 and (a != images).flatten(1).any(1).sum() >= 8  # identity is 1 of 14 operations
 
 
+def _auto_augment_reference():
+    """torchvision's functional operation for each of RandAugment's and TrivialAugment's 14, given a magnitude, as
+    its auto-augment transforms call them."""
+    import math
+
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    nearest = InterpolationMode.NEAREST
+
+    def shear(im, m, axis):
+        angle = [0.0, 0.0]
+        angle[axis] = math.degrees(math.atan(m))
+        return TF.affine(im, angle=0.0, translate=[0, 0], scale=1.0, shear=angle, interpolation=nearest, center=[0, 0])
+
+    def translate(im, m, axis):
+        shift = [0, 0]
+        shift[axis] = int(m)
+        return TF.affine(im, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], interpolation=nearest)
+
+    return {
+        "Identity": lambda im, m: im,
+        "ShearX": lambda im, m: shear(im, m, 0), "ShearY": lambda im, m: shear(im, m, 1),
+        "TranslateX": lambda im, m: translate(im, m, 0), "TranslateY": lambda im, m: translate(im, m, 1),
+        "Rotate": lambda im, m: TF.rotate(im, angle=m, interpolation=nearest),
+        "Brightness": lambda im, m: TF.adjust_brightness(im, 1 + m),
+        "Color": lambda im, m: TF.adjust_saturation(im, 1 + m),
+        "Contrast": lambda im, m: TF.adjust_contrast(im, 1 + m),
+        "Sharpness": lambda im, m: TF.adjust_sharpness(im, 1 + m),
+        "Posterize": lambda im, m: TF.posterize(im, int(m)),
+        "Solarize": lambda im, m: TF.solarize(im, 255.0 * m),
+        "AutoContrast": lambda im, m: TF.autocontrast(im),
+        "Equalize": lambda im, m: TF.equalize(im),
+    }
+
+
+def test_the_auto_augment_operations_equal_torchvision_s():
+    """Each of RandAugment's and TrivialAugment's 14 operations, batched with a magnitude per image, equals
+    torchvision's functional operation image by image, on RGB and grey images (uint8 out, bit for bit). Magnitudes
+    avoid nearest-neighbour ties (a sampling point exactly between two pixels, as shear 0.2 puts row 2), which the two
+    float32 grids may resolve either way."""
+    from deepres.data.policies import AUTO_AUGMENT_OPS
+
+    reference = _auto_augment_reference()
+    magnitudes = {
+        "geometric": [0.09, -0.3, 0.99, -0.45, 0.13, 0.0], "Rotate": [9.0, -30.0, 135.0, -77.3, 12.5, 0.0],
+        "translate": [4.35, -4.35, 32.0, -7.9, 0.5, 10.0], "colour": [0.27, -0.9, 0.99, -0.5, 0.1, 0.0],
+        "Posterize": [7, 4, 2, 8, 5, 6], "Solarize": [0.7, 1.0, 0.0, 0.5, 0.33, 0.9],
+    }
+    kind = {"ShearX": "geometric", "ShearY": "geometric", "TranslateX": "translate", "TranslateY": "translate",
+            "Brightness": "colour", "Color": "colour", "Contrast": "colour", "Sharpness": "colour"}
+    rgb = torch.randint(0, 256, (6, 3, 16, 20), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for name, (op, *_) in AUTO_AUGMENT_OPS.items():
+        m = torch.tensor(magnitudes.get(kind.get(name, name), [0.0] * 6), dtype=torch.float64)
+        for images in (rgb, _smooth(6, 16, 20), rgb[:, :1].contiguous()):
+            ours = op(images.clone(), m)
+            theirs = torch.stack([reference[name](images[i], float(m[i])) for i in range(len(images))])
+            assert ours.dtype == torch.uint8 and torch.equal(ours, theirs), (name, images.shape)
+
+
+def test_randaugment_and_trivialaugment_draw_as_torchvision_does():
+    """Operations uniform over the 14 (14,000 draws: each share's standard error 0.0022), RandAugment at its bin M,
+    TrivialAugment at a uniform bin, signed magnitudes negated half the time; over 1,500 images the share left
+    unchanged and the mean change per pixel match torchvision's transforms applied image by image."""
+    from torchvision.transforms import v2
+
+    from deepres.data.policies import AUTO_AUGMENT_OPS
+
+    names = list(AUTO_AUGMENT_OPS)
+    (layer,) = TrivialAugmentBatch().draw(14_000, (3, 32, 32), torch.Generator().manual_seed(0))
+    share = layer["op"].bincount(minlength=14).double() / 14_000
+    assert (share - 1 / 14).abs().max() < 0.009
+    rotate = layer["magnitude"][layer["op"] == names.index("Rotate")]
+    assert rotate.abs().max() == pytest.approx(135.0) and 0.45 < (rotate < 0).double().mean() < 0.55
+    assert set(rotate.abs().div(4.5).round().long().tolist()) == set(range(31))  # bins of 135/30 degrees
+    bits = layer["magnitude"][layer["op"] == names.index("Posterize")]
+    assert set(bits.tolist()) == {2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0}
+    layers = RandAugmentBatch(2, 9).draw(2000, (3, 32, 32), torch.Generator().manual_seed(1))
+    assert len(layers) == 2
+    for layer in layers:
+        rotate = layer["magnitude"][layer["op"] == names.index("Rotate")]
+        assert len(rotate) > 100 and torch.allclose(rotate.abs(), torch.tensor(9.0, dtype=torch.float64))
+        assert set(layer["magnitude"][layer["op"] == names.index("Posterize")].tolist()) == {7.0}
+
+    images = _smooth(1500, 12, 12, seed=3)
+    for ours, theirs in ((TrivialAugmentBatch(), v2.TrivialAugmentWide()), (RandAugmentBatch(2, 9), v2.RandAugment())):
+        a = ours(images, torch.Generator().manual_seed(2))
+        torch.manual_seed(2)
+        b = torch.stack([theirs(image) for image in images])
+        for out in (a, b):
+            assert out.dtype == torch.uint8
+        same_a, same_b = ((out == images).flatten(1).all(1).double().mean().item() for out in (a, b))
+        change_a, change_b = ((out.float() - images.float()).abs().mean().item() for out in (a, b))
+        assert same_a == pytest.approx(same_b, abs=0.04), repr(ours)  # standard error about 0.011 each
+        assert change_a == pytest.approx(change_b, rel=0.08), repr(ours)
+
+
 def _subset(items, p=1.0):
     from deepres.config import load_config
-    from deepres.data.presets import random_subset
+    from deepres.data.policies import random_subset
 
     return random_subset(load_config(None, [f"data.augment={items}", f"data.augment_p={p}"]).data)
 
@@ -175,7 +271,7 @@ def test_the_random_subset_operations_equal_torchvision_s():
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
-    from deepres.data.presets import AUGMENT_OPERATIONS as ops
+    from deepres.data.policies import AUGMENT_OPERATIONS as ops
 
     bilinear = InterpolationMode.BILINEAR
     x = _smooth()
@@ -444,13 +540,13 @@ def test_trivialaugment_and_random_erasing_through_workers(tmp_path):
     cfg = _worker_cfg(root, tmp_path, num_workers=0, trivialaugment=True, random_erasing=1.0)
     bundle = build_data(cfg, batch_size=8, eval_batch_size=16, seed=0)
     plain = build_data(_worker_cfg(root, tmp_path, num_workers=0), batch_size=8, eval_batch_size=16, seed=0)
-    assert type(bundle.train.dataset.transform.transforms[-1]).__name__ == "TrivialAugmentWide"
+    assert repr(bundle.train.dataset.transform.transforms[-1]) == "OneImage(TrivialAugmentBatch())"
     x, _ = bundle.train.batch(0)
     assert (x == 0).all(1).flatten(1).any(1).all() and not torch.equal(x, plain.train.batch(0)[0])
     imagenet = _worker_cfg(root, tmp_path, preset="paper_imagenet", image_size=8, num_workers=0, trivialaugment=True)
     names = [type(t).__name__ for t in build_data(imagenet, batch_size=8, eval_batch_size=16, seed=0)
              .train.dataset.transform.transforms]
-    assert names == ["RandomResize", "TrivialAugmentWide", "RandomCrop", "RandomHorizontalFlip"]
+    assert names == ["RandomResize", "OneImage", "RandomCrop", "RandomHorizontalFlip"]
 
 
 def test_the_random_subset_through_workers(tmp_path):

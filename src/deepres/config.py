@@ -203,7 +203,8 @@ class DataConfig:
     # Processes that decode and augment images (image folders); None: the cores this process may use, at most 8.
     num_workers: int | None = None
     # Augmentations beyond the paper (0 disables). RandAugment (Cubuk et al. 2020): N operations at magnitude M per
-    # image, after the crop and flip (the ImageNet preset: before the crop).
+    # image, after the crop and flip (the ImageNet preset: before the crop); torchvision's operations and magnitudes,
+    # batched (deepres.data.RandAugmentBatch).
     randaugment_n: int = 0
     randaugment_m: int = 9
     # TrivialAugment (Muller and Hutter 2021; torchvision's TrivialAugmentWide, as in its ResNet-50 recipe): one of 14

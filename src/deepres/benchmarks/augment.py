@@ -1,8 +1,9 @@
-"""Per-image augmentation of a training batch: ours (``data.augment``'s random subset, batched on the device: one
-resampling per geometric operation for the images that drew it, colour and noise as tensor ops) against the same
-operations as torchvision ``transforms.v2`` applied image by image (``RandomApply`` of ``RandomAffine``,
-``RandomRotation``, ``RandomPerspective``, ``ColorJitter`` and Gaussian noise, the way a per-sample pipeline runs
-them), on the same uint8 batch of CIFAR-10 JPEG images, same machine, same run.
+"""Per-image augmentation of a training batch: ours (batched on the device: every image draws its own operations,
+and each operation runs once on the images that drew it) against the same policy as torchvision ``transforms.v2``
+applied image by image, the way a per-sample pipeline runs it, on the same uint8 batch of CIFAR-10 JPEG images,
+same machine, same run. The headline is ``data.augment``'s random subset (against ``RandomApply`` of
+``RandomAffine``, ``RandomRotation``, ``RandomPerspective``, ``ColorJitter`` and Gaussian noise); RandAugment (N=2,
+M=9) and TrivialAugment Wide are measured beside it against ``v2.RandAugment`` and ``v2.TrivialAugmentWide``.
 
     deepres benchmark augment                    # writes benchmarks/results/augment-<device>.json
     deepres benchmark augment --smoke --out DIR  # tiny run (CI)
@@ -17,7 +18,7 @@ import torch
 
 from ..config import DataConfig, augment_ops
 from ..data import load_dataset, step_generator
-from ..data.presets import RandomSubset
+from ..data.policies import RandAugmentBatch, RandomSubset, TrivialAugmentBatch
 from .common import default_cifar_data, gpu_or_cpu, sync, write_result
 
 OPS = ["shear", "rotate", "perspective", "brightness", "color_jitter", "noise"]
@@ -51,11 +52,12 @@ def torchvision_policy(p: float):
     return v2.Compose([v2.RandomApply([t], p=p) for t in transforms])
 
 
-def _per_second(run, device: torch.device, batches: int, images: int) -> float:
-    run(0)
+def _per_second(run, device: torch.device, batches: int, images: int, warmup: int) -> float:
+    for step in range(warmup):  # first uses of each operation's kernels: not timed
+        run(step)
     sync(device)
     start = time.perf_counter()
-    for step in range(1, batches + 1):
+    for step in range(warmup, warmup + batches):
         run(step)
     sync(device)
     return batches * images / (time.perf_counter() - start)
@@ -82,23 +84,33 @@ def main(argv: list[str] | None = None) -> int:
         images = load_dataset(DataConfig(source="imagefolder", data_dir=data, val_size=0)).train.images
         images = images[: args.batch_size]
     images = images.to(device)
-    ours = RandomSubset(augment_ops(OPS), args.p)
-    theirs = torchvision_policy(args.p)
+    warmup = 1 if args.smoke else 5
 
-    def run_ours(step: int) -> None:
-        ours(images, step_generator(0, 1, step))
+    def rates(ours, theirs) -> tuple[float, float]:
+        def run_ours(step: int) -> None:
+            ours(images, step_generator(0, 1, step))
 
-    def run_theirs(step: int) -> None:
-        torch.manual_seed(step)
-        torch.stack([theirs(image) for image in images])
+        def run_theirs(step: int) -> None:
+            torch.manual_seed(step)
+            torch.stack([theirs(image) for image in images])
 
-    ours_rate = _per_second(run_ours, device, batches, len(images))
-    reference = _per_second(run_theirs, device, batches, len(images))
+        return (_per_second(run_ours, device, batches, len(images), warmup),
+                _per_second(run_theirs, device, batches, len(images), warmup))
+
+    from torchvision.transforms import v2
+
+    ours_rate, reference = rates(RandomSubset(augment_ops(OPS), args.p), torchvision_policy(args.p))
+    others = {}
+    for name, ours, theirs in (("randaugment", RandAugmentBatch(2, 9), v2.RandAugment(2, 9)),
+                               ("trivialaugment", TrivialAugmentBatch(), v2.TrivialAugmentWide())):
+        a, b = rates(ours, theirs)
+        others[name] = {"ours": a, "reference": b, "ratio": a / b}
     metric = (f"augmented images/s: {', '.join(OPS)} at their default strengths, each with probability {args.p}, "
               f"on a uint8 batch of {len(images)} {'random' if args.smoke else 'CIFAR-10 JPEG'} 32x32 images on the "
               f"device; reference: the same operations as torchvision v2 transforms image by image "
-              f"(torch.get_num_threads() = {torch.get_num_threads()})")
-    path = write_result("augment", device, metric, ours_rate, reference, None, out=args.out)
+              f"(torch.get_num_threads() = {torch.get_num_threads()}); randaugment (N=2, M=9) and trivialaugment: "
+              f"the same measurement against v2.RandAugment and v2.TrivialAugmentWide")
+    path = write_result("augment", device, metric, ours_rate, reference, None, out=args.out, **others)
     print(f"wrote {path}")
     return 0
 

@@ -12,7 +12,8 @@ from .folders import FolderDataset, load_prepared, prepare_image_folder, scan_im
 from .images import BadImageError, decode_image_bytes, read_image
 from .loaders import DeviceLoader, EvalLoader, Normalizer, random_crop_flip, step_generator
 from .pipeline import DataBundle, build_data, choose_loader, device_augmentation, train_loader_over, train_mix
-from .presets import CutMix, Mixup, RandAugmentBatch, pca_lighting
+from .policies import RandAugmentBatch, RandomSubset, TrivialAugmentBatch
+from .presets import CutMix, Mixup, pca_lighting
 from .sources import SOURCES, load_dataset, register_source
 from .subsets import first_per_class, load_run_dataset, split_labeled
 from .workers import WorkerEvalLoader, WorkerLoader
@@ -29,7 +30,9 @@ __all__ = [
     "Mixup",
     "Normalizer",
     "RandAugmentBatch",
+    "RandomSubset",
     "Split",
+    "TrivialAugmentBatch",
     "WorkerEvalLoader",
     "WorkerLoader",
     "build_data",

@@ -50,14 +50,11 @@ def device_augmentation(cfg) -> tuple[bool, object]:
     """(paper crop and flip?, per-batch augmentation after it or None) of a preset on the device loader (PAPER.md
     section 5): the crop and flip for ``paper_cifar``, then RandAugment, TrivialAugment or ``data.augment``'s random
     subset when enabled."""
-    from .presets import PerImageBatch, augment_policy, random_subset
+    from .presets import augment_policy
 
     if cfg.preset not in ("paper_cifar", "none"):
         raise ValueError(f"data.preset={cfg.preset!r} has no device-resident implementation; use data.loader=workers")
-    if cfg.augment:  # batched on the device
-        return cfg.preset == "paper_cifar", random_subset(cfg)
-    policy = augment_policy(cfg)
-    return cfg.preset == "paper_cifar", PerImageBatch(policy) if policy is not None else None
+    return cfg.preset == "paper_cifar", augment_policy(cfg)
 
 
 def train_erasing(cfg):
@@ -192,7 +189,7 @@ def _worker_transforms(cfg, first_image: torch.Tensor):
     from .presets import augment_policy, paper_imagenet_eval, paper_imagenet_train
     from .workers import ResizeSquare
 
-    policy = augment_policy(cfg)
+    policy = augment_policy(cfg, batched=False)
     if cfg.preset == "paper_imagenet":
         crop = cfg.image_size or 224
         lighting = LIGHTING_STD if first_image.shape[0] == 3 else None
