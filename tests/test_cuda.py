@@ -190,6 +190,29 @@ def test_device_loader_gives_the_gpu_the_cpu_batches():
             torch.testing.assert_close(xd.cpu(), xc, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment", "augment"])
+def test_batched_policies_give_the_gpu_the_cpu_images(policy):
+    """RandAugment, TrivialAugment and data.augment's random subset draw on the CPU and run their operations on the
+    batch's device: the GPU's augmented batch is the CPU's up to float32 rounding (RandAugment and TrivialAugment:
+    99.9% of the pixels equal, a nearest-neighbour tie or a truncated blend may go the other way; the random subset,
+    all in float until one rounding: within one level of 255, 99% equal)."""
+    from deepres.config import augment_ops
+    from deepres.data import RandAugmentBatch, RandomSubset, TrivialAugmentBatch, step_generator
+
+    augment = {"randaugment": lambda: RandAugmentBatch(2, 9), "trivialaugment": TrivialAugmentBatch,
+               "augment": lambda: RandomSubset(augment_ops(["shear", "rotate", "perspective", "brightness",
+                                                            "color_jitter", "noise"]), 0.5)}[policy]()
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        cpu = augment(images, step_generator(0, 1, step))
+        dev = augment(images.to(DEVICE), step_generator(0, 1, step)).cpu()
+        diff = (cpu.int() - dev.int()).abs()
+        if policy == "augment":
+            assert diff.max() <= 1 and (diff == 0).double().mean() > 0.99
+        else:
+            assert (diff == 0).double().mean() > 0.999, policy
+
+
 def test_ddp_one_process_through_torchrun(tmp_path):
     """The multi-GPU path (NCCL on CUDA, gloo on the CPU) with one process: trains, checkpoints, leaves the group;
     with two micro-batches per batch (gradients reduced once, after the second)."""
