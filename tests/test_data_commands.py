@@ -1,4 +1,4 @@
-"""``deepres data info`` / ``deepres data prepare`` as a user runs them, and the data benchmark's smoke mode."""
+"""``deepres data info`` / ``prepare`` / ``preview`` as a user runs them, and the data benchmark's smoke mode."""
 
 from __future__ import annotations
 
@@ -103,6 +103,52 @@ def test_data_help_explains_itself(capsys):
         main(["data", "prepare", "--help"])
     out = capsys.readouterr().out
     assert "--on-bad-image" in out and "--size" in out
+
+
+def _preview_config(root, tmp_path, *extra):
+    from deepres.config import load_config
+
+    return load_config("demo", ["data.source=imagefolder", f"data.data_dir={root}", f"data.cache_dir={tmp_path / 'c'}",
+                                "data.val_size=0", "train.batch_size=6", "data.channels=3", *extra])
+
+
+def test_preview_shows_training_images_as_the_run_sees_them(tmp_path, capsys):
+    """Without augmentation each previewed image is one of the training images, the normalisation undone, titled
+    with its class; with CutMix the titles give the two classes' shares; the command writes the grid and a bad key
+    exits 2."""
+    from deepres.report.plots import training_batch_images
+
+    root = make_image_folder(tmp_path / "f", n_train=4, n_test=2)
+    images, labels = training_batch_images(_preview_config(root, tmp_path, "data.preset=none"), rows=2, columns=5)
+    assert images.shape == (2, 5, 3, 8, 8)
+    from deepres.config import DataConfig
+    from deepres.data import load_dataset
+
+    train = load_dataset(DataConfig(source="imagefolder", data_dir=str(root), cache_dir=str(tmp_path / "c"),
+                                    val_size=0, channels=3)).train
+    originals = train.images.float() / 255
+    for r in range(2):
+        for c in range(5):
+            match = (originals - images[r, c]).abs().flatten(1).amax(1) < 1e-5
+            assert match.sum() >= 1, (r, c)
+            assert labels[r][c] == ["ant", "bee", "cat"][int(train.labels[match.nonzero()[0, 0]])]
+    _, mixed = training_batch_images(_preview_config(root, tmp_path, "data.cutmix_alpha=1.0"), rows=3, columns=6)
+    assert any(" / " in label and label.count(" 0.") == 2 for row in mixed for label in row)
+
+    out = tmp_path / "grid.png"
+    assert main(["data", "preview", "--recipe", "demo", "--set", "data.source=imagefolder", "--set",
+                 f"data.data_dir={root}", "--set", f"data.cache_dir={tmp_path / 'c'}", "--set", "data.val_size=0",
+                 "--set", "train.batch_size=6", "--set", "data.augment=rotate,noise", "--rows", "2",
+                 "--columns", "3", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "training batches 0-1" in capsys.readouterr().out
+    assert main(["data", "preview", "--recipe", "demo", "--set", "data.augment=twist", "--out", str(out)]) == 2
+    assert "data.augment[0]" in capsys.readouterr().err
+    assert main(["data", "preview", "--recipe", "demo", "--set", "data.source=imagefolder", "--set",
+                 f"data.data_dir={root}", "--set", "train.batch_size=6", "--columns", "7", "--out", str(out)]) == 2
+    assert "data.val_size=5000" in capsys.readouterr().err  # the recipe's, as training says
+    assert main(["data", "preview", "--recipe", "demo", "--set", "data.source=imagefolder", "--set",
+                 f"data.data_dir={root}", "--set", "train.fit_to_data=true", "--columns", "7", "--out", str(out)]) == 1
+    assert "more than the batch size" in capsys.readouterr().err
 
 
 def test_benchmark_smoke(tmp_path):

@@ -524,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
 # deepres data
 
 DATA_DESCRIPTION = """\
+- deepres data preview --recipe R [--set KEY=VALUE ...] [--rows 4] [--columns 8] [--out preview.png]: the first
+  images of the first training batches as the run would train on them (its seed, loader, crop and flip,
+  RandAugment/TrivialAugment/data.augment, erasing, CutMix/Mixup), normalisation undone, each titled with its label
+  (a mixed one with its classes' shares): look at an augmentation before a long run.
 - deepres data info SOURCE [--data-dir DIR] [--val-size N] [--json]: images per split and per class of a source
   (cifar10, ..., or an image folder / its .tar.gz / a prepared file given as its path). --val-size
   defaults to 0 here, so train shows the official training count; pass --val-size 5000 to see the split a run uses
@@ -592,8 +596,21 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .report.plots import plot_training_images
+
+    config = load_config(args.recipe, args.overrides)
+    if args.rows < 1 or args.columns < 1:
+        raise ValueError(f"--rows and --columns must be at least 1; got {args.rows}, {args.columns}")
+    out = plot_training_images(config, args.out, rows=args.rows, columns=args.columns)
+    print(f"wrote {out}: the first {args.columns} images of training batches 0-{args.rows - 1} of "
+          f"{args.recipe or 'the default config'} as the run would train on them")
+    return 0
+
+
 def _data_guarded(fn):
-    """Library errors (bad input, missing files) become one line on stderr and exit status 1."""
+    """Library errors (bad input, missing files) become one line on stderr and exit status 1 (a config error: 2)."""
 
     def run(args):
         import logging
@@ -602,6 +619,8 @@ def _data_guarded(fn):
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
             return fn(args)
+        except ConfigError:
+            raise  # exit status 2, as for every command
         except (ValueError, FileNotFoundError, TypeError) as exc:
             print(f"deepres data: error: {exc}", file=sys.stderr)
             return 1
@@ -647,6 +666,13 @@ def add_data_commands(sub) -> None:
     q.add_argument("--cache-dir", help="where a .tar.gz source is extracted (default: $DEEPRES_DATA/cache or "
                    "~/.cache/deepres)")
     q.set_defaults(func=_data_guarded(cmd_data_prepare))
+
+    q = data_sub.add_parser("preview", help="a grid of training images as a recipe's run would see them (augmented)")
+    add_config_arguments(q)
+    q.add_argument("--rows", type=int, default=4, help="training batches, one per row (default 4)")
+    q.add_argument("--columns", type=int, default=8, help="images of each batch (default 8)")
+    q.add_argument("--out", default="preview.png", help="the PNG to write (default preview.png)")
+    q.set_defaults(func=_data_guarded(cmd_data_preview))
 
 
 def _threads_within_quota() -> None:
