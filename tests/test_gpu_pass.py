@@ -22,7 +22,8 @@ KEYS = {"benchmark", "device", "torch", "metric", "ours", "reference", "ratio", 
 def smoke_pass(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-pass")
     # cifar-rest runs the same code as cifar-full (other nets), so the suite leaves it out to save its 10 s.
-    items = "env,slow,cuda-tests,cifar-steps,imagenet-throughput,inference,cifar-full,cifar-speedrun,jpeg-pipeline"
+    items = ("env,slow,cuda-tests,cifar-steps,imagenet-throughput,inference,cifar-full,cifar-speedrun,jpeg-pipeline,"
+             "augment")
     proc = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}",
                            f"ARGS=--smoke --out {out} --budget-s 600 --inject-slow 3 --items {items} "
                            f"--committed {out / 'nothing-committed'}"],
@@ -38,7 +39,7 @@ def test_every_item_runs_and_a_slow_one_is_stopped(smoke_pass):
     assert status.pop("slow") == "timeout"
     assert set(status.values()) == {"ok"}, items
     assert list(status) == ["env", "cuda-tests", "cifar-steps", "imagenet-throughput", "inference", "cifar-full",
-                            "cifar-speedrun", "jpeg-pipeline"]
+                            "cifar-speedrun", "jpeg-pipeline", "augment"]
     assert "item" in proc.stdout.splitlines()[-len(items) - 2] and "archive" in proc.stdout.splitlines()[-1]
 
 
@@ -106,7 +107,8 @@ def test_unpack_puts_results_runs_and_reports_into_the_tree(smoke_pass, tmp_path
     results = tmp_path / "benchmarks" / "results"
     # The benchmarks the pass runs, each a complete result file (these are their smoke tests).
     higher_is_better = {"imagenet-throughput-resnet18": True, "inference-resnet18": True, "cifar-speedrun": False,
-                        "jpeg-pipeline": True, "cifar-recipe-resnet20": False, "cifar-recipe-resnet56": False}
+                        "jpeg-pipeline": True, "cifar-recipe-resnet20": False, "cifar-recipe-resnet56": False,
+                        "augment": True}
     for prefix, higher in higher_is_better.items():
         (path,) = results.glob(f"{prefix}-cpu*.json")
         result = json.loads(path.read_text())
@@ -246,6 +248,19 @@ def test_a_smoke_pass_never_continues_the_committed_full_length_runs(monkeypatch
         gpu_pass.main(["cifar", "--nets", "resnet20", "--runs", "r", "--results", "x", *smoke])
     assert seen[0] == gpu_pass.RESUME_FROM == str(Path("docs/results/full/runs"))
     assert "docs" not in seen[1] and Path(seen[1]).is_relative_to(gpu_pass.SCRATCH)
+
+
+def test_the_data_archive_reaches_every_item_that_reads_cifar(tmp_path):
+    """On the GPU machine the archive travels in a folder of its own (.gpu/): each item that reads CIFAR-10 gets its
+    path, none looks for ../shared/data there."""
+    import argparse
+
+    args = argparse.Namespace(smoke=False, resume_from="r", data=".gpu/cifar10-jpeg.tar.gz", inject_slow=0,
+                              items=None)
+    items = {item.name: item.argv for item in gpu_pass.plan(args, tmp_path)}
+    for name in ("cifar-steps", "cifar-full", "cifar-speedrun", "augment", "cifar-rest"):
+        argv = items[name]
+        assert argv[argv.index("--data") + 1] == ".gpu/cifar10-jpeg.tar.gz", name
 
 
 def test_an_item_that_does_not_fit_is_skipped(tmp_path):

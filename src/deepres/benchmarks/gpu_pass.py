@@ -26,7 +26,8 @@ still returns what it finished. A summary table is printed last.
    (every 2,000 iterations, and at the stop) that the next pass continues from (``--resume-from``, default
    ``docs/results/full/runs``, where ``unpack`` puts them); runs an earlier pass finished are not trained again,
    and a run timed alone that a pass cut short starts again from scratch (twice at most);
-5. ``cifar-speedrun``, ``jpeg-pipeline``;
+5. ``cifar-speedrun``, ``jpeg-pipeline``, ``augment`` (the batched augmentation policies against torchvision's
+   per-image transforms);
 6. ``cifar-rest``: the other Table 6 depths (32, 44, 110) and their plain nets, with what budget is left (ResNet-110
    alone first, for its ``cifar-recipe`` file).
 
@@ -122,11 +123,11 @@ def plan(args, work: Path) -> list[Item]:
     """The items of the pass, in priority order."""
     py, results, smoke = _python(), work / "results", args.smoke
     smoke_args = ["--smoke"] if smoke else []
+    data = ["--data", args.data] if args.data else []  # the CIFAR-10 JPEG archive that travelled with the tree
     bench = lambda name, *extra: py + ["-m", "deepres", "benchmark", name, *smoke_args, "--out", str(results),  # noqa
                                        *extra]
     cifar = py + ["-m", "deepres.benchmarks.gpu_pass", "cifar", "--runs", str(work / "runs"), "--results",
-                  str(results), "--resume-from", args.resume_from] + (["--data", args.data] if args.data else []) \
-        + smoke_args
+                  str(results), "--resume-from", args.resume_from] + data + smoke_args
     tests = py + ["-m", "pytest", "-v", "--durations=0", "-p", "no:cacheprovider", "tests/test_cuda.py", "--junitxml",
                   str(results / "test_cuda.xml")]
     test_env = {}
@@ -141,7 +142,7 @@ def plan(args, work: Path) -> list[Item]:
         Item("cuda-tests", tests, 120 if smoke else 200, 30, test_env, tests_code=True),
         Item("cifar-steps", py + ["-m", "deepres.benchmarks.gpu_pass", "steps", "--nets",
                                   ",".join(STEPS_NETS[:1] if smoke else STEPS_NETS), "--results", str(results)]
-             + (["--data", args.data] if args.data else []) + smoke_args, 120 if smoke else 90, 20,
+             + data + smoke_args, 120 if smoke else 90, 20,
              result="cifar-steps"),
         Item("imagenet-throughput", bench("imagenet-throughput"), 120 if smoke else 150, 30,
              result=f"imagenet-throughput-{model}"),
@@ -149,8 +150,9 @@ def plan(args, work: Path) -> list[Item]:
         Item("cifar-full", cifar + ["--nets", ",".join(FULL_NETS), "--fp32", "--alone", "resnet20,resnet56"],
              300, 60,
              runs=[_run_name(net) for net in FULL_NETS] + [FP32_RUN, WARMUP_RUN]),
-        Item("cifar-speedrun", bench("cifar-speedrun"), 120 if smoke else 90, 30, result="cifar-speedrun"),
+        Item("cifar-speedrun", bench("cifar-speedrun", *data), 120 if smoke else 90, 30, result="cifar-speedrun"),
         Item("jpeg-pipeline", bench("jpeg-pipeline"), 120 if smoke else 90, 30, result="jpeg-pipeline"),
+        Item("augment", bench("augment", *data), 120 if smoke else 60, 15, result="augment"),
         Item("cifar-rest", cifar + ["--nets", ",".join(rest), "--alone", "resnet110"], 300 if smoke else 600, 60,
              runs=[_run_name(net) for net in rest]),
     ]
