@@ -192,7 +192,7 @@ def _auto_augment_reference():
 
 def test_the_auto_augment_operations_equal_torchvision_s():
     """Each of RandAugment's and TrivialAugment's 14 operations, batched with a magnitude per image, equals
-    torchvision's functional operation image by image, on RGB and grey images (uint8 out, bit for bit). Magnitudes
+    torchvision's functional operation image by image, on RGB, grey and flat images (uint8, bit for bit). Magnitudes
     avoid nearest-neighbour ties (a sampling point exactly between two pixels, as shear 0.2 puts row 2), which the two
     float32 grids may resolve either way."""
     from deepres.data.policies import AUTO_AUGMENT_OPS
@@ -208,7 +208,8 @@ def test_the_auto_augment_operations_equal_torchvision_s():
     rgb = torch.randint(0, 256, (6, 3, 16, 20), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     for name, (op, *_) in AUTO_AUGMENT_OPS.items():
         m = torch.tensor(magnitudes.get(kind.get(name, name), [0.0] * 6), dtype=torch.float64)
-        for images in (rgb, _smooth(6, 16, 20), rgb[:, :1].contiguous()):
+        flat = torch.full((6, 3, 16, 20), 77, dtype=torch.uint8)  # AutoContrast and Equalize leave it alone
+        for images in (rgb, _smooth(6, 16, 20), rgb[:, :1].contiguous(), flat):
             ours = op(images.clone(), m)
             theirs = torch.stack([reference[name](images[i], float(m[i])) for i in range(len(images))])
             assert ours.dtype == torch.uint8 and torch.equal(ours, theirs), (name, images.shape)

@@ -339,9 +339,13 @@ def _solarize(images, fraction):
 
 
 def _autocontrast(images, _):
-    from torchvision.transforms.v2 import functional as TF
-
-    return TF.autocontrast(images)  # batched: each image and channel stretched to its own range
+    """Each image's channels stretched to the full range (torchvision's ``autocontrast`` arithmetic, without its
+    boolean-mask assignment: no device synchronisation)."""
+    x = images.float()
+    low, high = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low
+    inv_scale = torch.where(flat, torch.ones_like(low), (high - low).mul_(1.0 / 255))
+    return (x - torch.where(flat, torch.zeros_like(low), low)).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
 
 
 def _equalize(images, _):
