@@ -16,6 +16,7 @@ from deepres.data import (
     Mixup,
     Normalizer,
     RandAugmentBatch,
+    RandomSubset,
     Split,
     TrivialAugmentBatch,
     WorkerEvalLoader,
@@ -188,6 +189,24 @@ def _auto_augment_reference():
         "AutoContrast": lambda im, m: TF.autocontrast(im),
         "Equalize": lambda im, m: TF.equalize(im),
     }
+
+
+def test_every_policy_pickles_for_spawned_workers():
+    """macOS and Windows start DataLoader workers by spawning: the per-image policies travel pickled and draw as
+    before."""
+    import pickle
+
+    from deepres.config import AUGMENT_OPS, augment_ops
+
+    image = _smooth(1, 12, 12)[0]
+    for policy in (RandAugmentBatch(2, 9), TrivialAugmentBatch(), RandomSubset(augment_ops(list(AUGMENT_OPS)), 0.5)):
+        one = policy.one_image()
+        copy = pickle.loads(pickle.dumps(one))
+        outputs = []
+        for transform in (one, copy):
+            torch.manual_seed(5)
+            outputs.append(transform(image))
+        assert torch.equal(*outputs), policy
 
 
 def test_the_auto_augment_operations_equal_torchvision_s():

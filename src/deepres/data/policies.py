@@ -369,17 +369,50 @@ def _colour(images, factor, kind: str):
 # name: (operation(images, magnitudes), largest magnitude for RandAugment, for TrivialAugment Wide, signed). The
 # magnitude of bin b of 31 is largest x b / 30 (Posterize: bits, Solarize: the threshold's fraction of 255, both
 # counting down from the first bin); a signed magnitude is negated for half the images. torchvision's spaces.
+def _identity(images, _):
+    return images
+
+
+def _translate_x(images, m):
+    return _translate(images, m, 0)
+
+
+def _translate_y(images, m):
+    return _translate(images, m, 1)
+
+
+def _rotate(images, degrees):
+    return _geometric(images, _rotation(degrees))
+
+
+def _brightness(images, m):
+    return _colour(images, 1 + m, "brightness")
+
+
+def _saturation(images, m):
+    return _colour(images, 1 + m, "saturation")
+
+
+def _contrast(images, m):
+    return _colour(images, 1 + m, "contrast")
+
+
+def _sharpen(images, m):
+    return _sharpness(images, 1 + m)
+
+
+# Module-level functions throughout, so a policy pickles into spawned worker processes.
 AUTO_AUGMENT_OPS = {
-    "Identity": (lambda x, m: x, None, None, False),
+    "Identity": (_identity, None, None, False),
     "ShearX": (_shear_x, 0.3, 0.99, True),
     "ShearY": (_shear_y, 0.3, 0.99, True),
-    "TranslateX": (lambda x, m: _translate(x, m, 0), "150/331 width", 32.0, True),
-    "TranslateY": (lambda x, m: _translate(x, m, 1), "150/331 height", 32.0, True),
-    "Rotate": (lambda x, m: _geometric(x, _rotation(m)), 30.0, 135.0, True),
-    "Brightness": (lambda x, m: _colour(x, 1 + m, "brightness"), 0.9, 0.99, True),
-    "Color": (lambda x, m: _colour(x, 1 + m, "saturation"), 0.9, 0.99, True),
-    "Contrast": (lambda x, m: _colour(x, 1 + m, "contrast"), 0.9, 0.99, True),
-    "Sharpness": (lambda x, m: _sharpness(x, 1 + m), 0.9, 0.99, True),
+    "TranslateX": (_translate_x, "150/331 width", 32.0, True),
+    "TranslateY": (_translate_y, "150/331 height", 32.0, True),
+    "Rotate": (_rotate, 30.0, 135.0, True),
+    "Brightness": (_brightness, 0.9, 0.99, True),
+    "Color": (_saturation, 0.9, 0.99, True),
+    "Contrast": (_contrast, 0.9, 0.99, True),
+    "Sharpness": (_sharpen, 0.9, 0.99, True),
     "Posterize": (_posterize, "bits 8 to 4", "bits 8 to 2", False),
     "Solarize": (_solarize, "1 to 0", "1 to 0", False),
     "AutoContrast": (_autocontrast, None, None, False),
