@@ -148,7 +148,8 @@ def test_preview_shows_training_images_as_the_run_sees_them(tmp_path, capsys):
     assert "data.val_size=5000" in capsys.readouterr().err  # the recipe's, as training says
     assert main(["data", "preview", "--recipe", "demo", "--set", "data.source=imagefolder", "--set",
                  f"data.data_dir={root}", "--set", "train.fit_to_data=true", "--columns", "7", "--out", str(out)]) == 1
-    assert "more than the batch size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "notice: data.val_size" in err and "more than the batch size" in err
 
 
 def test_benchmark_smoke(tmp_path):
