@@ -608,7 +608,8 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     for text in notices:
         print(f"notice: {text}", file=sys.stderr)
     out = plot_training_images(config, args.out, rows=args.rows, columns=args.columns)
-    print(f"wrote {out}: the first {args.columns} images of training batches 0-{args.rows - 1} of "
+    batches = "batch 0" if args.rows == 1 else f"batches 0-{args.rows - 1}"
+    print(f"wrote {out}: the first {args.columns} images of training {batches} of "
           f"{args.recipe or 'the default config'} as the run would train on them")
     return 0
 

@@ -100,7 +100,8 @@ def plot_training_images(config, out: str | Path, rows: int = 4, columns: int = 
             ax.set_title(labels[r][c], fontsize=7)
             ax.axis("off")
     d = config.data
-    fig.suptitle(f"{config.name or 'run'}: {d.source}, preset {d.preset}; training batches 0-{rows - 1}, seed "
+    batches = "batch 0" if rows == 1 else f"batches 0-{rows - 1}"
+    fig.suptitle(f"{config.name or 'run'}: {d.source}, preset {d.preset}; training {batches}, seed "
                  f"{config.train.seed}", fontsize=9)
     fig.tight_layout()
     out = Path(out)
