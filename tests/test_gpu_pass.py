@@ -250,6 +250,23 @@ def test_a_smoke_pass_never_continues_the_committed_full_length_runs(monkeypatch
     assert "docs" not in seen[1] and Path(seen[1]).is_relative_to(gpu_pass.SCRATCH)
 
 
+def test_unpack_refuses_a_member_that_leaves_the_tree(tmp_path):
+    """The archive comes from another machine: a member outside the staging folder is an error naming it, and
+    nothing lands in the tree (checked by deepres's own extraction, on any Python)."""
+    import io
+
+    archive = tmp_path / ARCHIVE
+    with tarfile.open(archive, "w:gz") as tar:
+        data = b"{}"
+        member = tarfile.TarInfo("pass/../../evil.json")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    root = tmp_path / "tree"
+    with pytest.raises(ValueError, match=r"evil.json.*escapes"):
+        unpack(archive, root)
+    assert not (tmp_path / "evil.json").exists() and not (root / "benchmarks").exists()
+
+
 def test_the_data_archive_reaches_every_item_that_reads_cifar(tmp_path):
     """On the GPU machine the archive travels in a folder of its own (.gpu/): each item that reads CIFAR-10 gets its
     path, none looks for ../shared/data there."""

@@ -748,14 +748,14 @@ def unpack(archive: Path, root: Path) -> dict:
     ``benchmarks/results/``, runs, logs and the item table into ``docs/results/full/``; regenerate the Fig. 6 and
     Table 6 reports (depths 20 and 56) and the precision report from the runs when they are complete (no training
     happens here)."""
+    from ..data.archives import extract_into
     from ..experiments import Options, run_experiment
 
     staging = Path(tempfile.mkdtemp(prefix="gpu-pass-unpack-"))
     try:
         for path in [archive, *extra_archives(archive)]:
             if path.is_file():
-                with tarfile.open(path) as tar:
-                    tar.extractall(staging, filter="data")
+                extract_into(path, staging)  # members checked: no absolute names, no "..", no links
         src = staging / "pass"
         full = root / "docs" / "results" / "full"
         results = root / "benchmarks" / "results"

@@ -20,6 +20,7 @@ __all__ = [
     "cache_root",
     "download",
     "extract_archive",
+    "extract_into",
     "extracted_archive",
     "file_fingerprint",
     "is_archive",
@@ -128,13 +129,7 @@ def extract_archive(archive: Path, destination: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        try:
-            made: set[str] = set()
-            with tarfile.open(archive, "r:*") as tar:
-                for member in tar:
-                    _extract_member(tar, member, archive, str(tmp), made)
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise ValueError(f"cannot extract {archive}: {exc}") from None
+        extract_into(archive, tmp)
         (tmp / _COMPLETE).write_text(str(archive.resolve()) + "\n")
         if destination.exists():
             shutil.rmtree(destination)
@@ -143,6 +138,19 @@ def extract_archive(archive: Path, destination: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return destination
+
+
+def extract_into(archive: Path, root: Path) -> None:
+    """Extract ``archive``'s members into the existing folder ``root``, beside what it holds, each member checked as
+    :func:`extract_archive` checks it (any Python: no reliance on ``tarfile``'s extraction filters, which Python 3.10
+    has only from 3.10.12)."""
+    made: set[str] = set()
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                _extract_member(tar, member, Path(archive), str(root), made)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ValueError(f"cannot extract {archive}: {exc}") from None
 
 
 def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, archive: Path, root: str, made: set) -> None:
