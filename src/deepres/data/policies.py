@@ -11,6 +11,7 @@ device (one ``grid_sample`` for a geometric one). The same classes serve the wor
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -23,14 +24,19 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return torch.empty(n, dtype=torch.float64).uniform_(low, high, generator=generator)
 
 
+@functools.lru_cache(maxsize=16)
+def _pixel_points(h: int, w: int) -> torch.Tensor:
+    """(1, H*W, 3) float64 homogeneous (x, y, 1) index coordinates of every pixel (read only)."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    return torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(1, h * w, 3)
+
+
 def _warp(images: torch.Tensor, inverse: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Float (N, C, H, W) images resampled (``mode``: bilinear or nearest) through (N, 3, 3) homographies that map an
     output pixel's (x, y) index coordinates to the input's; pixels that fall outside are 0."""
     n, _, h, w = images.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                            indexing="ij")
-    points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(1, h * w, 3)
-    mapped = points @ inverse.transpose(1, 2)  # (N, H*W, 3)
+    mapped = _pixel_points(h, w) @ inverse.transpose(1, 2)  # (N, H*W, 3)
     xy = mapped[..., :2] / mapped[..., 2:]
     grid = (2 * xy + 1) / torch.tensor([w, h], dtype=torch.float64) - 1  # align_corners=False
     grid = grid.reshape(n, h, w, 2).to(device=images.device, dtype=images.dtype)
@@ -124,18 +130,31 @@ def _homography(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1).reshape(-1, 3, 3)
 
 
-def _grey(images: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) luma of float RGB images (ITU-R 601, as torchvision's ``rgb_to_grayscale``); grey images as
-    they are."""
+def _luma(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) float luma of RGB images (ITU-R 601 as torchvision's ``rgb_to_grayscale``, rounded down as its
+    colour operations round it; the same multiply-adds, so the same float32 rounding); grey images as they are."""
     if images.shape[1] != 3:
-        return images[:, :1]
+        return images[:, :1].float()
     r, g, b = images.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(1)
 
 
 def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.to(device=images.device, dtype=images.dtype).view(-1, 1, 1, 1)
-    return (f * images + (1 - f) * other).clamp_(0, 255)
+    """Float ``images`` x factor + ``other`` x (1 - factor) per image, clamped to [0, 255] (torchvision's blend: its
+    ``a.mul(f).add_(b, alpha=1 - f)`` is one multiply-add per element, and ``addcmul`` rounds the same way)."""
+    f = factor.to(torch.float32).view(-1, 1, 1, 1).to(images.device)
+    g = (1.0 - factor).to(torch.float32).view(-1, 1, 1, 1).to(images.device)
+    return torch.addcmul(images.float() * f, other, g).clamp_(0, 255)
+
+
+def _adjust(images: torch.Tensor, factor: torch.Tensor, kind: str) -> torch.Tensor:
+    """Brightness, contrast or saturation (``kind``) by a factor per image, as torchvision's ``adjust_*``; float out.
+    Saturation leaves grey images alone."""
+    if kind == "brightness":
+        return _blend(images, torch.zeros((), device=images.device), factor)
+    if kind == "contrast":
+        return _blend(images, _luma(images).mean((1, 2, 3), keepdim=True), factor)
+    return _blend(images, _luma(images), factor) if images.shape[1] == 3 else images.float()
 
 
 def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -166,7 +185,7 @@ class _Brightness:
 
     @staticmethod
     def apply(images, params):
-        return _blend(images, torch.zeros_like(images), params["brightness"])
+        return _adjust(images, params["brightness"], "brightness")
 
 
 class _ColorJitter:
@@ -184,10 +203,8 @@ class _ColorJitter:
 
     @staticmethod
     def apply(images, params):
-        images = _blend(images, torch.zeros_like(images), params["brightness"])
-        images = _blend(images, _grey(images).floor().mean((1, 2, 3), keepdim=True), params["contrast"])
-        if images.shape[1] == 3:
-            images = _blend(images, _grey(images).floor(), params["saturation"])
+        for kind in ("brightness", "contrast", "saturation"):
+            images = _adjust(images, params[kind], kind)
         return _shift_hue(images, params["hue"])
 
 
@@ -271,26 +288,10 @@ def random_subset(cfg) -> RandomSubset | None:
 
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # RandAugment and TrivialAugment Wide, batched. Each operation takes a uint8 batch and per-image magnitudes and
 # returns uint8, with torchvision's arithmetic (nearest-neighbour resampling, zero fill; colour blends truncated to
 # uint8 after each operation), so a chain of operations rounds where torchvision's does.
-
-
-def _blend_u8(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """uint8 ``images`` x factor + ``other`` x (1 - factor), clamped and truncated to uint8 (torchvision's blend)."""
-    f = factor.to(torch.float32).view(-1, 1, 1, 1).to(images.device)
-    g = (1.0 - factor).to(torch.float32).view(-1, 1, 1, 1).to(images.device)
-    # torchvision's a.mul(f).add_(b, alpha=1 - f) is one multiply-add per element: addcmul rounds the same way.
-    return torch.addcmul(images.float() * f, other, g).clamp_(0, 255).to(torch.uint8)
-
-
-def _luma_floor(images: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) float luma of uint8 RGB images, rounded down (as torchvision's; the same multiply-adds, so the
-    same float32 rounding)."""
-    r, g, b = images.unbind(1)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(1)
 
 
 def _geometric(images: torch.Tensor, forward: torch.Tensor, centre=None, translate=None) -> torch.Tensor:
@@ -354,18 +355,6 @@ def _equalize(images, _):
     return TF.equalize(images)  # batched: each image and channel's histogram
 
 
-def _colour(images, factor, kind: str):
-    if kind == "brightness":
-        return _blend_u8(images, torch.zeros((), device=images.device), factor)
-    if images.shape[1] != 3:
-        grey = images.float()
-    else:
-        grey = _luma_floor(images)
-    if kind == "contrast":
-        return _blend_u8(images, grey.mean((1, 2, 3), keepdim=True), factor)
-    return images if images.shape[1] != 3 else _blend_u8(images, grey, factor)  # saturation
-
-
 # name: (operation(images, magnitudes), largest magnitude for RandAugment, for TrivialAugment Wide, signed). The
 # magnitude of bin b of 31 is largest x b / 30 (Posterize: bits, Solarize: the threshold's fraction of 255, both
 # counting down from the first bin); a signed magnitude is negated for half the images. torchvision's spaces.
@@ -386,15 +375,15 @@ def _rotate(images, degrees):
 
 
 def _brightness(images, m):
-    return _colour(images, 1 + m, "brightness")
+    return _adjust(images, 1 + m, "brightness").to(torch.uint8)  # truncated, as torchvision's
 
 
 def _saturation(images, m):
-    return _colour(images, 1 + m, "saturation")
+    return _adjust(images, 1 + m, "saturation").to(torch.uint8)  # truncated, as torchvision's
 
 
 def _contrast(images, m):
-    return _colour(images, 1 + m, "contrast")
+    return _adjust(images, 1 + m, "contrast").to(torch.uint8)  # truncated, as torchvision's
 
 
 def _sharpen(images, m):
@@ -421,8 +410,10 @@ AUTO_AUGMENT_OPS = {
 _BINS = 31
 
 
+@functools.lru_cache(maxsize=16)
 def _magnitude_table(wide: bool, height: int, width: int) -> torch.Tensor:
-    """(14, 31) float64: each operation's magnitude per bin (0 for those without one), as torchvision's spaces."""
+    """(14, 31) float64: each operation's magnitude per bin (0 for those without one), as torchvision's spaces (read
+    only: built once per image size, not per batch)."""
     rows = []
     for name, (_, rand_top, wide_top, _) in AUTO_AUGMENT_OPS.items():
         top = wide_top if wide else rand_top
