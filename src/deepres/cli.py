@@ -598,16 +598,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_data_preview(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .engine.fit import fit_to_data
     from .report.plots import plot_training_images
 
     config = load_config(args.recipe, args.overrides)
     if args.rows < 1 or args.columns < 1:
         raise ValueError(f"--rows and --columns must be at least 1; got {args.rows}, {args.columns}")
-    config, notices = fit_to_data(config)  # as the run would: its changes printed as the run prints them
-    for text in notices:
-        print(f"notice: {text}", file=sys.stderr)
-    out = plot_training_images(config, args.out, rows=args.rows, columns=args.columns)
+    out = plot_training_images(config, args.out, rows=args.rows, columns=args.columns,
+                               notice=lambda text: print(f"notice: {text}", file=sys.stderr))  # as the run prints
     batches = "batch 0" if args.rows == 1 else f"batches 0-{args.rows - 1}"
     print(f"wrote {out}: the first {args.columns} images of training {batches} of "
           f"{args.recipe or 'the default config'} as the run would train on them")

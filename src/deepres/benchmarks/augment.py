@@ -12,14 +12,14 @@ M=9) and TrivialAugment Wide are measured beside it against ``v2.RandAugment`` a
 from __future__ import annotations
 
 import argparse
-import time
+import itertools
 
 import torch
 
 from ..config import DataConfig, augment_ops
 from ..data import load_dataset, step_generator
 from ..data.policies import RandAugmentBatch, RandomSubset, TrivialAugmentBatch
-from .common import default_cifar_data, gpu_or_cpu, sync, write_result
+from .common import default_cifar_data, gpu_or_cpu, time_steps, write_result
 
 OPS = ["shear", "rotate", "perspective", "brightness", "color_jitter", "noise"]
 
@@ -52,17 +52,6 @@ def torchvision_policy(p: float):
     return v2.Compose([v2.RandomApply([t], p=p) for t in transforms])
 
 
-def _per_second(run, device: torch.device, batches: int, images: int, warmup: int) -> float:
-    for step in range(warmup):  # first uses of each operation's kernels: not timed
-        run(step)
-    sync(device)
-    start = time.perf_counter()
-    for step in range(warmup, warmup + batches):
-        run(step)
-    sync(device)
-    return batches * images / (time.perf_counter() - start)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepres benchmark augment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,15 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     warmup = 1 if args.smoke else 5
 
     def rates(ours, theirs) -> tuple[float, float]:
-        def run_ours(step: int) -> None:
-            ours(images, step_generator(0, 1, step))
+        """Images/s of each over the same steps (the first ``warmup`` untimed: first uses of each kernel)."""
+        steps_ours, steps_theirs = itertools.count(), itertools.count()
 
-        def run_theirs(step: int) -> None:
-            torch.manual_seed(step)
+        def run_ours() -> None:
+            ours(images, step_generator(0, 1, next(steps_ours)))
+
+        def run_theirs() -> None:
+            torch.manual_seed(next(steps_theirs))
             torch.stack([theirs(image) for image in images])
 
-        return (_per_second(run_ours, device, batches, len(images), warmup),
-                _per_second(run_theirs, device, batches, len(images), warmup))
+        return tuple(len(images) / time_steps(run, device, warmup, batches) for run in (run_ours, run_theirs))
 
     from torchvision.transforms import v2
 

@@ -287,7 +287,6 @@ def random_subset(cfg) -> RandomSubset | None:
     return RandomSubset(augment_ops(cfg.augment), cfg.augment_p) if cfg.augment else None
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # RandAugment and TrivialAugment Wide, batched. Each operation takes a uint8 batch and per-image magnitudes and
 # returns uint8, with torchvision's arithmetic (nearest-neighbour resampling, zero fill; colour blends truncated to

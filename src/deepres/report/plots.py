@@ -4,6 +4,7 @@ display)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,15 +49,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     return out
 
 
-def training_batch_images(config, rows: int = 4, columns: int = 8) -> tuple[torch.Tensor, list[list[str]]]:
+def training_batch_images(config, rows: int = 4, columns: int = 8, notice: Callable[[str], object] | None = None
+                          ) -> tuple[torch.Tensor, list[list[str]]]:
     """The first ``columns`` images of the first ``rows`` training batches of ``config`` as its run would train on
     them (the run's seed, batch size, loader and every augmentation, CutMix and erasing included), the normalisation
     undone: float (rows, columns, C, H, W) in [0, 1], and each image's label ("cat", or "cat 0.62 / dog 0.38" for a
-    mixed one)."""
+    mixed one). The config is fitted to its data as the run fits it (``train.fit_to_data``), each change passed to
+    ``notice``; a recipe that does not fit is an error naming the keys."""
     from ..data import build_data
     from ..engine.fit import fit_to_data
 
-    config, _ = fit_to_data(config)  # as the run: a recipe that does not fit the data is an error naming the keys
+    config, notices = fit_to_data(config)
+    for text in notices if notice is not None else []:
+        notice(text)
     tc = config.train
     bundle = build_data(config.data, batch_size=tc.batch_size, eval_batch_size=tc.eval_batch_size, seed=tc.seed)
     classes = bundle.dataset.classes
@@ -81,14 +86,15 @@ def _label(target: torch.Tensor, classes: list[str]) -> str:
     return " / ".join(f"{classes[int(k)]} {float(w):.2f}" for w, k in zip(weights, top) if w > 0.005)
 
 
-def plot_training_images(config, out: str | Path, rows: int = 4, columns: int = 8) -> Path:
+def plot_training_images(config, out: str | Path, rows: int = 4, columns: int = 8,
+                         notice: Callable[[str], object] | None = None) -> Path:
     """:func:`training_batch_images` as a grid (a row per batch) written to ``out`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    images, labels = training_batch_images(config, rows, columns)
+    images, labels = training_batch_images(config, rows, columns, notice)
     side = 1.6 if images.shape[-1] < 64 else 2.2
     fig, axes = plt.subplots(rows, columns, figsize=(side * columns, side * rows + 0.6), squeeze=False)
     for r in range(rows):
