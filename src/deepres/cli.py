@@ -549,6 +549,10 @@ def _print_summary(summary: dict) -> None:
         print(f"{c['name']:<{width}} " + " ".join(f"{c[s]:>8,}" for s in splits))
     print("-" * (width + 9 * len(splits)))
     print(f"{'total':<{width}} " + " ".join(f"{summary['splits'][s]:>8,}" for s in splits))
+    skipped = summary.get("skipped", [])
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"skipped {len(skipped)} file(s), not counted: {shown}")
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
@@ -563,7 +567,7 @@ def cmd_data_info(args: argparse.Namespace) -> int:
             raise ValueError(f"give the image folder once: {args.source} or --data-dir {args.data_dir}")
         args.source, args.data_dir = "imagefolder", args.source
     try:
-        summary = dataset_summary(args.source, args.data_dir, args.val_size, args.cache_dir)
+        summary = dataset_summary(args.source, args.data_dir, args.val_size, args.cache_dir, args.on_bad_image)
     except (OSError, ValueError) as exc:  # the sources' hint, in this command's words
         if IMAGE_FOLDER_HINT not in str(exc):
             raise
@@ -624,7 +628,7 @@ def _data_guarded(fn):
         except ConfigError:
             raise  # exit status 2, as for every command
         except (ValueError, FileNotFoundError, TypeError) as exc:
-            print(f"deepres data: error: {exc}", file=sys.stderr)
+            print(f"deepres data: error: {exc}{_bad_image_hint(exc, args)}", file=sys.stderr)
             return 1
 
     return run
@@ -651,6 +655,9 @@ def add_data_commands(sub) -> None:
                    help="images carved from train for validation (default 0: the official train count)")
     q.add_argument("--cache-dir",
                    help="cache for extracted archives (default: $DEEPRES_DATA/cache or ~/.cache/deepres)")
+    q.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                   help="an image folder's file that is not an image (by its extension; nothing is decoded): an "
+                        "error naming it (default), or skip it (listed, not counted)")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=_data_guarded(cmd_data_info), source_names=SOURCE_NAMES)
 
@@ -699,8 +706,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepres: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
-        print(f"deepres: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"deepres: error: {_one_line(exc)}{_bad_image_hint(exc, args)}", file=sys.stderr)
         return 1
+
+
+def _bad_image_hint(exc: BaseException, args: argparse.Namespace) -> str:
+    """How this command skips a file that is not a readable image, for an error naming one."""
+    from .data.images import BadImageError
+
+    if not isinstance(exc, BadImageError):
+        return ""
+    if hasattr(args, "on_bad_image"):
+        return " (--on-bad-image skip leaves such files out, each named)"
+    if hasattr(args, "overrides"):
+        return " (--set data.on_bad_image=skip leaves such files out, each named)"
+    return ""
 
 
 def _one_line(exc: BaseException) -> str:

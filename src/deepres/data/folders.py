@@ -155,20 +155,22 @@ def split_per_class(labels: torch.Tensor, size: float, seed: int) -> tuple[torch
     return torch.cat(kept).sort().values, torch.cat(carved).sort().values
 
 
-def _bad(path, reason: str, on_bad_image: str, skipped: list[str]) -> None:
+def _bad(path, reason: str, on_bad_image: str, skipped: list[str], quiet: bool = False) -> None:
     if on_bad_image != "skip":
         raise BadImageError(path, reason)
-    log.warning("skipping %s: %s", path, reason)
+    if not quiet:
+        log.warning("skipping %s: %s", path, reason)
     skipped.append(f"{path}: {reason}")
 
 
-def _scan_split(split_dir: Path, on_bad_image: str, skipped: list[str]) -> tuple[list[str], list[str], list[int]]:
-    """(classes, paths, labels) of one split folder."""
+def _scan_split(split_dir: Path, on_bad_image: str, skipped: list[str], quiet: bool = False
+                ) -> tuple[list[str], list[str], list[int]]:
+    """(classes, paths, labels) of one split folder; ``quiet``: skipped files are listed in ``skipped`` only."""
     classes, paths, labels = [], [], []
     entries = sorted((e for e in os.scandir(split_dir) if _visible(e.name)), key=lambda e: e.name)
     for entry in entries:
         if not entry.is_dir():
-            _bad(entry.path, f"a file where {split_dir} should hold only class folders", on_bad_image, skipped)
+            _bad(entry.path, f"a file where {split_dir} should hold only class folders", on_bad_image, skipped, quiet)
             continue
         label = len(classes)
         classes.append(entry.name)
@@ -180,7 +182,8 @@ def _scan_split(split_dir: Path, on_bad_image: str, skipped: list[str]) -> tuple
                     continue
                 path = os.path.join(folder, name)
                 if not name.lower().endswith(IMAGE_EXTENSIONS):
-                    _bad(path, f"not an image file (extensions: {', '.join(IMAGE_EXTENSIONS)})", on_bad_image, skipped)
+                    _bad(path, f"not an image file (extensions: {', '.join(IMAGE_EXTENSIONS)})", on_bad_image, skipped,
+                         quiet)
                     continue
                 paths.append(path)
                 labels.append(label)
@@ -195,18 +198,19 @@ def _scan_split(split_dir: Path, on_bad_image: str, skipped: list[str]) -> tuple
 TEST_SPLIT_SEED = 20151210  # the carving of root/<class>/ folders: fixed, whatever the run's seed
 
 
-def scan_image_folder(root: str | Path, on_bad_image: str = "error", test_size: float = 0.2) -> FolderIndex:
+def scan_image_folder(root: str | Path, on_bad_image: str = "error", test_size: float = 0.2, *,
+                      quiet: bool = False) -> FolderIndex:
     """Scan ``root`` (see module doc) without decoding anything; ``test_size`` carves the test split of a
-    ``root/<class>/`` folder."""
+    ``root/<class>/`` folder. ``quiet``: files skipped (``on_bad_image="skip"``) are listed in the index, not logged."""
     root = find_split_root(Path(root))
     if not (root / "train").is_dir():
-        return _scan_class_folders(root, on_bad_image, test_size)
+        return _scan_class_folders(root, on_bad_image, test_size, quiet)
     test_dir = next((root / n for n in TEST_SPLIT_NAMES if (root / n).is_dir()), None)
     if test_dir is None:
         raise FileNotFoundError(f"{root} has train/ but no test/ or val/ folder")
     skipped: list[str] = []
-    classes, train_paths, train_labels = _scan_split(root / "train", on_bad_image, skipped)
-    test_classes, test_paths, test_labels = _scan_split(test_dir, on_bad_image, skipped)
+    classes, train_paths, train_labels = _scan_split(root / "train", on_bad_image, skipped, quiet)
+    test_classes, test_paths, test_labels = _scan_split(test_dir, on_bad_image, skipped, quiet)
     if test_classes != classes:
         only_train = sorted(set(classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(classes))
@@ -221,12 +225,12 @@ def scan_image_folder(root: str | Path, on_bad_image: str = "error", test_size: 
     return FolderIndex(root, classes, splits, skipped)
 
 
-def _scan_class_folders(root: Path, on_bad_image: str, test_size: float) -> FolderIndex:
+def _scan_class_folders(root: Path, on_bad_image: str, test_size: float, quiet: bool = False) -> FolderIndex:
     if not test_size > 0:
         raise ValueError(f"{root} holds class folders but no test split: data.test_size must carve one (got "
                          f"{test_size}); or give the folder train/ and test/ sub-folders")
     skipped: list[str] = []
-    classes, paths, labels = _scan_split(root, on_bad_image, skipped)
+    classes, paths, labels = _scan_split(root, on_bad_image, skipped, quiet)
     everything = FileSplit(paths, torch.tensor(labels, dtype=torch.int64))
     kept, carved = split_per_class(everything.labels, test_size, TEST_SPLIT_SEED)
     shown = f"{test_size:.0%}" if test_size < 1 else f"{int(test_size)} images"

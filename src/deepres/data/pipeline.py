@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from ..config import data_workers
 from .datasets import Dataset, resolve_size, validation_indices
 from .loaders import DeviceLoader, EvalLoader, Normalizer
 from .sources import load_dataset
+
+log = logging.getLogger("deepres.data")
 
 __all__ = ["DEVICE_LIMIT_BYTES", "DataBundle", "build_data", "choose_loader", "device_augmentation", "train_mix",
            "train_loader_over"]
@@ -118,9 +121,13 @@ def _choose(cfg, dataset):
     cached, root = _prepared_cache(cfg)
     if cached.is_file():
         return "device", None
-    index = scan_image_folder(root or resolve_image_source(path, cfg.cache_dir), cfg.on_bad_image, cfg.test_size)
+    # quiet: a folder loaded into memory is scanned again (and its skipped files named) by load_dataset
+    index = scan_image_folder(root or resolve_image_source(path, cfg.cache_dir), cfg.on_bad_image, cfg.test_size,
+                              quiet=True)
     if decoded_bytes_estimate(cfg, index) <= DEVICE_LIMIT_BYTES:
         return "device", None
+    for note in index.skipped:
+        log.warning("skipping %s", note)
     return "workers", index
 
 

@@ -14,8 +14,11 @@ def _config(source: str, data_dir: str | None, val_size: int, cache_dir: str | N
     return DataConfig(source=source, data_dir=data_dir, val_size=val_size, cache_dir=cache_dir)
 
 
-def dataset_summary(source: str, data_dir: str | None = None, val_size: int = 0, cache_dir: str | None = None) -> dict:
-    """Per-split and per-class image counts of a source (what ``deepres data info`` prints)."""
+def dataset_summary(source: str, data_dir: str | None = None, val_size: int = 0, cache_dir: str | None = None,
+                    on_bad_image: str = "error") -> dict:
+    """Per-split and per-class image counts of a source (what ``deepres data info`` prints). An image folder's
+    files that are not images are an error naming the first, or with ``on_bad_image="skip"`` listed in
+    ``skipped`` (files are not decoded here: a corrupt image with an image's extension is counted)."""
     from .datasets import validation_indices
 
     cfg = _config(source, data_dir, val_size, cache_dir)
@@ -24,13 +27,14 @@ def dataset_summary(source: str, data_dir: str | None = None, val_size: int = 0,
 
         path = _require_data_dir(cfg)
         if not is_prepared_file(path):
-            index = scan_image_folder(resolve_image_source(path, cache_dir))
+            index = scan_image_folder(resolve_image_source(path, cache_dir), on_bad_image, quiet=True)
             labels = {"train": index.splits["train"].labels, "test": index.splits["test"].labels}
             train_idx, val_idx = validation_indices(len(labels["train"]), val_size)
             if val_size > 0:
                 labels["val"] = labels["train"][val_idx]
                 labels["train"] = labels["train"][train_idx]
-            return _summary(source, str(index.root), index.classes, labels, image_size=None)
+            return {**_summary(source, str(index.root), index.classes, labels, image_size=None),
+                    "skipped": list(index.skipped)}
     from .sources import load_dataset
 
     dataset = load_dataset(cfg)

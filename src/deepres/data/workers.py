@@ -177,6 +177,7 @@ class WorkerLoader:
         self.prefetch_factor = prefetch_factor
         self.steps_per_epoch = len(samples) // batch_size
         self._epoch, self._order = -1, None
+        self._reported: set[str] = set()  # bad files already logged: each is named once, not at every draw
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -194,9 +195,9 @@ class WorkerLoader:
     def _finish(self, collated, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, skipped = collated
         for note in skipped:
-            log.warning("skipping %s", note)
-        if skipped:
-            log.warning("step %d: skipped %d bad image(s)", step, len(skipped))
+            if note not in self._reported:
+                self._reported.add(note)
+                log.warning("step %d: skipping %s (left out of every batch that draws it; named once)", step, note)
         if images is None:
             raise ValueError(f"step {step}: every image of the batch was bad")
         x = images.to(self.device, non_blocking=True).float().div_(255.0)

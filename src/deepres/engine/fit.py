@@ -42,7 +42,9 @@ def training_images(data) -> tuple[int, str, tuple[int, int] | None]:
         if is_prepared_file(path):
             train = load_prepared(path).train
             return len(train), str(path), tuple(train.images.shape[-2:])
-        index = scan_image_folder(resolve_image_source(path, data.cache_dir), data.on_bad_image, data.test_size)
+        # quiet: the loader scans again and names each skipped file; here only the count is wanted
+        index = scan_image_folder(resolve_image_source(path, data.cache_dir), data.on_bad_image, data.test_size,
+                                  quiet=True)
         try:
             with Image.open(index.splits["train"].paths[0]) as im:  # the header only
                 size = (im.height, im.width)
