@@ -76,3 +76,19 @@ def test_deepres_models_answers_without_importing_torch():
     listed = [line.split()[0] for line in out.splitlines()[2:-1]]
     expected = sorted(list_models("resnet*"), key=lambda n: model_entry(n).family)
     assert listed == [n for n in expected if model_entry(n).family != "test"]
+
+
+def test_one_set_takes_several_overrides(capsys):
+    """`--set a=1 b=2` is `--set a=1 --set b=2`; a positional argument after the overrides stays one."""
+    from deepres.cli import _one_set_per_override
+
+    assert main(["config", "--recipe", "demo", "--set", "train.iterations=7", "optim.lr=0.3", "--set=train.seed=5",
+                 "train.amp=off"]) == 0
+    out = capsys.readouterr().out
+    assert "iterations: 7\n" in out and "lr: 0.3\n" in out and "seed: 5\n" in out and "amp: 'off'\n" in out, out
+    argv = ["pseudo-label", "--recipe", "r", "--set", "a=1", "b=2", "teacher.pt", "c=3", "--", "d=4"]
+    assert _one_set_per_override(argv) == ["pseudo-label", "--recipe", "r", "--set", "a=1", "--set", "b=2",
+                                           "teacher.pt", "c=3", "--", "d=4"]
+    assert _one_set_per_override(["--set", "--x", "a=1"]) == ["--set", "--x", "a=1"]  # argparse names the mistake
+    args = build_parser().parse_args(_one_set_per_override(["reproduce", "--set", "a=1", "b=2", "shortcuts"]))
+    assert args.overrides == ["a=1", "b=2"] and args.experiment == "shortcuts"

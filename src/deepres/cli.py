@@ -102,7 +102,7 @@ def add_config_arguments(p: argparse.ArgumentParser, recipe_required: bool = Fal
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config key, e.g. --set optim.lr=0.05 (repeatable)",
+        help="override config keys, e.g. --set optim.lr=0.05 train.iterations=2000 (repeatable)",
     )
 
 
@@ -479,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at once, each a `deepres train` process (default: 5 on a GPU, where runs that allow it "
                         "take the captured CUDA-graph step; 1 on a CPU, in this process)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key of every run, e.g. --set train.amp=bf16 (repeatable)")
+                   help="override config keys of every run, e.g. --set train.amp=bf16 (repeatable; several "
+                        "KEY=VALUE after one --set also work)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("pseudo-label", help="label the unlabeled images (data.labeled_per_class) with a teacher")
@@ -693,9 +694,26 @@ def _threads_within_quota() -> None:
         print(f"deepres: {bounded[1]}", file=sys.stderr)
 
 
+def _one_set_per_override(argv: list[str]) -> list[str]:
+    """``--set a=1 b=2`` as ``--set a=1 --set b=2``: the words after a ``--set`` value that hold ``=`` and do not
+    start with ``-`` are further overrides (up to ``--``)."""
+    out: list[str] = []
+    state = ""  # "value": the next word is --set's value; "more": words with "=" are further overrides
+    for i, word in enumerate(argv):
+        if word == "--":
+            return out + argv[i:]
+        if state == "more" and "=" in word and not word.startswith("-"):
+            out += ["--set", word]
+            continue
+        out.append(word)
+        given = (state == "value" and not word.startswith("-")) or word.startswith("--set=")
+        state = "value" if word == "--set" else "more" if given else ""
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_one_set_per_override(sys.argv[1:] if argv is None else list(argv)))
     _threads_within_quota()
     try:
         return int(args.func(args) or 0)
