@@ -176,6 +176,7 @@ def test_what_an_earlier_pass_brought_back_is_not_run_again(smoke_pass, tmp_path
     assert {name: row["status"] for name, row in rows.items()} == {
         "env": "ok", "cuda-tests": "skipped", "cifar-steps": "skipped", "inference": "skipped", "cifar-full": "skipped",
         "jpeg-pipeline": "skipped"}, proc.stdout
+    assert proc.returncode == 0, proc.stdout[-3000:]  # skipped as done before: nothing failed or was left out
     # The CUDA tests passed on this code in the first pass's record; other code (a changed source) runs them again.
     assert "passed with this code on this device" in rows["cuda-tests"]["error"]
     records, label = root / "docs" / "results" / "full" / "gpu-pass", json.loads(
