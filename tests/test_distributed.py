@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,17 @@ def _env(**extra) -> dict:
 
 
 def _run(cmd, tmp_path, **env_extra):
-    env = _env(**env_extra)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    """Run ``cmd`` in a session of its own: on a timeout the whole job (torchrun and its workers) is killed, not only
+    torchrun, so no worker outlives the test."""
+    with subprocess.Popen(cmd, env=_env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            raise AssertionError(f"{cmd[:4]} ran past 300 s: {err[-3000:]}") from None
+    assert proc.returncode == 0, err[-3000:]
 
 
 def test_two_gloo_processes_match_one(tmp_path):

@@ -512,6 +512,16 @@ def _export_safetensors(ckpt, model, normalizer, metadata, example, out: Path) -
     return NormalizedModel(fresh.eval(), normalizer.mean, normalizer.std).eval()(example)
 
 
+ONNXRUNTIME_DEFORM_CONV = (1, 25)  # the first onnxruntime that runs ONNX's DeformConv (opset 19) on the CPU
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"1.23.2"`` -> (1, 23, 2); a suffix (``"1.25.0rc1"``, ``"+cu130"``) ends a part."""
+    import re
+
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split("+")[0].split("."))
+
+
 def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str, metadata: dict) -> torch.Tensor:
     """Write ``wrapped`` to ``out`` in ``fmt`` (with ``metadata``) and return the written file's outputs on
     ``example``."""
@@ -525,6 +535,12 @@ def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str, meta
         from ..models.deform import DeformConv2d, register_onnx_deform_conv
 
         deformable = any(isinstance(m, DeformConv2d) for m in wrapped.modules())
+        if deformable and _version_tuple(ort.__version__) < ONNXRUNTIME_DEFORM_CONV:
+            raise RuntimeError(
+                f"ONNX export of deformable convolutions is checked with onnxruntime "
+                f"{'.'.join(map(str, ONNXRUNTIME_DEFORM_CONV))} or newer, the first with a DeformConv kernel; this one "
+                f"is {ort.__version__} (Python 3.11 or newer gets it) (--format torchscript, export or safetensors "
+                f"export every model)")
         batch = {0: "batch"}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -549,7 +565,10 @@ def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str, meta
         from torch.export import Dim
 
         try:
-            program = torch.export.export(wrapped, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
+            # A bound on the batch: without one, PyTorch 2.6 refuses the option-A shortcut's strided slice (a guard
+            # that the batch is not 2**63 - 1); 2**20 images a call is no limit in practice.
+            batch = Dim("batch", min=1, max=2**20)
+            program = torch.export.export(wrapped, (example,), dynamic_shapes=({0: batch},))
         except Exception as exc:  # torch._dynamo's errors: an operator or control flow it cannot capture
             raise RuntimeError(f"torch.export failed: {str(exc).strip().splitlines()[0]} (--format torchscript or "
                                f"safetensors)") from None
