@@ -44,6 +44,7 @@ def test_config_keys_lists_every_key_with_type_and_default(capsys):
     by_key = {r["key"]: r for r in rows}
     assert by_key["train.iterations"]["default"] == 64000 and by_key["train.iterations"]["type"] == "an integer"
     assert "fraction of the run" in by_key["schedule.milestones"]["comment"]
+    assert not [r["key"] for r in rows if not r["comment"]]  # every key says what it means
 
 
 def test_models_answers_from_the_shipped_table(monkeypatch, capsys):

@@ -62,9 +62,11 @@ class RecipeNotFound(ConfigError, FileNotFoundError):
 
 @dataclass
 class ModelConfig:
+    # A registered model (deepres models lists them; paper nets resnet20..resnet1202, plain20.., resnet18..resnet152).
     name: str = "resnet20"
-    # None: taken from the data source (its class list and channel count).
+    # Outputs of the classifier; None: the data source's class count.
     num_classes: int | None = None
+    # Input channels; None: the data's (1 for Fashion-MNIST and MNIST, 3 for RGB images).
     in_channels: int | None = None
     # None: the model's own default (the paper's: A for CIFAR nets, B for ImageNet nets).
     shortcut: Literal["A", "B", "C"] | None = None
@@ -83,6 +85,7 @@ class ModelConfig:
     # training. stochastic_depth: drop probability of the last residual block's branch, rising linearly from 0
     # over the blocks (Huang et al. 2016).
     dropout: float = 0.0
+    # Stochastic depth: the last residual block's drop probability (see dropout's comment); 0: off.
     stochastic_depth: float = 0.0
     # Further keyword options passed to the model builder (family specific, e.g. growth_rate).
     options: dict[str, Any] = field(default_factory=dict)
@@ -166,6 +169,8 @@ def data_workers(data) -> int:
 
 @dataclass
 class DataConfig:
+    # Where images come from: a dataset in its official files (downloaded when missing) or imagefolder (data.data_dir:
+    # root/<class>/<image>, root/{train,test}/<class>/<image>, a .tar.gz of either, or a prepared file).
     source: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder"] = "cifar10"
     # Where the data lives; None: $DEEPRES_DATA, then ./data.
     data_dir: str | None = None
@@ -179,6 +184,9 @@ class DataConfig:
     train_subset: int | None = None
     # Use only the first N test images; None: all.
     test_subset: int | None = None
+    # Training augmentation. paper_cifar: pad 4 pixels, random 32x32 crop, horizontal flip (section 4.2);
+    # paper_imagenet: shorter side random in [256, 480], random 224 crop, flip, PCA lighting (section 3.4), test at
+    # the centre 224 crop of the 256 resize; none: the images as they are.
     preset: Literal["paper_cifar", "paper_imagenet", "none"] = "paper_cifar"
     # The paper subtracts the per-pixel mean; per-channel mean/std normalisation is the common alternative; imagenet:
     # ImageNet's per-channel mean and std (those the pretrained weights were trained with; their averages for grey).
@@ -206,6 +214,7 @@ class DataConfig:
     # image, after the crop and flip (the ImageNet preset: before the crop); torchvision's operations and magnitudes,
     # batched (deepres.data.RandAugmentBatch).
     randaugment_n: int = 0
+    # RandAugment's magnitude M, 0 to 30 (torchvision's scale; 9 in Cubuk et al.'s ImageNet runs).
     randaugment_m: int = 9
     # TrivialAugment (Muller and Hutter 2021; torchvision's TrivialAugmentWide, as in its ResNet-50 recipe): one of 14
     # operations at a random strength per image, where RandAugment would run. Not together with RandAugment.
@@ -223,7 +232,11 @@ class DataConfig:
     # ratio 0.3 to 3.3, set to 0 after normalisation (the mean colour), before CutMix/Mixup: torchvision's
     # RandomErasing defaults, placed as in its recipes (after Normalize; its ResNet-50 recipe uses 0.1). 0: off.
     random_erasing: float = 0.0
+    # CutMix (Yun et al. 2019): a box of another image of the batch pasted in, the labels mixed by its area, the box's
+    # share drawn from Beta(alpha, alpha); 1.0 is the paper's. 0: off. With mixup_alpha too, one of them per batch.
     cutmix_alpha: float = 0.0
+    # Mixup (Zhang et al. 2018): each image blended with another of the batch, x = lam x + (1 - lam) x', labels
+    # likewise, lam ~ Beta(alpha, alpha) (0.2 is common). 0: off.
     mixup_alpha: float = 0.0
     # Few labels: keep the first N training images of each class (after the validation split) labeled; the rest
     # form the unlabeled set pseudo-labeling and distillation use. None: every training image is labeled.
@@ -240,12 +253,18 @@ class OptimConfig:
     # betas, eps), common for fine-tuning, usually at a smaller lr (1e-3) and larger weight_decay (0.05): its decay
     # shrinks each weight by lr x weight_decay per step, apart from the gradient's adaptive scale.
     name: Literal["sgd", "adamw"] = "sgd"
+    # The base learning rate, for the whole batch (paper: 0.1 at batch 128 on CIFAR, at 256 on ImageNet); the
+    # schedule scales it.
     lr: float = 0.1
+    # sgd: momentum (PyTorch's form: v = momentum v + g; paper 0.9).
     momentum: float = 0.9
+    # sgd: Nesterov momentum (the paper uses plain momentum).
     nesterov: bool = False
+    # L2 penalty added to the gradient (sgd) or decoupled decay (adamw); the paper: 1e-4.
     weight_decay: float = 1e-4
     # adamw: the decay rates of the gradient's running mean and of its square's, and the denominator's epsilon.
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # adamw: added to the denominator's square root (see betas).
     eps: float = 1e-8
     # The paper decays every weight; False exempts BN parameters and biases (chosen by module type).
     decay_norm_and_bias: bool = True
@@ -255,34 +274,47 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    # multistep: lr x gamma at each milestone (the paper's); cosine: from lr down to min_lr over the run (after any
+    # warm-up); onecycle: up from warmup_lr to lr over warmup_iterations, then linearly down to min_lr; constant: lr.
     name: Literal["multistep", "cosine", "onecycle", "constant"] = "multistep"
     # Iterations at which the learning rate is multiplied by gamma (paper CIFAR: 32k and 48k of 64k). A value below 1
     # is a fraction of the run (0.5: half way), so a shortened run keeps the schedule's shape.
     milestones: list[float] = field(default_factory=lambda: [32000.0, 48000.0])
+    # multistep: the factor at each milestone (paper: 0.1, "divided by 10").
     gamma: float = 0.1
     # Linear warmup from warmup_lr to lr over this many iterations (0: none; below 1: a fraction of the run).
     warmup_iterations: float = 0.0
+    # Where a warm-up starts (and what the error-driven warm-up below holds); paper ResNet-110: 0.01.
     warmup_lr: float = 0.01
     # Paper, ResNet-110/1202: hold warmup_lr until training error falls below this (percent), then lr.
     warmup_until_train_error: float | None = None
+    # cosine and onecycle: the rate they end at.
     min_lr: float = 0.0
 
 
 @dataclass
 class TrainConfig:
+    # Training steps, one batch each (the paper's schedules count iterations: 64k on CIFAR, 60e4 on ImageNet).
     iterations: int = 64000
     # Train this many passes over the training split instead (resolved into train.iterations when the data is known,
     # and saved so in the run's config.yaml); None: train.iterations. Setting train.iterations after it (an override,
     # a recipe extending one in epochs) unsets it: the length set last decides.
     epochs: float | None = None
+    # Images per step, over all processes under torchrun (each takes batch_size / processes).
     batch_size: int = 128
+    # Images per forward pass when validating and testing (no effect on the numbers, only on memory and speed).
     eval_batch_size: int = 512
+    # Seeds the initial weights, the data order, crops, flips and augmentations (the validation split is fixed, the
+    # same for every seed); the same seed on the same device repeats a run.
     seed: int = 0
+    # Validate every this many iterations (and at the end); best.pt keeps the weights of the lowest validation error.
     eval_every: int = 2000
     # Also log test error every this many iterations, for curves like the paper's figures (0: only at the end).
     # It never influences training or the choice of best.pt.
     test_every: int = 0
+    # Write checkpoints/last.pt (all a resume needs) every this many iterations, at the end, on SIGTERM and SIGINT.
     checkpoint_every: int = 2000
+    # Print and record (metrics.jsonl, TensorBoard) the training loss, error and speed every this many iterations.
     log_every: int = 100
     # auto: a CUDA GPU when there is one, else the CPU; or cpu, cuda, cuda:N.
     device: str = "auto"
@@ -294,6 +326,8 @@ class TrainConfig:
     # PyTorch's default for convolutions). false: full fp32 arithmetic, as the paper's GPUs computed (its recipes set
     # it). Applies where autocast leaves fp32 (all of train.amp=off); no effect on a CPU.
     tf32: bool = True
+    # Keep images and weights in channels-last (NHWC) memory order: faster convolutions on GPUs with bf16/fp16 and
+    # on CPUs with oneDNN; the same arithmetic.
     channels_last: bool = False
     # torch.compile the model with this mode (off: eager kernels).
     compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "off"
@@ -334,16 +368,19 @@ class TaskConfig:
     # classification: cross-entropy; distillation: Hinton et al. 2015; pseudo_label: a teacher labels the
     # unlabeled set (data.labeled_per_class) and the model trains on both (deepres.tasks).
     name: Literal["classification", "distillation", "pseudo_label"] = "classification"
+    # Cross-entropy against (1 - e) one-hot + e / classes (Szegedy et al. 2016; 0.1 is common); 0: plain labels.
     label_smoothing: float = 0.0
     # distillation and pseudo_label: the teacher, one of our checkpoints.
     teacher: str | None = None
     # distillation: softmax temperature T and the weight alpha of the T^2-scaled KL term against (1 - alpha) x the
     # cross-entropy with the labels; alpha=1 is the labels-free mode (KL only).
     temperature: float = 4.0
+    # distillation: the KL term's weight (see temperature).
     alpha: float = 0.9
     # pseudo_label: hard (the teacher's top class) or soft (its softmax) labels, kept where the teacher's top
     # probability is at least threshold.
     pseudo_labels: Literal["hard", "soft"] = "hard"
+    # pseudo_label: the teacher's top probability an unlabeled image needs to be kept (0: every image).
     threshold: float = 0.0
 
 
