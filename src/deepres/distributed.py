@@ -74,9 +74,9 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _gloo_destructor_holds_the_gil() -> bool:
-    """PyTorch before 2.8 destroys a gloo process group holding the GIL while it joins the group's threads; a thread
-    that is still freeing a finished collective's tensors waits for the GIL: a hang at exit (pytorch/pytorch#154976
-    released the GIL there)."""
+    """PyTorch before 2.8 destroys a gloo process group holding the GIL while it joins the group's threads, also in
+    destroy_process_group; a thread that is still freeing a finished collective's tensors waits for the GIL: a hang
+    at exit (pytorch/pytorch#154976 released the GIL there)."""
     major, minor = (int(part) for part in torch.__version__.split(".")[:2])
     return (major, minor) < (2, 8) and dist.get_backend() == "gloo"
 
@@ -86,9 +86,8 @@ def cleanup() -> None:
     ("terminate called without an active exception", seen about once in eight 2-process gloo runs)."""
     if dist.is_available() and dist.is_initialized():
         if _gloo_destructor_holds_the_gil():
-            # The group's threads get the GIL to free what the last collectives held before anything destroys the
-            # group (here, or the DDP wrapper's reducer after it). Under load on 2 cores, PyTorch 2.6 hung at exit in
-            # 3 of 3 two-process runs without this pause.
+            # The group's threads get the GIL to free what the last collectives held before the group is
+            # destroyed. Under load on 2 cores, PyTorch 2.6 hung at exit in 3 of 3 two-process runs without it.
             import time
 
             time.sleep(0.5)

@@ -810,4 +810,12 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
         if run.lock is not None:
             run.lock.release()
         if run.dist.joined:
+            # The DDP wrapper goes before the process group: its reducer holds the group, and a gloo group whose last
+            # holder is the reducer is destroyed with the GIL held while the group's threads may wait for it to free
+            # a finished collective's tensors (a hang at exit, seen with PyTorch 2.6 and 2.11). Left to
+            # destroy_process_group, the group is destroyed with the GIL released (PyTorch 2.8 and newer).
+            run.step_fn = None
+            import gc
+
+            gc.collect()
             distributed.cleanup()
