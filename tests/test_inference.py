@@ -222,10 +222,12 @@ def test_onnx_export_of_deformable_convolutions(tmp_path):
     fractional, position-dependent offsets, with stride, dilation, groups and offset groups."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from deepres.engine.inference import ONNXRUNTIME_DEFORM_CONV, _export, _version_tuple
+    from torch.torch_version import TorchVersion
+
+    from deepres.engine.inference import ONNXRUNTIME_DEFORM_CONV, _export
     from deepres.models import DeformConv2d
 
-    assert _version_tuple("1.23.2") < ONNXRUNTIME_DEFORM_CONV <= _version_tuple("1.25.0rc1+cpu")
+    assert TorchVersion("1.23.2") < ONNXRUNTIME_DEFORM_CONV <= TorchVersion("1.25.0+cpu")
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(DeformConv2d(4, 8, 3, padding=1, offset_groups=2), torch.nn.ReLU(),
@@ -234,7 +236,7 @@ def test_onnx_export_of_deformable_convolutions(tmp_path):
         for conv in net[0], net[2]:
             conv.offset.weight.normal_(0, 0.3)
     example = torch.randn(2, 4, 11, 11)
-    if _version_tuple(ort.__version__) < ONNXRUNTIME_DEFORM_CONV:  # no DeformConv kernel to check the file with
+    if TorchVersion(ort.__version__) < ONNXRUNTIME_DEFORM_CONV:  # no DeformConv kernel to check the file with
         with pytest.raises(RuntimeError, match=f"onnxruntime 1.25 or newer.*this one is {ort.__version__}"):
             _export(net.eval(), example, tmp_path / "deform.onnx", "onnx", {"classes": "[]"})
         pytest.skip(f"onnxruntime {ort.__version__} has no DeformConv kernel (1.25 has)")

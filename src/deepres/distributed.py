@@ -77,8 +77,7 @@ def _gloo_destructor_holds_the_gil() -> bool:
     """PyTorch before 2.8 destroys a gloo process group holding the GIL while it joins the group's threads, also in
     destroy_process_group; a thread that is still freeing a finished collective's tensors waits for the GIL: a hang
     at exit (pytorch/pytorch#154976 released the GIL there)."""
-    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    return (major, minor) < (2, 8) and dist.get_backend() == "gloo"
+    return torch.__version__ < (2, 8) and dist.get_backend() == "gloo"
 
 
 def cleanup() -> None:

@@ -515,13 +515,6 @@ def _export_safetensors(ckpt, model, normalizer, metadata, example, out: Path) -
 ONNXRUNTIME_DEFORM_CONV = (1, 25)  # the first onnxruntime that runs ONNX's DeformConv (opset 19) on the CPU
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """``"1.23.2"`` -> (1, 23, 2); a suffix (``"1.25.0rc1"``, ``"+cu130"``) ends a part."""
-    import re
-
-    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split("+")[0].split("."))
-
-
 def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str, metadata: dict) -> torch.Tensor:
     """Write ``wrapped`` to ``out`` in ``fmt`` (with ``metadata``) and return the written file's outputs on
     ``example``."""
@@ -532,10 +525,12 @@ def _export(wrapped: nn.Module, example: torch.Tensor, out: Path, fmt: str, meta
             raise ImportError("ONNX export needs onnx and onnxruntime: pip install 'deepres[export]'") from None
         import warnings
 
+        from torch.torch_version import TorchVersion
+
         from ..models.deform import DeformConv2d, register_onnx_deform_conv
 
         deformable = any(isinstance(m, DeformConv2d) for m in wrapped.modules())
-        if deformable and _version_tuple(ort.__version__) < ONNXRUNTIME_DEFORM_CONV:
+        if deformable and TorchVersion(ort.__version__) < ONNXRUNTIME_DEFORM_CONV:  # compares as packaging's
             raise RuntimeError(
                 f"ONNX export of deformable convolutions is checked with onnxruntime "
                 f"{'.'.join(map(str, ONNXRUNTIME_DEFORM_CONV))} or newer, the first with a DeformConv kernel; this one "

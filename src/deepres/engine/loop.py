@@ -12,6 +12,7 @@ config; every run writes the same files and resumes exactly: the data order and 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import signal
@@ -815,7 +816,5 @@ def train(config: Config, run_dir: str | Path | None = None, resume: str | None 
             # a finished collective's tensors (a hang at exit, seen with PyTorch 2.6 and 2.11). Left to
             # destroy_process_group, the group is destroyed with the GIL released (PyTorch 2.8 and newer).
             run.step_fn = None
-            import gc
-
             gc.collect()
             distributed.cleanup()
