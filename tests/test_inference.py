@@ -144,7 +144,21 @@ def test_predict_names_classes(trained, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     out = subprocess.run([sys.executable, "-m", "deepres", "predict", str(path), str(bad)], capture_output=True,
                          text=True)
-    assert out.returncode == 1 and "broken.png" in out.stderr
+    assert out.returncode == 1 and "broken.png" in out.stderr and "--on-bad-image skip" in out.stderr
+    # skipped: the bad file keeps its place, empty, with the reason; the others are classified as before
+    mixed = predict_images(path, [files[0], bad, files[1]], top_k=3, batch_size=2, on_bad_image="skip")
+    assert [r["image"] for r in mixed] == [str(files[0]), str(bad), str(files[1])]
+    assert mixed[1]["top"] == [] and isinstance(mixed[1]["skipped"], str) and mixed[1]["skipped"]
+    assert [t["class"] for t in mixed[2]["top"]] == [t["class"] for t in results[1]["top"]]
+    assert "skipped" not in mixed[0] and mixed[0]["top"][0]["probability"] == pytest.approx(
+        results[0]["top"][0]["probability"], rel=1e-4, abs=1e-6)
+    out = subprocess.run([sys.executable, "-m", "deepres", "predict", str(path), str(bad), str(files[0]),
+                          "--on-bad-image", "skip", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "skipped 1 bad image(s) of 2: " in out.stderr and "broken.png" in out.stderr
+    assert [bool(r["top"]) for r in json.loads(out.stdout)] == [False, True]
+    with pytest.raises(ValueError, match="on_bad_image must be"):
+        predict_images(path, files, on_bad_image="ignore")
 
 
 def test_predict_takes_folders_in_batches(trained, tmp_path):

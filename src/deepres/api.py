@@ -144,14 +144,17 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):
 
 
 def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], *, top_k: int = 5,
-            device: str = "cpu", batch_size: int = 64) -> list[dict]:
+            device: str = "cpu", batch_size: int = 64, on_bad_image: str = "error") -> list[dict]:
     """Top-k classes of image files (folders stand for their images), as ``deepres predict --json`` prints them:
     ``[{"image": path, "top": [{"class", "index", "probability"}, ...]}, ...]``. Images are decoded as training
     decoded them, resized and centre-cropped to the model's input. ``checkpoint`` may also name a model with
-    pretrained weights (``"resnet50"``), whose images are prepared as the weights were evaluated."""
+    pretrained weights (``"resnet50"``), whose images are prepared as the weights were evaluated. A file that cannot
+    be decoded raises an error naming it, or with ``on_bad_image="skip"`` keeps its place with ``top`` empty and
+    ``"skipped"`` the reason."""
     from .engine.inference import predict_images
 
-    return predict_images(checkpoint, list(images), top_k=top_k, device=device, batch_size=batch_size)
+    return predict_images(checkpoint, list(images), top_k=top_k, device=device, batch_size=batch_size,
+                          on_bad_image=on_bad_image)
 
 
 def export(checkpoint: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None) -> dict:

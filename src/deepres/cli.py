@@ -205,7 +205,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                      batch_size=args.batch_size, device=args.device, workers=args.workers,
                                      precision=args.precision, per_class=args.per_class,
                                      on_bad_image=args.on_bad_image)
-    _print_skipped(result)
+    _print_skipped(result.get("skipped_images", []), result["split"])
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             print(f"deepres: warning: {warning.message}", file=sys.stderr)
@@ -220,11 +220,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_skipped(result: dict) -> None:
-    skipped = result.get("skipped_images", [])
+def _print_skipped(skipped: list[str], of: str) -> None:
+    """One stderr line naming the skipped image files (the first five)."""
     if skipped:
         shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        print(f"deepres: skipped {len(skipped)} bad image(s) of {result['split']}: {shown}", file=sys.stderr)
+        print(f"deepres: skipped {len(skipped)} bad image(s) of {of}: {shown}", file=sys.stderr)
 
 
 def _print_per_class(rows: list[dict]) -> None:
@@ -249,7 +249,7 @@ def _eval_pretrained(args: argparse.Namespace) -> int:
                                  batch_size=args.batch_size or 256, device=args.device, workers=args.workers,
                                  precision=args.precision, per_class=args.per_class,
                                  on_bad_image=args.on_bad_image or "error")
-    _print_skipped(result)
+    _print_skipped(result.get("skipped_images", []), result["split"])
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -268,12 +268,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .engine.inference import predict_images
 
     results = predict_images(args.checkpoint, args.images, top_k=args.top_k, device=args.device,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, on_bad_image=args.on_bad_image)
+    _print_skipped([f"{r['image']} ({r['skipped']})" for r in results if "skipped" in r], f"{len(results)}")
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     for r in results:
-        print(r["image"])
+        print(r["image"] + (f"\n  skipped: {r['skipped']}" if "skipped" in r else ""))
         for t in r["top"]:
             print(f"  {t['probability']:7.2%}  {t['class']}")
     return 0
@@ -446,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images classified at a time (default 64)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                   help="an image file that cannot be decoded: error naming it (default), or skip it (listed on "
+                        "stderr; JSON: its entry has an empty top and skipped the reason)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
     p.set_defaults(func=cmd_predict)
 

@@ -393,22 +393,38 @@ def load_classifier(path: str | Path, device: str = "cpu") -> NormalizedModel:
 
 @torch.no_grad()
 def predict_images(path: str | Path, images: Sequence[str | Path], top_k: int = 5, device: str = "cpu",
-                   batch_size: int = 64) -> list[dict]:
+                   batch_size: int = 64, on_bad_image: str = "error") -> list[dict]:
     """Top-k classes (by name, with probabilities) for each image file; folders among ``images`` stand for the image
     files in them (:func:`image_files`). Images are decoded and classified ``batch_size`` at a time. ``path`` is a
-    checkpoint, or the name of a model with pretrained weights (``resnet50``: ImageNet's classes)."""
+    checkpoint, or the name of a model with pretrained weights (``resnet50``: ImageNet's classes). A file that cannot
+    be decoded is an error naming it (``on_bad_image="error"``), or (``"skip"``) keeps its place in the results with
+    ``top`` empty and ``skipped`` the reason."""
+    from ..data.images import BadImageError
+
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip'; got {on_bad_image!r}")
     model = load_classifier(path, device)
     classes, files = model.classes, image_files(images)
     k = min(top_k, len(classes))
     results = []
     for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        batch = torch.stack([model.transform(p) for p in chunk]).to(device)
-        probs = torch.softmax(model(batch).float(), dim=1)
-        values, indices = probs.topk(k, dim=1)
-        results += [{"image": str(p), "top": [{"class": classes[i], "index": int(i), "probability": float(v)}
-                                              for v, i in zip(vs.tolist(), ix.tolist())]}
-                    for p, vs, ix in zip(chunk, values, indices)]
+        chunk, prepared, bad = files[start : start + batch_size], [], {}
+        for p in chunk:
+            try:
+                prepared.append(model.transform(p))
+            except BadImageError as exc:
+                if on_bad_image == "error":
+                    raise
+                bad[p] = exc.reason
+        top = []
+        if prepared:
+            probs = torch.softmax(model(torch.stack(prepared).to(device)).float(), dim=1)
+            values, indices = probs.topk(k, dim=1)
+            top = [[{"class": classes[i], "index": int(i), "probability": float(v)}
+                    for v, i in zip(vs.tolist(), ix.tolist())] for vs, ix in zip(values, indices)]
+        good = iter(top)
+        results += [{"image": str(p), "top": [], "skipped": bad[p]} if p in bad
+                    else {"image": str(p), "top": next(good)} for p in chunk]
     return results
 
 
