@@ -223,7 +223,14 @@ def test_out_of_range_values_are_refused_naming_the_key(override, key):
     (["task.name=pseudo_label", "task.teacher=t.pt"], "data.labeled_per_class"),
     (["task.name=pseudo_label", "task.teacher=t.pt", "data.labeled_per_class=5", "task.pseudo_labels=soft",
       "data.cutmix_alpha=1"], "task.pseudo_labels"),
-    (["task.name=distillation", "task.teacher=t.pt", "data.loader=workers"], "data.loader"),
+    (["task.name=distillation", "task.teacher=t.pt", "data.loader=workers", "data.labeled_per_class=5"],
+     "data.loader"),
+    (["task.name=pseudo_label", "task.teacher=t.pt", "data.loader=workers", "data.labeled_per_class=5"],
+     "data.loader"),
+    (["task.name=pseudo_label", "task.teacher=t.pt", "data.preset=paper_imagenet", "data.labeled_per_class=5"],
+     "data.preset"),
+    (["task.name=distillation", "task.teacher=t.pt", "data.preset=paper_imagenet", "data.labeled_per_class=5"],
+     "data.preset"),
     (["data.unlabeled_subset=10"], "data.unlabeled_subset"),
     (["data.preset=paper_imagenet", "data.loader=device"], "data.loader"),
     (["model.init_head=new"], "model.init_head"),
@@ -232,6 +239,12 @@ def test_unsupported_combinations_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert info.value.key == key
+
+
+def test_distillation_of_labeled_images_takes_the_worker_loader():
+    """Its teacher runs on each batch as loaded; only an unlabeled set needs the images in memory."""
+    for sets in (["data.loader=workers"], ["data.preset=paper_imagenet"]):
+        assert load_config(None, ["task.name=distillation", "task.teacher=t.pt", *sets]).task.name == "distillation"
 
 
 def test_cli_config_refuses_what_train_would_refuse():

@@ -117,3 +117,13 @@ def test_distillation_run_learns_and_records_its_teacher(idx_data, teacher, tmp_
     assert summary["teacher_logits_cached"] and summary["teacher"] == str(teacher)
     assert summary["test_accuracy"] > 30.0  # chance is 10%
     assert load_checkpoint(tmp_path / "kd" / "checkpoints" / "last.pt")["config"]["task"]["name"] == "distillation"
+
+
+def test_distillation_on_the_worker_loader_runs_its_teacher_on_each_batch(idx_data, teacher, tmp_path, capsys):
+    """Batches decoded by workers (the loader of large folders): the teacher's logits are computed per batch."""
+    config = load_config(None, overrides(idx_data, **{"task.name": "distillation", "task.teacher": teacher,
+                                                      "train.iterations": 20, "data.loader": "workers",
+                                                      "data.num_workers": 0}))
+    summary = train(config, tmp_path / "kd")
+    assert "workers loader" in capsys.readouterr().err
+    assert not summary["teacher_logits_cached"] and summary["test_accuracy"] > 30.0  # chance is 10%

@@ -106,6 +106,14 @@ def test_fit_to_data_bounds_validation_batch_lr_crop_and_cadence(folder):
     big, big_notices = fit_to_data(config, count=(1_281_167, "imagenet", (375, 500)))
     assert (big.data.val_size, big.train.batch_size, big.optim.lr, big.data.image_size) == (10000, 256, 0.1, None)
     assert not any("small_input" in n for n in big_notices)
+    # With labeled_per_class only the labeled images train: the batch fits them (144 images, 3 classes)
+    few, few_notices = fit_to_data(load_config("imagefolder_fast", [f"data.data_dir={folder}",
+                                                                    "data.labeled_per_class=10"]))
+    assert few.train.batch_size == 8 and "at most half of the 30 labeled training images" in few_notices[1]
+    with pytest.raises(DataMisfit, match=r"train.batch_size=64 is larger than the training split \(30 labeled"):
+        fit_to_data(load_config("imagefolder_fast", [f"data.data_dir={folder}", "data.labeled_per_class=10",
+                                                     "train.fit_to_data=false", "data.val_size=0",
+                                                     "train.batch_size=64"]))
     for sets in (["model.options.small_input=true"], ["model.name=resnet56", "model.stride_on=null"]):
         chosen = load_config("imagefolder_fast", [f"data.data_dir={folder}", *sets])
         assert not any("small_input" in n for n in fit_to_data(chosen)[1])

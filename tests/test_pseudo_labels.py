@@ -102,6 +102,16 @@ def test_noisy_student_command_reports_every_iteration(idx_data, tmp_path, capsy
     assert main(args[:-2] + ["--run-dir", str(tmp_path / "small"), "--set=model.name=resnet32", "--student",
                              "resnet20"]) == 2
     assert "smaller than its teacher" in capsys.readouterr().err and not (tmp_path / "small").exists()
+    # The report counts the trained nets' parameters (Fashion-MNIST: one input channel)
+    from deepres.api import load_model
+
+    trained = sum(p.numel() for p in load_model(tmp_path / "ns" / "iter2" / "checkpoints" / "last.pt").parameters())
+    assert second["parameters"] == trained and f"| 2 | student | resnet20 | {trained:,} |" in report
+    # A student config the pseudo-labeling task refuses is refused before the teacher trains
+    assert main(args[:-2] + ["--run-dir", str(tmp_path / "crops"), "--set=data.preset=paper_imagenet",
+                             "--set=data.loader=auto"]) == 2
+    err = capsys.readouterr().err
+    assert "'data.preset': the student of iteration 1" in err and not (tmp_path / "crops").exists()
 
 
 def test_noise_acts_only_in_training_and_leaves_the_weights_alone():

@@ -988,8 +988,16 @@ def _check_combinations(c: Config) -> None:
     if k.name in ("distillation", "pseudo_label"):
         _require(bool(k.teacher), "task.teacher", f"task.name={k.name} needs a teacher checkpoint, e.g. "
                                                   "--set task.teacher=runs/teacher/checkpoints/last.pt")
-        _require(d.loader != "workers", "data.loader", f"task.name={k.name} needs the device-resident loader; "
-                                                       "set data.loader=device or auto")
+        # Training on an unlabeled set (always for pseudo-labels) needs the images in memory, on the device-resident
+        # loader; distillation of labeled images also runs its teacher on worker-loaded batches.
+        if k.name == "pseudo_label" or d.labeled_per_class is not None:
+            what = f"task.name={k.name}" + (" with an unlabeled set" if k.name == "distillation" else "")
+            _require(d.loader != "workers", "data.loader", f"{what} needs the device-resident loader; set "
+                                                           f"data.loader=device or auto")
+            _require(d.preset != "paper_imagenet", "data.preset",
+                     f"{what} needs the device-resident loader, which the paper_imagenet preset (scale augmentation "
+                     f"of full-size images, in worker processes) does not use; set data.preset=paper_cifar "
+                     f"(pad-and-crop, flip) or none, with data.image_size for images of mixed sizes")
     if k.name == "pseudo_label":
         _require(d.labeled_per_class is not None, "data.labeled_per_class",
                  "pseudo-labeling needs an unlabeled set: set data.labeled_per_class (the rest of each class is "

@@ -27,8 +27,8 @@ class DataMisfit(ConfigError):
                                   f"(train.fit_to_data=true bounds them to the data)")
 
 
-def training_images(data) -> tuple[int, str, tuple[int, int] | None]:
-    """(training images before the validation split, where they are, the first image's (height, width)) of a
+def training_images(data) -> tuple[int, str, tuple[int, int] | None, int]:
+    """(training images before the validation split, where they are, the first image's (height, width), classes) of a
     DataConfig."""
     from ..data import sources
 
@@ -40,8 +40,8 @@ def training_images(data) -> tuple[int, str, tuple[int, int] | None]:
 
         path = _require_data_dir(data)
         if is_prepared_file(path):
-            train = load_prepared(path).train
-            return len(train), str(path), tuple(train.images.shape[-2:])
+            prepared = load_prepared(path)
+            return len(prepared.train), str(path), tuple(prepared.train.images.shape[-2:]), prepared.num_classes
         # quiet: the loader scans again and names each skipped file; here only the count is wanted
         index = scan_image_folder(resolve_image_source(path, data.cache_dir), data.on_bad_image, data.test_size,
                                   quiet=True)
@@ -50,9 +50,9 @@ def training_images(data) -> tuple[int, str, tuple[int, int] | None]:
                 size = (im.height, im.width)
         except Exception:  # a bad first image is named later, by the loader
             size = None
-        return len(index.splits["train"]), str(path), size
-    train = sources.SOURCES[data.source](data).train
-    return len(train), data.source, tuple(train.images.shape[-2:])
+        return len(index.splits["train"]), str(path), size, len(index.classes)
+    dataset = sources.SOURCES[data.source](data)
+    return len(dataset.train), data.source, tuple(dataset.train.images.shape[-2:]), dataset.num_classes
 
 
 def _small_images(model, side: int) -> list[str]:
@@ -75,13 +75,13 @@ def _power_of_two_at_most(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def fit_to_data(config: Config, world_size: int = 1, count: tuple[int, str, tuple[int, int] | None] | None = None
-                ) -> tuple[Config, list[str]]:
+def fit_to_data(config: Config, world_size: int = 1, count: tuple | None = None) -> tuple[Config, list[str]]:
     """``config`` checked against its data's size; returns (the config, notices). Without ``train.fit_to_data`` a
     misfit raises :class:`DataMisfit` naming every key at once; with it, the values are bounded (see the config's
-    comment) and each change is a notice."""
+    comment) and each change is a notice. ``count``: :func:`training_images`'s tuple, the classes optional (needed
+    only with ``data.labeled_per_class``)."""
     d, t, o, s = config.data, config.train, config.optim, config.schedule
-    n, where, image = count or training_images(d)
+    n, where, image, *classes = count or training_images(d)
     where = f"{n:,} training images in {where}"
     problems, notices = [], []
     val = resolve_size(d.val_size, n)
@@ -94,17 +94,20 @@ def fit_to_data(config: Config, world_size: int = 1, count: tuple[int, str, tupl
     n_train = max(0, n - val)
     if d.train_subset is not None:
         n_train = min(n_train, d.train_subset)
+    images = "training images"
+    if d.labeled_per_class is not None and classes:  # the labeled images train; the rest wait unlabeled
+        n_train, images = min(n_train, d.labeled_per_class * classes[0]), "labeled training images"
     batch = t.batch_size
     if t.fit_to_data and batch > max(world_size, n_train // 2):
         batch = max(world_size, _power_of_two_at_most(n_train // 2) // world_size * world_size)
         scale = batch / t.batch_size
-        notices.append(f"train.batch_size {t.batch_size} -> {batch}: at most half of the {n_train:,} training images;"
+        notices.append(f"train.batch_size {t.batch_size} -> {batch}: at most half of the {n_train:,} {images};"
                        f" optim.lr {o.lr:g} -> {o.lr * scale:g} (scaled with the batch)")
         o = dataclasses.replace(o, lr=o.lr * scale)
         s = dataclasses.replace(s, warmup_lr=s.warmup_lr * scale, min_lr=s.min_lr * scale)
         t = dataclasses.replace(t, batch_size=batch)
     elif batch > (n_train or n):  # with no training images left, against all of them: every misfit at once
-        problems.append(("train.batch_size", f"{batch} is larger than the training split ({n_train or n:,} images)"))
+        problems.append(("train.batch_size", f"{batch} is larger than the training split ({n_train or n:,} {images})"))
     if problems:
         raise DataMisfit(problems, where)
     if t.fit_to_data and d.preset == "paper_imagenet" and d.image_size is None and image is not None:

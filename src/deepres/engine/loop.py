@@ -684,6 +684,7 @@ def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
     return {
         "run_dir": str(run.paths.root),
         "model": run.model_class or config.model.name,
+        "parameters": count_parameters(run.model),
         "data": dataset.name,
         "iterations": run.step,
         "splits": {name: len(split) for name, split in dataset.splits().items()},

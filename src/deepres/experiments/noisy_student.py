@@ -80,7 +80,13 @@ def noisy_student(config: Config, iterations: int, run_dir: str | Path, students
                   students)
     for i, (name, overrides) in enumerate(steps, start=1):
         configs.append(apply_overrides(config, overrides + [f"name={config.name}-{name}"]))
-        # Checked before anything trains: each student at least as large as its teacher.
+        # Checked before anything trains: each student's config (it pseudo-labels), and at least as large as its
+        # teacher.
+        try:
+            configs[i].validate()
+        except ConfigError as exc:
+            raise ConfigError(exc.key, f"the student of iteration {i} (task.name=pseudo_label, with noise): "
+                                       f"{str(exc).split(': ', 1)[1]}") from None
         if _parameters(configs[i]) < _parameters(configs[i - 1]):
             raise ConfigError("--student", f"the student {configs[i].model.name} is smaller than its teacher "
                                            f"{configs[i - 1].model.name}; Noisy Student needs equal or larger students")
@@ -93,7 +99,9 @@ def noisy_student(config: Config, iterations: int, run_dir: str | Path, students
 
 
 def _row(iteration: int, role: str, config: Config, summary: dict) -> dict:
-    return {"iteration": iteration, "role": role, "model": config.model.name, "parameters": _parameters(config),
+    # The trained net's count (its classes' head); a run finished before summaries counted them: a 10-class head.
+    parameters = summary.get("parameters") or _parameters(config)
+    return {"iteration": iteration, "role": role, "model": config.model.name, "parameters": parameters,
             **{k: summary.get(k) for k in ("test_accuracy", "pseudo_labels_kept", "pseudo_label_coverage",
                                             "pseudo_label_accuracy")}}
 
