@@ -158,10 +158,36 @@ def test_your_own_model_dataset_and_callbacks(tmp_path):
     assert ckpt["step"] == 40 and ckpt["model_class"].endswith("TinyNet") and ckpt["classes"] == ["0", "1", "2"]
     test_rows = [r for r in read_metrics(tmp_path / "own" / "metrics.jsonl") if "test_top1_error" in r]
     assert len(test_rows) == 1 and test_rows[0]["step"] == 40
+    # Read back with the model and data given again: the same test error as the run's, the same predictions
+    last, test_set = tmp_path / "own" / "checkpoints" / "last.pt", _pictures(60, 1)
+    with pytest.raises(ValueError, match="data given in Python .* dataset=test_set"):
+        deepres.evaluate(last)
+    with pytest.raises(ValueError, match=r"your own model \(.*TinyNet\).* model=net"):
+        deepres.evaluate(last, dataset=test_set)
     with pytest.raises(ValueError, match="your own model"):
-        deepres.evaluate(tmp_path / "own" / "checkpoints" / "last.pt")
+        deepres.load_model(last)
+    result = deepres.evaluate(last, dataset=test_set, model=TinyNet())
+    assert result["count"] == 60 and result["top1_error"] == pytest.approx(summary["test_top1_error"], abs=1e-9)
+    assert deepres.evaluate(last, dataset=(_pictures(240, 0), test_set), model=TinyNet())["top1_error"] == \
+        result["top1_error"]
+    with pytest.raises(ValueError, match="labels must be class indices 0..2"):
+        deepres.evaluate(last, dataset=[(image, 3) for image, _ in test_set[:4]], model=TinyNet())
+    with pytest.raises(ValueError, match="do not fit the given model"):
+        deepres.load_model(last, model=TinyNet(num_classes=4))
     model = TinyNet()
     model.load_state_dict(ckpt["model"])
+    loaded = deepres.load_model(last, model=TinyNet())
+    files = []
+    for i, (image, _) in enumerate(test_set[:6]):
+        image.save(tmp_path / f"p{i}.png")
+        files.append(tmp_path / f"p{i}.png")
+    batch = torch.stack([loaded.transform(f) for f in files])
+    with torch.no_grad():
+        expected = model.eval()((batch - loaded.mean) / loaded.std).argmax(1)  # the weights the run saved
+    predicted = deepres.predict(last, files, top_k=1, model=TinyNet())
+    assert [r["top"][0]["index"] for r in predicted] == expected.tolist() and loaded.classes == ["0", "1", "2"]
+    exported = deepres.export(last, "torchscript", tmp_path / "own.ts", model=TinyNet())
+    assert exported["max_abs_diff"] < 1e-4 and (tmp_path / "own.ts").is_file()
     with pytest.raises(ConfigError, match="model.init.*your own model .*TinyNet"):
         deepres.train("demo", {"model.init": "pretrained"}, run_dir=tmp_path / "published", model=TinyNet(),
                       dataset=(_pictures(24, 0), _pictures(6, 1)))
@@ -206,3 +232,7 @@ def test_the_readme_python_quick_start_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
     assert summary["test_accuracy"] > 70.0, summary
+    import ast
+
+    own = ast.literal_eval(result.stdout.strip().splitlines()[-1])  # the own run read back with its net and data
+    assert own["count"] == 128 and own["split"] == "test" and 0 <= own["top1_error"] <= 100

@@ -104,7 +104,7 @@ def _dataset(dataset):
 def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: str | None = None,
              ten_crop: bool = False, scales: Sequence[int] | None = None, batch_size: int | None = None,
              device: str = "cpu", workers: int | None = None, precision: str = "run",
-             per_class: bool = False, on_bad_image: str | None = None) -> dict:
+             per_class: bool = False, on_bad_image: str | None = None, model=None, dataset=None) -> dict:
     """Top-1/top-5 error (percent) and loss of a checkpoint on a split of the data it was trained on, as
     ``deepres eval`` prints them; ``data_dir`` reads the same source from elsewhere. ``precision``: ``"run"`` tests in
     the arithmetic the run tested in during training (its ``train.amp``), so the number repeats its summary;
@@ -113,10 +113,14 @@ def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: st
     name a model with pretrained weights (``"resnet50"``), tested on the ImageNet folder ``data_dir`` (its validation
     images, prepared as the weights were evaluated; the published error beside ours), in fp32 unless ``precision``
     asks for bf16 or fp16. ``on_bad_image``: ``"error"`` (pretrained weights' default) or ``"skip"`` (listed in
-    ``skipped_images``) for an image file that cannot be decoded; None: the run's ``data.on_bad_image``."""
+    ``skipped_images``) for an image file that cannot be decoded; None: the run's ``data.on_bad_image``.
+
+    A run trained with your own model or data (``train(model=..., dataset=...)``) is tested with them: ``model`` the
+    network to load its weights into (they replace its own), ``dataset`` the images: a map-style dataset of ``(image,
+    label)`` (tested as the test split), or what ``train`` takes (``split`` chooses in it)."""
     from .engine.inference import evaluate_checkpoint, evaluate_pretrained, pretrained_name
 
-    if pretrained_name(checkpoint) is not None:
+    if pretrained_name(checkpoint) is not None and model is None:
         if data_dir is None or scales:
             raise ValueError(f"{checkpoint}: pretrained weights are tested on an ImageNet folder (data_dir) with a "
                              f"centre crop or ten_crop")
@@ -125,10 +129,28 @@ def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: st
                                    on_bad_image=on_bad_image or "error")
     return evaluate_checkpoint(Path(checkpoint), data_dir=data_dir, split=split, ten_crop=ten_crop, scales=scales,
                                batch_size=batch_size, device=device, workers=workers, precision=precision,
-                               per_class=per_class, on_bad_image=on_bad_image)
+                               per_class=per_class, on_bad_image=on_bad_image, model=model,
+                               dataset=_test_dataset(dataset))
 
 
-def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):
+def _test_dataset(dataset):
+    """What :func:`evaluate` tests: a Dataset, or one map-style dataset as a Split (a Dataset when it names its
+    classes, as torchvision's do)."""
+    from .data import Dataset, Split
+    from .data.custom import split_from
+
+    if isinstance(dataset, Split):
+        return dataset
+    if dataset is None or isinstance(dataset, (Dataset, Mapping)) or (
+            isinstance(dataset, (tuple, list)) and len(dataset) == 2 and not isinstance(dataset[0], tuple)):
+        return _dataset(dataset)
+    split, classes = split_from(dataset, "dataset"), getattr(dataset, "classes", None)
+    if classes is None:
+        return split
+    return Dataset("dataset", [str(c) for c in classes], split, split, origin="dataset")
+
+
+def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu", model=None):
     """The trained model of a checkpoint in eval mode, as ``deepres export`` writes it: float images in [0, 1] of
     shape (N, C, H, W) in (``image_size`` (H, W) as trained, ``in_channels`` C), logits out, the run's normalisation
     built in. ``classes`` names the logits; ``model`` is the bare network (normalised input), for features or further
@@ -137,31 +159,35 @@ def load_model(checkpoint: str | os.PathLike, *, device: str = "cpu"):
 
     ``checkpoint`` may also name a model with pretrained weights (``"resnet50"``; ``deepres models --pretrained``):
     its ImageNet classes, the weights' normalisation, ``image_size`` their crop, ``transform`` their evaluation resize
-    and crop."""
+    and crop.
+
+    ``model``: the network to load the weights into (they replace its own), for a run that trained your own model
+    (``train(model=net)``; its checkpoint names the class)."""
     from .engine.inference import load_classifier
 
-    return load_classifier(checkpoint, device)
+    return load_classifier(checkpoint, device, model)
 
 
 def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], *, top_k: int = 5,
-            device: str = "cpu", batch_size: int = 64, on_bad_image: str = "error") -> list[dict]:
+            device: str = "cpu", batch_size: int = 64, on_bad_image: str = "error", model=None) -> list[dict]:
     """Top-k classes of image files (folders stand for their images), as ``deepres predict --json`` prints them:
     ``[{"image": path, "top": [{"class", "index", "probability"}, ...]}, ...]``. Images are decoded as training
     decoded them, resized and centre-cropped to the model's input. ``checkpoint`` may also name a model with
     pretrained weights (``"resnet50"``), whose images are prepared as the weights were evaluated. A file that cannot
     be decoded raises an error naming it, or with ``on_bad_image="skip"`` keeps its place with ``top`` empty and
-    ``"skipped"`` the reason."""
+    ``"skipped"`` the reason. ``model``: as :func:`load_model`'s."""
     from .engine.inference import predict_images
 
     return predict_images(checkpoint, list(images), top_k=top_k, device=device, batch_size=batch_size,
-                          on_bad_image=on_bad_image)
+                          on_bad_image=on_bad_image, model=model)
 
 
-def export(checkpoint: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None) -> dict:
+def export(checkpoint: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None, *,
+           model=None) -> dict:
     """Export a checkpoint as ``deepres export`` does: ``fmt`` ``onnx``, ``torchscript``, ``export`` (a
     ``torch.export`` program, ``.pt2``) or ``safetensors``; ``out`` defaults to a file beside the checkpoint. The
     written file is checked against PyTorch first; returns its path, format, input shape and the largest
-    difference."""
+    difference. ``model``: as :func:`load_model`'s."""
     from .engine.inference import export_checkpoint
 
-    return export_checkpoint(Path(checkpoint), fmt, out)
+    return export_checkpoint(Path(checkpoint), fmt, out, model=model)

@@ -231,14 +231,27 @@ def check_model(cfg) -> None:
         pass
 
 
-def load_for_inference(checkpoint: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Normalizer, object]:
-    """The model of a checkpoint in eval mode (EMA weights when the run kept them), its normalizer and config."""
+def load_for_inference(checkpoint: dict, device: torch.device | str = "cpu", model: nn.Module | None = None
+                       ) -> tuple[nn.Module, Normalizer, object]:
+    """The model of a checkpoint in eval mode (EMA weights when the run kept them), its normalizer and config.
+    ``model``: the network to load the weights into (its own are replaced), needed for a run that trained a model
+    given in Python (``deepres.train(model=...)``; the checkpoint names its class); default: ``config.model`` built."""
     config = from_dict(checkpoint["config"])
-    if checkpoint.get("model_class"):
-        raise ValueError(f"this checkpoint holds the weights of your own model ({checkpoint['model_class']}), not of "
-                         f"a registered one: build that model and load checkpoint['model'] into it")
-    model = build_model(config.model, len(checkpoint["classes"]), int(checkpoint["in_channels"]))
-    model.load_state_dict(checkpoint_weights(checkpoint))
+    if model is None:
+        if checkpoint.get("model_class"):
+            raise ValueError(f"this checkpoint holds the weights of your own model ({checkpoint['model_class']}), "
+                             f"not of a registered one: build that model and pass it, e.g. "
+                             f"deepres.load_model(checkpoint, model=net) (predict, evaluate and export take model= "
+                             f"too)")
+        model = build_model(config.model, len(checkpoint["classes"]), int(checkpoint["in_channels"]))
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model: an nn.Module to load the checkpoint's weights into; got {type(model).__name__}")
+    try:
+        model.load_state_dict(checkpoint_weights(checkpoint))
+    except RuntimeError as exc:
+        saved = checkpoint.get("model_class") or config.model.name
+        raise ValueError(f"the checkpoint's weights (of {saved}) do not fit the given model "
+                         f"({type(model).__module__}.{type(model).__qualname__}): {exc}") from None
     return model.to(device).eval(), Normalizer.from_state_dict(checkpoint["normalization"]), config
 
 

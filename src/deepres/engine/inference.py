@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..config import available_cores, data_workers
-from ..data import load_dataset
+from ..data import Dataset, Split, load_dataset
 from ..evaluation import RawLoader, evaluate, multiscale_predict, single_predict, ten_crop_predict
 from ..evaluation.crops import centre_crop, resize_shorter
 from ..runs import load_checkpoint, load_for_inference
@@ -47,11 +47,14 @@ def evaluate_checkpoint(
     precision: str = "run",
     per_class: bool = False,
     on_bad_image: str | None = None,
+    model: nn.Module | None = None,
+    dataset=None,
 ) -> dict:
     """Top-1/top-5 error of a checkpoint on a split of the data it was trained on (or the same source elsewhere)."""
     return evaluate_checkpoint_modes(path, [(ten_crop, scales)], data_dir=data_dir, split=split,
                                      batch_size=batch_size, device=device, workers=workers, precision=precision,
-                                     per_class=per_class, on_bad_image=on_bad_image)[0]
+                                     per_class=per_class, on_bad_image=on_bad_image, model=model,
+                                     dataset=dataset)[0]
 
 
 def per_class_errors(confusion: list[list[int]], classes: Sequence[str]) -> list[dict]:
@@ -116,6 +119,8 @@ def evaluate_checkpoint_modes(
     precision: str = "run",
     per_class: bool = False,
     on_bad_image: str | None = None,
+    model: nn.Module | None = None,
+    dataset=None,
 ) -> list[dict]:
     """:func:`evaluate_checkpoint` for several test modes, each ``(ten_crop, scales)``; the checkpoint and the data
     are read once. Runs of the paper's ImageNet preset are tested on images of any size, resized one by one.
@@ -126,11 +131,23 @@ def evaluate_checkpoint_modes(
     or ``skip`` an image file that cannot be decoded (None: the run's ``data.on_bad_image``); skipped test images are
     listed in ``skipped_images``. A 10-crop or multi-scale test
     of a run that trained on uncropped images (not the ImageNet preset) warns: those views are not what the model
-    learned from."""
+    learned from. ``model``: the network of a run that trained one given in Python (see :func:`load_for_inference`);
+    ``dataset``: the data of a run that was given its data in Python, a :class:`Dataset` (``split`` chooses in it)
+    or a :class:`Split` (tested as the test split, its labels the checkpoint's classes).
+    """
     ckpt = load_checkpoint(path)
+    if dataset is None and ckpt.get("data_given"):
+        raise ValueError(f"{path}: this run trained on data given in Python (deepres.train(dataset=...)), not on "
+                         f"data.source: pass the images to test, e.g. deepres.evaluate(checkpoint, dataset=test_set)")
+    if isinstance(dataset, Split):
+        if len(dataset) and not 0 <= int(dataset.labels.min()) <= int(dataset.labels.max()) < len(ckpt["classes"]):
+            raise ValueError(f"dataset: labels must be class indices 0..{len(ckpt['classes']) - 1} (the checkpoint's "
+                             f"{len(ckpt['classes'])} classes); got {int(dataset.labels.min())}.."
+                             f"{int(dataset.labels.max())}")
+        dataset = Dataset("dataset", list(ckpt["classes"]), dataset, dataset, origin="dataset")
     precision = eval_precision(precision, ckpt, device)
     autocast = _autocast(precision, device)
-    model, normalizer, config = load_for_inference(ckpt, device)
+    model, normalizer, config = load_for_inference(ckpt, device, model)
     batch_size = batch_size or config.train.eval_batch_size
     data_cfg = config.data if data_dir is None else dataclasses.replace(config.data, data_dir=data_dir)
     workers = min(data_workers(config.data), available_cores()) if workers is None else workers
@@ -143,11 +160,11 @@ def evaluate_checkpoint_modes(
                       f"one); 10-crop and multi-scale views differ from what it learned from and usually test "
                       f"worse than the single view", stacklevel=2)
     resized = data_cfg.preset == "paper_imagenet"
-    if resized and data_cfg.source == "imagefolder":
+    if dataset is None and resized and data_cfg.source == "imagefolder":
         from ..data.pipeline import _folder_dataset
 
         dataset = _folder_dataset(data_cfg, None)  # scanned, not decoded: the images differ in size
-    else:
+    elif dataset is None:
         dataset = load_dataset(data_cfg)
     if dataset.classes != ckpt["classes"]:
         raise ValueError(
@@ -358,13 +375,13 @@ def pretrained_name(path: str | Path) -> str | None:
     return name if name in PRETRAINED and not Path(path).exists() else None
 
 
-def load_classifier(path: str | Path, device: str = "cpu") -> NormalizedModel:
+def load_classifier(path: str | Path, device: str = "cpu", model: nn.Module | None = None) -> NormalizedModel:
     """A checkpoint's trained model (or, for a model name with pretrained weights, those weights) as
     :func:`deepres.load_model` gives it: eval mode, normalisation inside, float images in [0, 1] in, logits out, with
     ``classes``, ``image_size``, ``in_channels`` and ``transform`` (a :class:`TestTransform`: one image prepared as
-    the run's test, or the weights' evaluation, prepared it)."""
+    the run's test, or the weights' evaluation, prepared it). ``model``: see :func:`load_for_inference`."""
     name = pretrained_name(path)
-    if name is not None:
+    if name is not None and model is None:
         from ..models import create_model
         from ..models.pretrained import eval_normalization
 
@@ -381,7 +398,7 @@ def load_classifier(path: str | Path, device: str = "cpu") -> NormalizedModel:
             raise FileNotFoundError(f"checkpoint not found: {path}; model {path} has no pretrained weights (deepres "
                                     f"models --pretrained lists those that have)")
     ckpt = load_checkpoint(path)
-    model, normalizer, _ = load_for_inference(ckpt, device)
+    model, normalizer, _ = load_for_inference(ckpt, device, model)
     wrapped = NormalizedModel(model, normalizer.mean, normalizer.std).to(device).eval()
     wrapped.classes = list(ckpt["classes"])
     wrapped.image_size = tuple(int(v) for v in ckpt["image_size"])
@@ -393,17 +410,17 @@ def load_classifier(path: str | Path, device: str = "cpu") -> NormalizedModel:
 
 @torch.no_grad()
 def predict_images(path: str | Path, images: Sequence[str | Path], top_k: int = 5, device: str = "cpu",
-                   batch_size: int = 64, on_bad_image: str = "error") -> list[dict]:
+                   batch_size: int = 64, on_bad_image: str = "error", model: nn.Module | None = None) -> list[dict]:
     """Top-k classes (by name, with probabilities) for each image file; folders among ``images`` stand for the image
     files in them (:func:`image_files`). Images are decoded and classified ``batch_size`` at a time. ``path`` is a
     checkpoint, or the name of a model with pretrained weights (``resnet50``: ImageNet's classes). A file that cannot
     be decoded is an error naming it (``on_bad_image="error"``), or (``"skip"``) keeps its place in the results with
-    ``top`` empty and ``skipped`` the reason."""
+    ``top`` empty and ``skipped`` the reason. ``model``: see :func:`load_for_inference`."""
     from ..data.images import BadImageError
 
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip'; got {on_bad_image!r}")
-    model = load_classifier(path, device)
+    model = load_classifier(path, device, model)
     classes, files = model.classes, image_files(images)
     k = min(top_k, len(classes))
     results = []
@@ -462,15 +479,16 @@ def export_metadata(ckpt: dict, normalizer) -> dict[str, str]:
 
 
 @torch.no_grad()
-def export_checkpoint(path: str | Path, fmt: str, out: str | Path | None = None, atol: float = 1e-4) -> dict:
+def export_checkpoint(path: str | Path, fmt: str, out: str | Path | None = None, atol: float = 1e-4,
+                      model: nn.Module | None = None) -> dict:
     """Export to ONNX, TorchScript or ``torch.export`` (a ``.pt2`` program) - the model with its normalisation inside,
     taking [0, 1] images of any batch size - or to safetensors (the weights and metadata), and check the written file
     against PyTorch on random images. Every format carries the class names, normalisation and input size as metadata
-    (:func:`export_metadata`)."""
+    (:func:`export_metadata`). ``model``: see :func:`load_for_inference`."""
     if fmt not in EXPORT_SUFFIX:
         raise ValueError(f"format must be one of {', '.join(EXPORT_SUFFIX)}; got {fmt!r}")
     ckpt = load_checkpoint(path)
-    model, normalizer, _ = load_for_inference(ckpt)
+    model, normalizer, _ = load_for_inference(ckpt, model=model)
     wrapped = NormalizedModel(model, normalizer.mean, normalizer.std).eval()
     c, (h, w) = int(ckpt["in_channels"]), ckpt["image_size"]
     example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))

@@ -125,6 +125,8 @@ class Run:
     window_state: dict | None = None
     # A model the caller built (deepres.train(model=...)): its class, recorded in checkpoints; None: config.model.
     model_class: str | None = None
+    # Data the caller gave (deepres.train(dataset=...)): its name, recorded in checkpoints; None: config.data.
+    data_given: str | None = None
     # Callbacks of the Python API: on_step(step, {"loss", "lr"}) after every step (returning False stops the run
     # after that step, tested and checkpointed); on_eval(step, row) after every validation and test row.
     on_step: object = None
@@ -363,7 +365,8 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
         )
     run = Run(config, paths, dist, data, data_fingerprint(dataset), model, task, optimizer, schedule, ema,
               step_fn=None, writer=writer, progress=progress, init_info=init_info, lock=lock,
-              model_class=None if given_model is None else _class_name(given_model))
+              model_class=None if given_model is None else _class_name(given_model),
+              data_given=None if given_data is None else dataset.name)
     resume_state = None
     if resume_path is not None:
         resume_state = load_checkpoint(resume_path)
@@ -454,6 +457,7 @@ def checkpoint_state(run: Run, weights_only: bool = False) -> dict:
         # The autocast its evaluations ran in ("off", "bf16", "fp16"): deepres eval repeats them by default.
         "eval_precision": run.step_fn.precision.name,
         "model_class": run.model_class,
+        "data_given": run.data_given,
         "best_val_error": run.best_val,
         "deepres_version": __version__,
     }
