@@ -188,6 +188,13 @@ def test_your_own_model_dataset_and_callbacks(tmp_path):
     assert [r["top"][0]["index"] for r in predicted] == expected.tolist() and loaded.classes == ["0", "1", "2"]
     exported = deepres.export(last, "torchscript", tmp_path / "own.ts", model=TinyNet())
     assert exported["max_abs_diff"] < 1e-4 and (tmp_path / "own.ts").is_file()
+    # Resumed only with the same model and data given again (not from the recipe's source)
+    recipe = {"train.iterations": 60, "train.batch_size": 32, "data.val_size": 0.1, "schedule.warmup_iterations": 0}
+    with pytest.raises(ValueError, match=r'resume="auto", model=\.\.\. \(your .*TinyNet\), dataset=\.\.\.'):
+        deepres.train("demo", recipe, run_dir=tmp_path / "own", resume="auto")
+    resumed = deepres.train("demo", recipe, run_dir=tmp_path / "own", resume="auto", model=TinyNet(),
+                            dataset=(_pictures(240, 0), test_set))
+    assert resumed["iterations"] == 60
     with pytest.raises(ConfigError, match="model.init.*your own model .*TinyNet"):
         deepres.train("demo", {"model.init": "pretrained"}, run_dir=tmp_path / "published", model=TinyNet(),
                       dataset=(_pictures(24, 0), _pictures(6, 1)))

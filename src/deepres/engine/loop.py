@@ -291,6 +291,10 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
     if device.type == "cuda":  # set for every run, so runs in one process do not inherit each other's setting
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tc.tf32
     resume_path = _resume_source(resume, paths)
+    resume_state = None
+    if resume_path is not None:  # read first: a run of a caller's model or data resumes only with them
+        resume_state = load_checkpoint(resume_path)
+        _check_given(resume_state, resume_path, given_model, given_data)
 
     task = build_task(config.task)
     if task.needs_teacher:
@@ -367,9 +371,7 @@ def _setup_locked(config: Config, dist: distributed.DistInfo, paths: RunPaths, l
               step_fn=None, writer=writer, progress=progress, init_info=init_info, lock=lock,
               model_class=None if given_model is None else _class_name(given_model),
               data_given=None if given_data is None else dataset.name)
-    resume_state = None
-    if resume_path is not None:
-        resume_state = load_checkpoint(resume_path)
+    if resume_state is not None:
         restore(run, resume_state, resume_path)
     # The step is built after any restore: a captured step puts device tensors in the optimizer's learning rates.
     run.step_fn = build_step(config, model, train_model, task, optimizer, ema, device, dist.world_size,
@@ -401,6 +403,18 @@ def _grad_checkpointing(model: nn.Module) -> None:
                           f"set_grad_checkpointing(enable) method to recompute its activations; every deepres model "
                           f"and timm's models have one; use train.micro_batches to save memory instead")
     model.set_grad_checkpointing(True)
+
+
+def _check_given(ckpt: dict, path: Path, given_model, given_data) -> None:
+    """A checkpoint of a run that trained a model or data given in Python resumes only with them given again."""
+    given = []
+    if ckpt.get("model_class") and given_model is None:
+        given.append(f"model=... (your {ckpt['model_class']})")
+    if ckpt.get("data_given") and given_data is None:
+        given.append("dataset=... (the data it trained on)")
+    if given:
+        raise ValueError(f"cannot resume from {path}: the run trained on what was given in Python; resume it there "
+                         f"with the same: deepres.train(..., resume=\"auto\", {', '.join(given)})")
 
 
 def _class_name(module: nn.Module) -> str:
