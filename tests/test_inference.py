@@ -83,6 +83,7 @@ def test_per_class_errors_and_confusion_equal_a_hand_count(trained, capsys):
             assert row["mistaken_for"] is None
     assert main(["eval", str(path), "--per-class"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert f"top-5 error {result['top5_error']:.2f}%, loss" in lines[0]  # 10 classes: top-5 shown
     assert lines[1].split() == ["class", "images", "top-1", "error", "most", "often", "mistaken", "for"]
     assert len(lines) == 2 + classes
 

@@ -212,9 +212,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        # With 5 classes or fewer every image's top 5 holds its class: the top-5 error says nothing
+        top5 = f"{result['top5_error']:.2f}%" if result["num_classes"] > 5 else f"- ({result['num_classes']} classes)"
         print(f"{result['split']} ({result['mode']}, {result['count']:,} images, {result['precision']}): accuracy "
-              f"{100 - result['top1_error']:.2f}%, top-1 error {result['top1_error']:.2f}%, top-5 error "
-              f"{result['top5_error']:.2f}%, loss {result['loss']:.4f}")
+              f"{100 - result['top1_error']:.2f}%, top-1 error {result['top1_error']:.2f}%, top-5 error {top5}, "
+              f"loss {result['loss']:.4f}")
         if args.per_class:
             _print_per_class(result["per_class"])
     return 0

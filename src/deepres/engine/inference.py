@@ -191,7 +191,8 @@ def evaluate_checkpoint_modes(
         mode = "10-crop" if ten_crop else (f"multi-scale {list(scales)}" if scales else "single view")
         if per_class:
             result["per_class"] = per_class_errors(result["confusion"], dataset.classes)
-        results.append({"checkpoint": str(path), "split": split, "mode": mode, "precision": precision, **result})
+        results.append({"checkpoint": str(path), "split": split, "mode": mode, "precision": precision,
+                        "num_classes": len(dataset.classes), **result})
     return results
 
 
