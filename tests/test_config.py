@@ -257,6 +257,11 @@ def test_cli_config_refuses_what_train_would_refuse():
                                 capture_output=True, text=True)
         assert result.returncode == 2, (command, result.stderr)
         assert f"'{key}'" in result.stderr and "graph" in result.stderr
+    for sets, key, words in ((["model.name=resnet999"], "model.name", "close matches: resnet56"),
+                             (["model.options.widths=[8]"], "model.options", "widths")):
+        result = subprocess.run([sys.executable, "-m", "deepres", "config", "--recipe", "demo",
+                                 *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True)
+        assert result.returncode == 2 and f"'{key}'" in result.stderr and words in result.stderr, result.stderr
 
 
 def _write(path, text):

@@ -90,7 +90,11 @@ def cmd_config(args: argparse.Namespace) -> int:
             if row["comment"]:
                 print(f"    {row['comment']}")
         return 0
-    print(to_yaml(load_config(args.recipe, args.overrides)), end="")
+    from .runs import check_model
+
+    config = load_config(args.recipe, args.overrides)
+    check_model(config.model)  # an unknown model or option, as train refuses it
+    print(to_yaml(config), end="")
     return 0
 
 
