@@ -152,6 +152,27 @@ def test_the_toolkit_recipe_trains_on_a_small_class_folder(folder, tmp_path):
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     assert f"top-1 error {summary['test_top1_error']:.2f}%, top-5 error - (3 classes), loss" in out.stdout
+    # A folder of some of the classes: tested in the checkpoint's classes, its labels mapped by name
+    import shutil
+
+    from deepres.engine.inference import evaluate_checkpoint
+
+    some = tmp_path / "some"
+    for name in ("class2", "class0"):
+        shutil.copytree(folder / name, some / name)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    result = evaluate_checkpoint(last, data_dir=str(some), per_class=True, workers=0)
+    rows = {r["class"]: r["count"] for r in result["per_class"]}
+    assert rows == {"class0": 12, "class1": 0, "class2": 12} and result["count"] == 24  # 20% of 60 per class
+    assert result["top1_error"] < 40.0  # class2's images counted as class2, not as the subset's second class
+    few = tmp_path / "few" / "class1"  # fewer training images than the run's validation split (14): no matter
+    few.mkdir(parents=True)
+    for image in sorted((folder / "class1").iterdir())[:10]:
+        shutil.copy(image, few / image.name)
+    assert evaluate_checkpoint(last, data_dir=str(few.parent), workers=0)["count"] == 2
+    shutil.copytree(folder / "class1", some / "tulips")
+    with pytest.raises(ValueError, match=r"1 not among the checkpoint's 3 \(tulips\)"):
+        evaluate_checkpoint(last, data_dir=str(some), workers=0)
 
 
 @pytest.mark.slow

@@ -153,6 +153,8 @@ def evaluate_checkpoint_modes(
     workers = min(data_workers(config.data), available_cores()) if workers is None else workers
     data_cfg = dataclasses.replace(data_cfg, train_subset=None, num_workers=max(0, workers),
                                    on_bad_image=on_bad_image or data_cfg.on_bad_image)
+    if split == "test":  # the test split does not depend on the validation split: none carved (a small folder)
+        data_cfg = dataclasses.replace(data_cfg, val_size=0)
     if data_cfg.preset != "paper_imagenet" and any(ten or sc for ten, sc in modes):
         import warnings
 
@@ -166,10 +168,7 @@ def evaluate_checkpoint_modes(
         dataset = _folder_dataset(data_cfg, None)  # scanned, not decoded: the images differ in size
     elif dataset is None:
         dataset = load_dataset(data_cfg)
-    if dataset.classes != ckpt["classes"]:
-        raise ValueError(
-            f"the data's classes {dataset.classes[:5]}... differ from the checkpoint's {ckpt['classes'][:5]}..."
-        )
+    dataset = _in_checkpoint_classes(dataset, list(ckpt["classes"]))
     splits = dataset.splits()
     if split not in splits:
         raise ValueError(f"split must be one of {', '.join(splits)}; got {split!r}")
@@ -194,6 +193,22 @@ def evaluate_checkpoint_modes(
         results.append({"checkpoint": str(path), "split": split, "mode": mode, "precision": precision,
                         "num_classes": len(dataset.classes), **result})
     return results
+
+
+def _in_checkpoint_classes(dataset, classes: list[str]):
+    """``dataset`` with its labels counted in the checkpoint's ``classes``: the same list, or a subset of it by name
+    (a folder of some of the classes), its labels mapped to the checkpoint's indices."""
+    if list(dataset.classes) == classes:
+        return dataset
+    unknown = [c for c in dataset.classes if c not in classes]
+    if unknown:
+        raise ValueError(f"the data's classes differ from the checkpoint's: {len(unknown)} not among the checkpoint's "
+                         f"{len(classes)} ({', '.join(map(str, unknown[:5]))}{', ...' if len(unknown) > 5 else ''}); "
+                         f"the checkpoint's: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}")
+    to_checkpoint = torch.tensor([classes.index(c) for c in dataset.classes], dtype=torch.int64)
+    splits = {name: dataclasses.replace(split, labels=to_checkpoint[split.labels])
+              for name, split in dataset.splits().items()}
+    return dataclasses.replace(dataset, classes=classes, **splits)
 
 
 @torch.no_grad()
