@@ -130,6 +130,14 @@ def test_frozen_bn_stays_in_eval_mode_whatever_train_says():
     assert [p.requires_grad for p in model.parameters()].count(True) == 2  # fc weight and bias
 
 
+def test_the_start_line_says_what_trains(source, idx_data, tmp_path, capsys):
+    config = load_config(None, overrides(idx_data, **{"model.init": source, "finetune.backbone_lr_scale": 0.1,
+                                                      "train.iterations": 2, "train.eval_every": 2}))
+    train(config, tmp_path / "ft")
+    err = capsys.readouterr().err
+    assert "(kept classifier); the backbone at 0.1x the learning rate) on" in err and "of them train" not in err
+
+
 def test_fine_tuning_gives_the_backbone_its_own_learning_rate():
     model = create_model("resnet20")
     cfg = load_config(None, ["optim.decay_norm_and_bias=false"]).optim
@@ -161,8 +169,8 @@ def test_model_init_pretrained_starts_from_the_published_weights(idx_data, tmp_p
         "model.name": "resnet50", "model.options": "{}", "model.init": "pretrained", "data.normalize": "imagenet",
         "finetune.mode": "feature_extraction", "train.iterations": 2, "train.eval_every": 2, "train.batch_size": 8}))
     summary = train(config, tmp_path / "run")
-    start = "weights from ResNet50_Weights.IMAGENET1K_V2 (new classifier, conv1.weight adapted)"
-    assert start in capsys.readouterr().err
+    start = "weights from ResNet50_Weights.IMAGENET1K_V2 (new classifier, conv1.weight adapted); 20,490 of them train)"
+    assert start in capsys.readouterr().err  # 2048 x 10 weights and 10 biases: the classifier alone
     assert summary["init_kind"] == "pretrained" and summary["init_head"] == "new"
     assert summary["init_adapted"] == ["conv1.weight"] and "IMAGENET1K" in summary["init_weights"]
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
