@@ -600,6 +600,39 @@ def test_worker_loader_skips_bad_files_with_a_log(tmp_path, caplog):
         strict.train.batch(0)
 
 
+def _explode(image):
+    raise KeyError("no such operation")
+
+
+def test_errors_in_worker_processes_come_back_as_one_line(tmp_path):
+    """A bad file met in a worker process is raised in the main process as the same BadImageError (its file, the
+    switch that skips it), not a worker's traceback folded into a message; any other worker failure is one line."""
+    import torch.nn as nn
+
+    from deepres.data.folders import FileSplit
+    from deepres.data.images import BadImageError
+    from deepres.data.workers import FileSamples
+    from deepres.evaluation.views import centre_view, evaluate_views
+
+    root = _folder(tmp_path)
+    bad = root / "train" / "a" / "0003.png"
+    bad.write_bytes(b"not a png")
+    paths = sorted(str(p) for p in (root / "train").rglob("*.png"))
+    samples = FileSamples(FileSplit(paths, torch.zeros(len(paths), dtype=torch.int64)))
+    norm = Normalizer.fit(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), "channel")
+    runs = {"train": lambda: next(WorkerLoader(samples, len(paths), normalizer=norm, num_workers=1).iterate(0)),
+            "eval": lambda: list(WorkerEvalLoader(samples, 16, normalizer=norm, num_workers=1)),
+            "views": lambda: evaluate_views(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)), samples,
+                                            centre_view(8, 8), norm, workers=1)}
+    for name, run in runs.items():
+        with pytest.raises(BadImageError) as info:
+            run()
+        assert info.value.path == str(bad) and "\n" not in str(info.value), name
+    good = FileSamples(FileSplit([p for p in paths if p != str(bad)][:8], torch.zeros(8, dtype=torch.int64)))
+    with pytest.raises(RuntimeError, match=r"^a data loading worker failed: KeyError: 'no such operation'$"):
+        next(WorkerLoader(good, 8, normalizer=norm, transform=_explode, num_workers=1).iterate(0))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # build_data
 

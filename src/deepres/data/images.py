@@ -123,6 +123,9 @@ class BadImageError(ValueError):
         self.reason = reason
         super().__init__(f"cannot decode image {path}: {reason}")
 
+    def __reduce__(self):  # rebuilt whole from a loader worker's process (the default would pass only the message)
+        return type(self), (self.path, self.reason)
+
 
 def _composite(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Alpha-composite uint8 ``color`` (H, W[, C]) over ALPHA_BACKGROUND with uint8 ``alpha`` (H, W)."""

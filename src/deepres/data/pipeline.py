@@ -266,11 +266,20 @@ def _fit_sampled(samples, transform, cfg, dataset_cls, collate) -> Normalizer:
     """Normalisation statistics from up to NORMALIZER_SAMPLE evenly spaced training images (eval geometry)."""
     from torch.utils.data import DataLoader
 
+    from .workers import _raise_errors, _worker_batches
+
     n = len(samples)
     count = min(n, NORMALIZER_SAMPLE)
     picks = torch.linspace(0, n - 1, count).round().long().unique().tolist()
     keys = [[(i, None) for i in picks[j : j + 64]] for j in range(0, len(picks), 64)]
     data = dataset_cls(samples, transform, cfg.on_bad_image)
     workers = min(max(0, data_workers(cfg)), len(keys)) if len(picks) > 64 else 0
-    loader = DataLoader(data, batch_sampler=keys, num_workers=workers, collate_fn=collate)
-    return Normalizer.fit_batches((images for images, _, _ in loader if images is not None), cfg.normalize)
+    loader = _worker_batches(DataLoader(data, batch_sampler=keys, num_workers=workers, collate_fn=collate))
+
+    def images():
+        for batch, _, notes in loader:
+            _raise_errors(notes)
+            if batch is not None:
+                yield batch
+
+    return Normalizer.fit_batches(images(), cfg.normalize)

@@ -73,7 +73,9 @@ class TensorSamples:
 
 
 class _TransformDataset(torch.utils.data.Dataset):
-    """Keys are (index, per-image seed or None); items are (uint8 image or None, label, skipped-note or None)."""
+    """Keys are (index, per-image seed or None); items are (uint8 image or None, label, None, a skipped file's note,
+    or the :class:`BadImageError` to raise). A bad file's error travels back as a value, so the main process raises it
+    as it is (an exception raised in a worker comes back as a traceback in a message)."""
 
     def __init__(self, samples, transform: Callable | None, on_bad_image: str):
         self.samples, self.transform, self.on_bad_image = samples, transform, on_bad_image
@@ -87,9 +89,7 @@ class _TransformDataset(torch.utils.data.Dataset):
         try:
             image = self.samples.load(index)
         except BadImageError as exc:
-            if self.on_bad_image != "skip":
-                raise
-            return None, label, f"{exc.path}: {exc.reason}"
+            return None, label, exc if self.on_bad_image != "skip" else f"{exc.path}: {exc.reason}"
         if self.transform is not None:
             if seed is None:
                 image = self.transform(image)
@@ -101,18 +101,40 @@ class _TransformDataset(torch.utils.data.Dataset):
 
 
 def _collate(items):
+    """(uint8 images or None, labels, notes): the notes name skipped files, or are errors for the main process to
+    raise (:func:`_raise_errors`)."""
     kept = [(img, label) for img, label, _ in items if img is not None]
     skipped = [note for _, _, note in items if note is not None]
-    if not kept:
+    if not kept or any(isinstance(note, Exception) for note in skipped):
         return None, torch.zeros(0, dtype=torch.int64), skipped
     shapes = {tuple(img.shape) for img, _ in kept}
     if len(shapes) > 1:
-        raise ValueError(
-            f"images of different sizes in one batch ({sorted(shapes)[:3]}...); set data.image_size to resize them"
-        )
+        error = ValueError(f"images of different sizes in one batch ({sorted(shapes)[:3]}...); set data.image_size "
+                           f"to resize them")
+        return None, torch.zeros(0, dtype=torch.int64), [error]
     images = torch.stack([img for img, _ in kept])
     labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
     return images, labels, skipped
+
+
+def _raise_errors(notes: list) -> None:
+    """Raise the first error a batch's notes carry (see :func:`_collate`)."""
+    for note in notes:
+        if isinstance(note, Exception):
+            raise note
+
+
+def _worker_batches(loader: DataLoader):
+    """A DataLoader's batches; an exception a worker raised (its traceback folded into the message) is raised again
+    as one line naming the worker's error."""
+    try:
+        yield from loader
+    except Exception as exc:
+        text = str(exc)
+        if "in DataLoader worker process" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        raise RuntimeError(f"a data loading worker failed: {last}") from None
 
 
 def _worker_init(_):
@@ -194,6 +216,7 @@ class WorkerLoader:
 
     def _finish(self, collated, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, skipped = collated
+        _raise_errors(skipped)
         for note in skipped:
             if note not in self._reported:
                 self._reported.add(note)
@@ -245,7 +268,7 @@ class WorkerLoader:
             worker_init_fn=_worker_init,
             prefetch_factor=self.prefetch_factor,
         )
-        for step, collated in enumerate(loader, start=start_step):
+        for step, collated in enumerate(_worker_batches(loader), start=start_step):
             yield self._finish(collated, step)
 
 
@@ -288,15 +311,16 @@ class WorkerEvalLoader:
         if self.num_workers <= 0:
             batches = (_collate([self.dataset[k] for k in keys]) for keys in self._batches())
         else:
-            batches = DataLoader(
+            batches = _worker_batches(DataLoader(
                 self.dataset,
                 batch_sampler=list(self._batches()),
                 num_workers=min(self.num_workers, max(1, len(self))),
                 collate_fn=_collate,
                 pin_memory=self.device.type == "cuda",
                 worker_init_fn=_worker_init,
-            )
+            ))
         for images, labels, skipped in batches:
+            _raise_errors(skipped)
             for note in skipped:
                 log.warning("skipping %s", note)
             if images is None:

@@ -63,10 +63,8 @@ class _ViewSet(torch.utils.data.Dataset):
 
         try:
             image = self.samples.load(i)
-        except BadImageError as exc:
-            if self.on_bad_image != "skip":
-                raise
-            return None, f"{exc.path}: {exc.reason}"
+        except BadImageError as exc:  # an error travels back as a value, raised whole by the main process
+            return None, exc if self.on_bad_image != "skip" else f"{exc.path}: {exc.reason}"
         return self.views(image), int(self.samples.labels[i])
 
 
@@ -92,9 +90,12 @@ def evaluate_views(
     the mean softmax of ``views(image)``: a list of (V, C, h, w) uint8 groups. ``confusion``: also the confusion
     matrix of the scores' top-1 (rows the true class). ``on_bad_image="skip"``: an image that cannot be decoded is
     left out (``skipped_images`` lists each as "path: reason") instead of ending the test with its name."""
+    from ..data.workers import _worker_batches
+
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(_ViewSet(samples, views, on_bad_image), batch_size=images_per_batch,
-                                         num_workers=workers, collate_fn=_as_list)
+    loader = _worker_batches(torch.utils.data.DataLoader(_ViewSet(samples, views, on_bad_image),
+                                                         batch_size=images_per_batch, num_workers=workers,
+                                                         collate_fn=_as_list))
     ctx = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
@@ -103,6 +104,9 @@ def evaluate_views(
     skipped: list[str] = []
     try:
         for batch in loader:
+            for _, reason in batch:
+                if isinstance(reason, Exception):
+                    raise reason
             skipped += [reason for views_, reason in batch if views_ is None]
             batch = [item for item in batch if item[0] is not None]
             if not batch:
