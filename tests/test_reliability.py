@@ -183,6 +183,31 @@ def test_a_run_that_fails_while_training_says_where_it_can_continue(idx_data, tm
     assert "keeps its last checkpoint" not in capsys.readouterr().err  # no checkpoint: nothing to continue from
 
 
+def test_a_bad_image_met_while_training_keeps_the_steps_before_it(tmp_path):
+    """data.on_bad_image=error on the worker loader: the file is named when a batch draws it, last.pt holds every
+    step before that one, and the run resumes from there with the file skipped."""
+    from .test_data_common import make_image_folder
+
+    root = make_image_folder(tmp_path / "folder", n_train=40)  # 120 images: 30 steps of 4 draw each once
+    (root / "train" / "cat" / "0009.png").write_bytes(b"truncated")  # not among the 64 that fix the channels
+    sets = [f"data.data_dir={root}", "data.source=imagefolder", "data.loader=workers", "data.num_workers=0",
+            "data.normalize=imagenet", "data.val_size=0", "train.batch_size=4", "train.eval_batch_size=16",
+            "train.checkpoint_every=100", "model.options.widths=[4, 8, 16]"]
+    run = tmp_path / "run"
+    failed = _cli(["train", "--recipe", DEMO, "--run-dir", str(run), *_sets(sets + ["train.iterations=30"])])
+    assert failed.returncode == 1, failed.stderr
+    message = failed.stderr.strip().splitlines()[-1]
+    step = int(message.split("drawn for step ")[1].split(";")[0])
+    assert "cannot decode image" in message and "0009.png" in message and "data.on_bad_image=skip" in message
+    assert step > 1 and f"holds the {step - 1} steps before it: --resume auto continues there" in message
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == step - 1
+    resumed = _cli(["train", "--recipe", DEMO, "--run-dir", str(run), "--resume", "auto",
+                    *_sets(sets + ["train.iterations=30", "data.on_bad_image=skip"])])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from step {step - 1} of 30" in resumed.stderr and "0009.png" in resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 30
+
+
 def test_a_resume_with_changed_settings_says_which_and_from_when(idx_data, tmp_path):
     train(load_config(None, small_overrides(idx_data, **{"train.iterations": 4})), tmp_path / "run", quiet=True,
           on_step=lambda step, info: step < 2)  # stopped at step 2

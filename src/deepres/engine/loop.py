@@ -27,6 +27,7 @@ from .. import distributed
 from ..config import (ENVIRONMENT_KEYS, Config, ConfigError, config_differences, from_dict, step_kind, to_dict,
                       to_yaml)
 from ..data import build_data, load_run_dataset
+from ..data.images import BadImageError
 from ..evaluation import evaluate
 from ..models import count_parameters
 from ..models.transfer import freeze_backbone, load_init
@@ -657,7 +658,10 @@ def _train_steps(run: Run, clock: _Clock, signals: _SignalCatcher) -> dict | Non
         if new_lr != lr:
             run.step_fn.set_lr(new_lr)
             lr = new_lr
-        images, targets = next(batches)
+        try:
+            images, targets = next(batches)
+        except BadImageError as exc:  # data.on_bad_image=error: the steps since the last checkpoint are kept
+            raise _bad_image_met(run, window, exc) from None
         if tc.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         loss, wrong, count = run.step_fn(images, targets)
@@ -698,6 +702,17 @@ def _train_steps(run: Run, clock: _Clock, signals: _SignalCatcher) -> dict | Non
             _save(run, run.paths.last, window)
             raise TrainingInterrupted(signals.signum or signal.SIGTERM, step)
     return None
+
+
+def _bad_image_met(run: Run, window: _Window, exc: BadImageError) -> BadImageError:
+    """The error for a bad image file drawn by step ``run.step + 1``, after saving ``last.pt`` at ``run.step`` (one
+    process: a rank alone cannot checkpoint a distributed run) so that a resumed run loses no step."""
+    saved = ""
+    if run.dist.world_size == 1 and run.step > run.progress.start_step:
+        _check_finite(run, window, run.step, weights=True)
+        _save(run, run.paths.last, window)
+        saved = f"; {run.paths.last} holds the {run.step:,} steps before it: --resume auto continues there"
+    return BadImageError(exc.path, f"{exc.reason} (drawn for step {run.step + 1:,}{saved})")
 
 
 def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
