@@ -174,6 +174,9 @@ def test_your_own_model_dataset_and_callbacks(tmp_path):
         deepres.evaluate(last, dataset=[(image, 3) for image, _ in test_set[:4]], model=TinyNet())
     with pytest.raises(ValueError, match="do not fit the given model"):
         deepres.load_model(last, model=TinyNet(num_classes=4))
+    for read in (deepres.load_model, deepres.evaluate):  # published weights build their own model
+        with pytest.raises(ValueError, match="resnet50 names published weights"):
+            read("resnet50", model=TinyNet())
     model = TinyNet()
     model.load_state_dict(ckpt["model"])
     loaded = deepres.load_model(last, model=TinyNet())

@@ -120,7 +120,10 @@ def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: st
     label)`` (tested as the test split), or what ``train`` takes (``split`` chooses in it)."""
     from .engine.inference import evaluate_checkpoint, evaluate_pretrained, pretrained_name
 
-    if pretrained_name(checkpoint) is not None and model is None:
+    if pretrained_name(checkpoint) is not None:
+        if model is not None or dataset is not None:
+            raise ValueError(f"{checkpoint} names published weights, tested on an ImageNet folder (data_dir) with "
+                             f"their own model; model= and dataset= are for a checkpoint of your own run")
         if data_dir is None or scales:
             raise ValueError(f"{checkpoint}: pretrained weights are tested on an ImageNet folder (data_dir) with a "
                              f"centre crop or ten_crop")

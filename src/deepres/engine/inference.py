@@ -397,7 +397,10 @@ def load_classifier(path: str | Path, device: str = "cpu", model: nn.Module | No
     ``classes``, ``image_size``, ``in_channels`` and ``transform`` (a :class:`TestTransform`: one image prepared as
     the run's test, or the weights' evaluation, prepared it). ``model``: see :func:`load_for_inference`."""
     name = pretrained_name(path)
-    if name is not None and model is None:
+    if name is not None and model is not None:
+        raise ValueError(f"{path} names published weights, which build their own model; model= is for a checkpoint "
+                         f"of your own model")
+    if name is not None:
         from ..models import create_model
         from ..models.pretrained import eval_normalization
 
