@@ -236,7 +236,9 @@ def _build_worker_data(cfg, batch_size, eval_batch_size, seed, device, rank, wor
     train_tf, eval_tf, lighting, size = _worker_transforms(cfg, first)
     if not in_memory:  # the size the model sees
         dataset.image_size = (size, size) if size else tuple(first.shape[-2:])
-    if in_memory and eval_tf is None:
+    if cfg.normalize == "imagenet":  # constants: the first image tells the channel count, nothing else is read
+        normalizer = Normalizer.imagenet(first.shape[0])
+    elif in_memory and eval_tf is None:
         normalizer = Normalizer.fit(dataset.train.images, cfg.normalize)
     else:
         normalizer = _fit_sampled(samples["train"], eval_tf, cfg, _TransformDataset, _collate)
