@@ -85,6 +85,10 @@ def test_pseudo_label_command(idx_data, teacher, tmp_path, capsys):
     assert bool((saved["confidence"][saved["indices"]] >= 0.6).all())
     assert main(["pseudo-label", str(teacher), "--recipe", "demo", *[f"--set={o}" for o in overrides(idx_data)]]) == 2
     assert "data.labeled_per_class" in capsys.readouterr().err
+    crops = overrides(idx_data, **{"data.labeled_per_class": 10, "data.preset": "paper_imagenet",
+                                   "data.loader": "auto"})
+    assert main(["pseudo-label", str(teacher), "--recipe", "demo", *[f"--set={o}" for o in crops]]) == 2
+    assert "'data.preset': the teacher labels the unlabeled images whole" in capsys.readouterr().err
 
 
 def test_noisy_student_command_reports_every_iteration(idx_data, tmp_path, capsys):

@@ -315,6 +315,10 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
     from .tasks import label_unlabeled
 
     config = load_config(args.recipe, args.overrides)
+    if config.data.preset == "paper_imagenet":  # as the pseudo-label task refuses it
+        raise ConfigError("data.preset", "the teacher labels the unlabeled images whole, as held in memory; the "
+                                         "paper_imagenet preset tests crops of a larger resize instead: use "
+                                         "data.preset=paper_cifar or none")
     dataset = load_run_dataset(config.data)
     if dataset is None:
         raise ConfigError("data.labeled_per_class", "set it to divide the training images into labeled (the first N "
