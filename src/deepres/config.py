@@ -49,7 +49,7 @@ class ConfigError(ValueError):
     """A config key is unknown or its value is not allowed. ``key`` names it (dotted)."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"config key '{key}': {message}")
 
 

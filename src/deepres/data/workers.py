@@ -73,9 +73,10 @@ class TensorSamples:
 
 
 class _TransformDataset(torch.utils.data.Dataset):
-    """Keys are (index, per-image seed or None); items are (uint8 image or None, label, None, a skipped file's note,
-    or the :class:`BadImageError` to raise). A bad file's error travels back as a value, so the main process raises it
-    as it is (an exception raised in a worker comes back as a traceback in a message)."""
+    """Keys are (index, per-image seed or None); items are (uint8 image or None, label, note), the note None, a
+    skipped file's "path: reason", or the :class:`BadImageError` to raise. A bad file's error travels back as a value,
+    so the main process raises it as it is (an exception raised in a worker comes back as a traceback in a
+    message)."""
 
     def __init__(self, samples, transform: Callable | None, on_bad_image: str):
         self.samples, self.transform, self.on_bad_image = samples, transform, on_bad_image

@@ -23,8 +23,9 @@ class DataMisfit(ConfigError):
         self.key, self.problems = problems[0][0], problems
         listed = "; ".join(f"{key}={message}" for key, message in problems)
         keys = ", ".join(key for key, _ in problems)
-        ValueError.__init__(self, f"config keys {keys}: the data ({where}) does not fit them: {listed} "
-                                  f"(train.fit_to_data=true bounds them to the data)")
+        self.message = (f"the data ({where}) does not fit them: {listed} (train.fit_to_data=true bounds them to the "
+                        f"data)")
+        ValueError.__init__(self, f"config keys {keys}: {self.message}")
 
 
 def training_images(data) -> tuple[int, str, tuple[int, int] | None, int]:

@@ -86,7 +86,7 @@ def noisy_student(config: Config, iterations: int, run_dir: str | Path, students
             configs[i].validate()
         except ConfigError as exc:
             raise ConfigError(exc.key, f"the student of iteration {i} (task.name=pseudo_label, with noise): "
-                                       f"{str(exc).split(': ', 1)[1]}") from None
+                                       f"{exc.message}") from None
         if _parameters(configs[i]) < _parameters(configs[i - 1]):
             raise ConfigError("--student", f"the student {configs[i].model.name} is smaller than its teacher "
                                            f"{configs[i - 1].model.name}; Noisy Student needs equal or larger students")
