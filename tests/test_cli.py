@@ -93,3 +93,22 @@ def test_one_set_takes_several_overrides(capsys):
     assert _one_set_per_override(["--set", "--x", "a=1"]) == ["--set", "--x", "a=1"]  # argparse names the mistake
     args = build_parser().parse_args(_one_set_per_override(["reproduce", "--set", "a=1", "b=2", "shortcuts"]))
     assert args.overrides == ["a=1", "b=2"] and args.experiment == "shortcuts"
+
+
+def test_device_is_checked_before_anything_is_read(capsys):
+    """--device of predict, eval and pseudo-label: a device this machine lacks, or no device at all, is a usage error
+    naming it (exit 2) before the checkpoint is opened."""
+    import torch
+
+    cuda = "'cuda:99' but this machine has" if torch.cuda.is_available() else "'cuda:99' but no CUDA device"
+    for args in (["predict", "missing.pt", "a.png"], ["eval", "missing.pt"],
+                 ["pseudo-label", "missing.pt", "--recipe", "demo"]):
+        for device, words in (("tpu", "'tpu': expected cpu, cuda or cuda:N"), ("cuda:99", cuda)):
+            try:
+                code = main([*args, "--device", device])
+            except SystemExit as exc:
+                code = exc.code
+            err = capsys.readouterr().err
+            assert code == 2 and f"argument --device: {words}" in err, (args, device, err)
+    parsed = build_parser().parse_args(["predict", "m.pt", "a.png", "--device", "auto"])
+    assert parsed.device == ("cuda:0" if torch.cuda.is_available() else "cpu")

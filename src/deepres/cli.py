@@ -165,6 +165,16 @@ def _parse_scales(text: str | None) -> list[int] | None:
         raise ConfigError("--scales", f"{text!r} is not a comma-separated list of integers, e.g. 224,256,384") from None
 
 
+def _device(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N, checked against this machine's devices before anything is read."""
+    from .distributed import resolve_device
+
+    try:
+        return str(resolve_device(text, key="--device"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device=")) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -435,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_nonnegative_int, default=None,
                    help="decoding processes for image folders (default: the run's data.num_workers, at most the "
                         "cores)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")
     p.add_argument("--precision", choices=("run", "fp32", "bf16", "fp16"), default="run",
                    help="arithmetic of the test: run (default) as the run tested during training (its train.amp, "
                         "e.g. bf16), so the number repeats its summary; fp32 (pretrained weights: run means fp32, as "
@@ -456,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "them (searched with their subfolders, in name order)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images classified at a time (default 64)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")
     p.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
                    help="an image file that cannot be decoded: error naming it (default), or skip it (listed on "
                         "stderr; JSON: its entry has an empty top and skipped the reason)")
@@ -503,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.0, help="keep images whose top probability is at least this")
     p.add_argument("--soft", action="store_true", help="soft labels (the teacher's softmax) instead of its top class")
     p.add_argument("--out", help="write the kept indices, targets and confidences to this .pt file")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print JSON instead of a line")
     p.set_defaults(func=cmd_pseudo_label)
 

@@ -29,15 +29,24 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` (this process's local rank's GPU) or ``cuda:N`` as a device this machine has; an
+    error naming ``key`` otherwise."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{key}={name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{key}={name!r}: expected cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but no CUDA device is available")
+            raise ValueError(f"{key}={name!r} but no CUDA device is available")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"{key}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
