@@ -625,12 +625,12 @@ def _start_line(run: Run) -> str:
     describe = run.step_fn.describe()
     micro = f", {describe['micro_batches']} micro-batches per batch" if describe.get("micro_batches", 1) > 1 else ""
     init = _init_words(run.init_info)
-    trained = count_parameters(run.model, trainable_only=True)
-    if trained < count_parameters(run.model):  # feature extraction: the classifier alone
+    total, trained = count_parameters(run.model), count_parameters(run.model, trainable_only=True)
+    if trained < total:  # feature extraction: the classifier alone
         init += f"; {trained:,} of them train"
     if c.finetune.backbone_lr_scale != 1.0:
         init += f"; the backbone at {c.finetune.backbone_lr_scale:g}x the learning rate"
-    return (f"deepres train: {run.model_class or c.model.name} ({count_parameters(run.model):,} parameters{init}) on "
+    return (f"deepres train: {run.model_class or c.model.name} ({total:,} parameters{init}) on "
             f"{d.name} ({splits}; "
             f"{run.data.loader} loader), {run.device} x {run.dist.world_size}, step {describe['step']}, precision "
             f"{'fp32' if describe['amp'] == 'off' else describe['amp']}"

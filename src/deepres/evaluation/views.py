@@ -90,7 +90,7 @@ def evaluate_views(
     the mean softmax of ``views(image)``: a list of (V, C, h, w) uint8 groups. ``confusion``: also the confusion
     matrix of the scores' top-1 (rows the true class). ``on_bad_image="skip"``: an image that cannot be decoded is
     left out (``skipped_images`` lists each as "path: reason") instead of ending the test with its name."""
-    from ..data.workers import _worker_batches
+    from ..data.workers import _raise_errors, _worker_batches
 
     device = torch.device(device)
     loader = _worker_batches(torch.utils.data.DataLoader(_ViewSet(samples, views, on_bad_image),
@@ -104,9 +104,7 @@ def evaluate_views(
     skipped: list[str] = []
     try:
         for batch in loader:
-            for _, reason in batch:
-                if isinstance(reason, Exception):
-                    raise reason
+            _raise_errors([reason for _, reason in batch])
             skipped += [reason for views_, reason in batch if views_ is None]
             batch = [item for item in batch if item[0] is not None]
             if not batch:
