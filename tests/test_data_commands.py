@@ -32,6 +32,8 @@ def test_info_image_folder_table_and_json(tmp_path, capsys):
     assert summary["splits"] == {"train": 12, "val": 3, "test": 6}
     assert [c["name"] for c in summary["classes"]] == ["ant", "bee", "cat"]
     assert sum(c["val"] for c in summary["classes"]) == 3
+    assert main(["data", "info", str(root), "--val-size", "0.2", "--json"]) == 0  # a fraction, as data.val_size
+    assert json.loads(capsys.readouterr().out)["splits"] == {"train": 12, "val": 3, "test": 6}
 
 
 def test_info_archive(tmp_path, capsys):

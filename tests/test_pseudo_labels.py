@@ -89,6 +89,16 @@ def test_pseudo_label_command(idx_data, teacher, tmp_path, capsys):
                                    "data.loader": "auto"})
     assert main(["pseudo-label", str(teacher), "--recipe", "demo", *[f"--set={o}" for o in crops]]) == 2
     assert "'data.preset': the teacher labels the unlabeled images whole" in capsys.readouterr().err
+    # A recipe that fits itself to its data (imagefolder_fast) carves the validation split its run carves: a tenth of
+    # the 640 images here, so 640 - 64 - 10 x 10 images wait unlabeled, where the recipe's 10,000 would leave none
+    fitted = overrides(idx_data, **{"data.labeled_per_class": 10, "data.val_size": 10000, "train.fit_to_data": "true"})
+    assert main(["pseudo-label", str(teacher), "--recipe", "demo", "--json", *[f"--set={o}" for o in fitted]]) == 0
+    out, err = capsys.readouterr()
+    assert "notice: data.val_size 10000 -> 64" in err and "train.batch_size" not in err
+    assert json.loads(out)["pseudo_labels_kept"] == 640 - 64 - 100
+    with pytest.raises(SystemExit) as exit_:
+        main(["pseudo-label", str(teacher), "--recipe", "demo", "--threshold", "1.5"])
+    assert exit_.value.code == 2 and "--threshold: must be in [0, 1]; got 1.5" in capsys.readouterr().err
 
 
 def test_noisy_student_command_reports_every_iteration(idx_data, tmp_path, capsys):

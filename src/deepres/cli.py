@@ -195,6 +195,27 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1]; got {text}")
+    return value
+
+
+def _split_size(text: str) -> float:
+    """A split's size as the config takes it: a count (a whole number) or, below 1, a fraction."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and (value < 1 or value.is_integer())):
+        raise argparse.ArgumentTypeError(f"a count (0, 1, 2, ...) or a fraction in (0, 1); got {text}")
+    return int(value) if value.is_integer() else value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -321,10 +342,15 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .data import load_run_dataset
+    from .engine.fit import fit_to_data
     from .runs import load_teacher
     from .tasks import label_unlabeled
 
     config = load_config(args.recipe, args.overrides)
+    config, notices = fit_to_data(config)  # the validation split the recipe's run carves, so the same images wait
+    for text in notices:
+        if text.startswith("data."):  # the training's changes (batch, cadences) do not touch the labeling
+            print(f"notice: {text}", file=sys.stderr)
     if config.data.preset == "paper_imagenet":  # as the pseudo-label task refuses it
         raise ConfigError("data.preset", "the teacher labels the unlabeled images whole, as held in memory; the "
                                          "paper_imagenet preset tests crops of a larger resize instead: use "
@@ -490,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipe shortened (CIFAR: 3,000 iterations on all training images, bf16 where the CPU has it), "
                         "about an hour per seed on 2 CPU cores for cifar-degradation, hours for the deeper or larger "
                         "nets (measured and printed before training starts); full: the paper's schedule (GPU)")
-    p.add_argument("--seeds", type=int, default=1, help="runs per configuration (mean +/- std in the report)")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="runs per configuration (mean +/- std in the report)")
     p.add_argument("--data-dir", help="CIFAR-10 data (default: the CIFAR-10 JPEG set if found, else official CIFAR-10)")
     p.add_argument("--out", default="runs/reproduce", help="folder for runs and reports (shared between experiments)")
     p.add_argument("--include-1202", action="store_true", help="cifar-table6: also ResNet-1202")
@@ -510,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pseudo-label", help="label the unlabeled images (data.labeled_per_class) with a teacher")
     p.add_argument("teacher", help="the teacher checkpoint (.pt of a run)")
     add_config_arguments(p, recipe_required=True)
-    p.add_argument("--threshold", type=float, default=0.0, help="keep images whose top probability is at least this")
+    p.add_argument("--threshold", type=_probability, default=0.0, help="keep images whose top probability is at least this")
     p.add_argument("--soft", action="store_true", help="soft labels (the teacher's softmax) instead of its top class")
     p.add_argument("--out", help="write the kept indices, targets and confidences to this .pt file")
     p.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")
@@ -519,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("noisy-student", help="Noisy Student self-training: teacher, then noised students (report)")
     add_config_arguments(p, recipe_required=True)
-    p.add_argument("--iterations", type=int, default=2, help="students trained, each teaching the next (default 2)")
+    p.add_argument("--iterations", type=_positive_int, default=2,
+                   help="students trained, each teaching the next (default 2)")
     p.add_argument("--student", help="student model(s), comma-separated per iteration (default: the recipe's model)")
     p.add_argument("--randaugment-n", type=int, default=2, help="student noise: RandAugment operations (default 2)")
     p.add_argument("--randaugment-m", type=int, default=9, help="student noise: RandAugment magnitude (default 9)")
@@ -630,8 +657,6 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     from .report.plots import plot_training_images
 
     config = load_config(args.recipe, args.overrides)
-    if args.rows < 1 or args.columns < 1:
-        raise ValueError(f"--rows and --columns must be at least 1; got {args.rows}, {args.columns}")
     out = plot_training_images(config, args.out, rows=args.rows, columns=args.columns,
                                notice=lambda text: print(f"notice: {text}", file=sys.stderr))  # as the run prints
     batches = "batch 0" if args.rows == 1 else f"batches 0-{args.rows - 1}"
@@ -676,8 +701,9 @@ def add_data_commands(sub) -> None:
                    help=f"a data source ({', '.join(SOURCE_NAMES)}), or an image folder, its .tar.gz or a prepared "
                    f"file (as imagefolder --data-dir PATH)")
     q.add_argument("--data-dir", help="where the data is (imagefolder: the folder, .tar.gz or prepared file)")
-    q.add_argument("--val-size", type=int, default=0,
-                   help="images carved from train for validation (default 0: the official train count)")
+    q.add_argument("--val-size", type=_split_size, default=0,
+                   help="images carved from train for validation, a count or below 1 a fraction, as data.val_size "
+                        "(default 0: the official train count)")
     q.add_argument("--cache-dir",
                    help="cache for extracted archives (default: $DEEPRES_DATA/cache or ~/.cache/deepres)")
     q.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
@@ -689,13 +715,13 @@ def add_data_commands(sub) -> None:
     q = data_sub.add_parser("prepare", help="decode an image folder once into a file the imagefolder source loads fast")
     q.add_argument("src", help="image folder root/<split>/<class>/<image>, or a .tar.gz of one")
     q.add_argument("dst", help="the prepared file to write (e.g. data/cifar10-jpeg.pt)")
-    q.add_argument("--size", type=int, default=None,
+    q.add_argument("--size", type=_positive_int, default=None,
                    help="resize: shorter side to SIZE, centre square (default: keep; all images must share a size)")
     q.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="1 or 3 (default: 1 when every image is grayscale, else 3)")
     q.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
                    help="a bad file is an error (default) or is skipped and logged")
-    q.add_argument("--workers", type=int, default=None,
+    q.add_argument("--workers", type=_positive_int, default=None,
                    help="decoding processes (default: every core this process may use)")
     q.add_argument("--cache-dir", help="where a .tar.gz source is extracted (default: $DEEPRES_DATA/cache or "
                    "~/.cache/deepres)")
@@ -703,8 +729,8 @@ def add_data_commands(sub) -> None:
 
     q = data_sub.add_parser("preview", help="a grid of training images as a recipe's run would see them (augmented)")
     add_config_arguments(q)
-    q.add_argument("--rows", type=int, default=4, help="training batches, one per row (default 4)")
-    q.add_argument("--columns", type=int, default=8, help="images of each batch (default 8)")
+    q.add_argument("--rows", type=_positive_int, default=4, help="training batches, one per row (default 4)")
+    q.add_argument("--columns", type=_positive_int, default=8, help="images of each batch (default 8)")
     q.add_argument("--out", default="preview.png", help="the PNG to write (default preview.png)")
     q.set_defaults(func=_data_guarded(cmd_data_preview))
 

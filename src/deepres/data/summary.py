@@ -14,12 +14,12 @@ def _config(source: str, data_dir: str | None, val_size: int, cache_dir: str | N
     return DataConfig(source=source, data_dir=data_dir, val_size=val_size, cache_dir=cache_dir)
 
 
-def dataset_summary(source: str, data_dir: str | None = None, val_size: int = 0, cache_dir: str | None = None,
+def dataset_summary(source: str, data_dir: str | None = None, val_size: float = 0, cache_dir: str | None = None,
                     on_bad_image: str = "error") -> dict:
     """Per-split and per-class image counts of a source (what ``deepres data info`` prints). An image folder's
     files that are not images are an error naming the first, or with ``on_bad_image="skip"`` listed in
     ``skipped`` (files are not decoded here: a corrupt image with an image's extension is counted)."""
-    from .datasets import validation_indices
+    from .datasets import resolve_size, validation_indices
 
     cfg = _config(source, data_dir, val_size, cache_dir)
     if source == "imagefolder":
@@ -29,8 +29,8 @@ def dataset_summary(source: str, data_dir: str | None = None, val_size: int = 0,
         if not is_prepared_file(path):
             index = scan_image_folder(resolve_image_source(path, cache_dir), on_bad_image, quiet=True)
             labels = {"train": index.splits["train"].labels, "test": index.splits["test"].labels}
-            train_idx, val_idx = validation_indices(len(labels["train"]), val_size)
-            if val_size > 0:
+            train_idx, val_idx = validation_indices(len(labels["train"]), resolve_size(val_size, len(labels["train"])))
+            if len(val_idx):
                 labels["val"] = labels["train"][val_idx]
                 labels["train"] = labels["train"][train_idx]
             return {**_summary(source, str(index.root), index.classes, labels, image_size=None),
