@@ -134,3 +134,18 @@ def test_counts_and_sizes_out_of_range_are_usage_errors(capsys):
         assert exit_.value.code == 2 and words in err, (args, err)
     assert build_parser().parse_args(["data", "info", "mnist", "--val-size", "0.1"]).val_size == 0.1
     assert build_parser().parse_args(["data", "info", "mnist", "--val-size", "300"]).val_size == 300
+
+
+def test_the_train_result_says_whose_weights_were_tested():
+    """The final line's accuracy is the final weights'; when best.pt holds an earlier step's, the line says so (its
+    `deepres eval` gives another number)."""
+    from deepres.cli import _run_result
+
+    summary = {"test_accuracy": 60.42, "test_top1_error": 39.58, "run_dir": "runs/m", "iterations": 60,
+               "best_step": 18, "best_val_top1_error": 31.579}
+    assert _run_result(summary).splitlines() == [
+        "test accuracy 60.42% (top-1 error 39.58%), run folder runs/m",
+        "that is the final weights' (checkpoints/last.pt); checkpoints/best.pt holds step 18's, of the lowest "
+        "validation error (31.58%)"]
+    for best in (60, None):  # best.pt is the final weights, or the run has no validation row to say
+        assert _run_result({**summary, "best_step": best}).count("\n") == 0

@@ -76,7 +76,8 @@ def test_training_learns_and_writes_the_run_folder(idx_data, tmp_path):
     assert load_config(run / "config.yaml") == config
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     val_errors = {r["step"]: r["val_top1_error"] for r in rows if "val_top1_error" in r}
-    assert best["step"] == min(val_errors, key=lambda s: (val_errors[s], s))
+    assert best["step"] == min(val_errors, key=lambda s: (val_errors[s], s)) == summary["best_step"]
+    assert summary["best_val_top1_error"] == val_errors[best["step"]]
     # The multistep schedule dropped the rate at 20 iterations.
     lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
     assert lrs[10] == pytest.approx(0.05) and lrs[30] == pytest.approx(0.005)

@@ -138,9 +138,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         curves = plot_run(summary["run_dir"])
         if curves:
             summary["curves"] = str(curves)
-        print(f"test accuracy {summary['test_accuracy']:.2f}% (top-1 error {summary['test_top1_error']:.2f}%), "
-              f"run folder {summary['run_dir']}" + (f", curves {summary['curves']}" if summary.get("curves") else ""))
+        print(_run_result(summary))
     return 0
+
+
+def _run_result(summary: dict) -> str:
+    """The end of ``deepres train``: the test accuracy of the final weights, and where best.pt's are when they are
+    another step's (``deepres eval`` of best.pt then gives another number)."""
+    text = (f"test accuracy {summary['test_accuracy']:.2f}% (top-1 error {summary['test_top1_error']:.2f}%), "
+            f"run folder {summary['run_dir']}" + (f", curves {summary['curves']}" if summary.get("curves") else ""))
+    best = summary.get("best_step")
+    if best is not None and best != summary["iterations"]:
+        text += (f"\nthat is the final weights' (checkpoints/last.pt); checkpoints/best.pt holds step {best:,}'s, "
+                 f"of the lowest validation error ({summary['best_val_top1_error']:.2f}%)")
+    return text
 
 
 def _say_resumable(run_dir: Path) -> None:

@@ -717,7 +717,11 @@ def _bad_image_met(run: Run, window: _Window, exc: BadImageError) -> BadImageErr
 
 def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
     config, dataset = run.config, run.data.dataset
-    tests = [r for r in read_metrics(run.writer.path) if "test_top1_error" in r]
+    rows = read_metrics(run.writer.path)
+    tests = [r for r in rows if "test_top1_error" in r]
+    # the step best.pt was saved at: the first validation reaching the best error (None: no validation, or its row
+    # is not in this folder's log)
+    best_step = next((r["step"] for r in rows if r.get("val_top1_error") == run.best_val), None)
     device = run.device
     return {
         "run_dir": str(run.paths.root),
@@ -732,6 +736,7 @@ def _summary(run: Run, final: dict, clock: _Clock, stopped: bool) -> dict:
         "best_val_top1_error": None if math.isinf(run.best_val) else run.best_val,
         # best.pt: the weights of the best validation error, or the final weights when there is no validation split.
         "best_checkpoint": "best validation error" if run.data.val is not None else "final weights (no validation)",
+        "best_step": best_step if run.data.val is not None else run.step,
         "reached_accuracy": config.train.stop_at_accuracy if stopped else None,
         "test_curve": [{"step": r["step"], "train_seconds": r.get("train_seconds"),
                         "test_accuracy": 100.0 - r["test_top1_error"]} for r in tests],
