@@ -134,7 +134,7 @@ def _train(folder: Path, run: Path, *sets: str):
                           capture_output=True, text=True, timeout=900)
 
 
-def test_the_toolkit_recipe_trains_on_a_small_class_folder(folder, tmp_path):
+def test_the_toolkit_recipe_trains_on_a_small_class_folder(folder, tmp_path, capsys):
     """The user's first try: their folder, the recipe, nothing else set (epochs shortened here to keep the suite
     fast; the slow test below runs the recipe as it is)."""
     result = _train(folder, tmp_path / "run", "train.epochs=8")
@@ -165,11 +165,24 @@ def test_the_toolkit_recipe_trains_on_a_small_class_folder(folder, tmp_path):
     rows = {r["class"]: r["count"] for r in result["per_class"]}
     assert rows == {"class0": 12, "class1": 0, "class2": 12} and result["count"] == 24  # 20% of 60 per class
     assert result["top1_error"] < 40.0  # class2's images counted as class2, not as the subset's second class
+    assert result["carved"] == "test split: 24 images (20% of each class, fixed seed)"
     few = tmp_path / "few" / "class1"  # fewer training images than the run's validation split (14): no matter
     few.mkdir(parents=True)
     for image in sorted((folder / "class1").iterdir())[:10]:
         shutil.copy(image, few / image.name)
     assert evaluate_checkpoint(last, data_dir=str(few.parent), workers=0)["count"] == 2
+    # --split all: a folder tested whole (every image once), and the default test says it tested the carved part
+    whole = evaluate_checkpoint(last, data_dir=str(some), split="all", per_class=True, workers=0)
+    assert {r["class"]: r["count"] for r in whole["per_class"]} == {"class0": 60, "class1": 0, "class2": 60}
+    assert "carved" not in whole and whole["top1_error"] < 40.0
+    from deepres.cli import main
+
+    assert main(["eval", str(last), "--data-dir", str(few.parent), "--workers", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "test (single view, 2 images" in out and "holds class folders: tested its test split: 2 images" in err
+    assert main(["eval", str(last), "--data-dir", str(few.parent), "--workers", "0", "--split", "all"]) == 0
+    out, err = capsys.readouterr()
+    assert "all (single view, 10 images" in out and "class folders" not in err
     shutil.copytree(folder / "class1", some / "tulips")
     with pytest.raises(ValueError, match=r"1 not among the checkpoint's 3 \(tulips\)"):
         evaluate_checkpoint(last, data_dir=str(some), workers=0)

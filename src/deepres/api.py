@@ -105,8 +105,9 @@ def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: st
              ten_crop: bool = False, scales: Sequence[int] | None = None, batch_size: int | None = None,
              device: str = "cpu", workers: int | None = None, precision: str = "run",
              per_class: bool = False, on_bad_image: str | None = None, model=None, dataset=None) -> dict:
-    """Top-1/top-5 error (percent) and loss of a checkpoint on a split of the data it was trained on, as
-    ``deepres eval`` prints them; ``data_dir`` reads the same source from elsewhere. ``precision``: ``"run"`` tests in
+    """Top-1/top-5 error (percent) and loss of a checkpoint on a split of the data it was trained on (``split``:
+    ``train``, ``val``, ``test`` or ``all``, every image once), as ``deepres eval`` prints them; ``data_dir`` reads
+    the same source from elsewhere (a folder of class folders: ``carved`` names the test split cut from it). ``precision``: ``"run"`` tests in
     the arithmetic the run tested in during training (its ``train.amp``), so the number repeats its summary;
     ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU) choose. ``per_class``: also ``per_class`` (each class's images, top-1
     error and the class it is most often mistaken for) and ``confusion`` (rows the true class). ``checkpoint`` may also

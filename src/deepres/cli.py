@@ -252,6 +252,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                      precision=args.precision, per_class=args.per_class,
                                      on_bad_image=args.on_bad_image)
     _print_skipped(result.get("skipped_images", []), result["split"])
+    if args.data_dir and result.get("carved"):  # a folder of class folders given here: say what part was tested
+        print(f"deepres: {args.data_dir} holds class folders: tested its {result['carved']}, as a run on it carves "
+              f"it; --split all tests every image", file=sys.stderr)
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             print(f"deepres: warning: {warning.message}", file=sys.stderr)
@@ -473,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "pretrained weights (resnet50) with --data-dir an ImageNet folder: its validation images, "
                    "prepared as the weights were evaluated, the published error beside ours")
     p.add_argument("--data-dir", help="where the data is (default: the one the run used)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to test (default test)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="the split to test (default test); all: every image of the data (a new folder tested whole)")
     p.add_argument("--ten-crop", action="store_true", help="the standard 10-crop test (corners, centre, flips)")
     p.add_argument("--scales", help="fully-convolutional multi-scale test, shorter sides e.g. 224,256,384,480,640")
     p.add_argument("--batch-size", type=_positive_int, default=None,

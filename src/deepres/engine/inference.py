@@ -50,7 +50,8 @@ def evaluate_checkpoint(
     model: nn.Module | None = None,
     dataset=None,
 ) -> dict:
-    """Top-1/top-5 error of a checkpoint on a split of the data it was trained on (or the same source elsewhere)."""
+    """Top-1/top-5 error of a checkpoint on a split of the data it was trained on (or the same source elsewhere):
+    ``train``, ``val``, ``test`` or ``all`` (every image of the data, e.g. a new folder of class folders)."""
     return evaluate_checkpoint_modes(path, [(ten_crop, scales)], data_dir=data_dir, split=split,
                                      batch_size=batch_size, device=device, workers=workers, precision=precision,
                                      per_class=per_class, on_bad_image=on_bad_image, model=model,
@@ -153,7 +154,7 @@ def evaluate_checkpoint_modes(
     workers = min(data_workers(config.data), available_cores()) if workers is None else workers
     data_cfg = dataclasses.replace(data_cfg, train_subset=None, num_workers=max(0, workers),
                                    on_bad_image=on_bad_image or data_cfg.on_bad_image)
-    if split == "test":  # the test split does not depend on the validation split: none carved (a small folder)
+    if split in ("test", "all"):  # neither depends on the validation split: none carved (a small folder)
         data_cfg = dataclasses.replace(data_cfg, val_size=0)
     if data_cfg.preset != "paper_imagenet" and any(ten or sc for ten, sc in modes):
         import warnings
@@ -170,8 +171,11 @@ def evaluate_checkpoint_modes(
         dataset = load_dataset(data_cfg)
     dataset = _in_checkpoint_classes(dataset, list(ckpt["classes"]))
     splits = dataset.splits()
+    splits["all"] = _every_image(splits)
     if split not in splits:
         raise ValueError(f"split must be one of {', '.join(splits)}; got {split!r}")
+    # A folder of class folders: its test split is carved (a fixed share of each class), as its run carved it
+    carved = dataset.extra.get("carved", "") if split == "test" else ""
     crop = int(ckpt["image_size"][0])
     results = []
     for ten_crop, scales in modes:
@@ -191,8 +195,19 @@ def evaluate_checkpoint_modes(
         if per_class:
             result["per_class"] = per_class_errors(result["confusion"], dataset.classes)
         results.append({"checkpoint": str(path), "split": split, "mode": mode, "precision": precision,
-                        "num_classes": len(dataset.classes), **result})
+                        "num_classes": len(dataset.classes), **({"carved": carved} if carved else {}), **result})
     return results
+
+
+def _every_image(splits: dict):
+    """The images of every split in one (train, then validation, then test): ``split="all"``, a folder tested whole."""
+    from ..data.folders import FileSplit
+
+    parts = [s for s in splits.values() if s is not None and len(s)]
+    labels = torch.cat([s.labels for s in parts])
+    if isinstance(parts[0], FileSplit):
+        return FileSplit([p for s in parts for p in s.paths], labels)
+    return Split(torch.cat([s.images for s in parts]), labels)
 
 
 def _in_checkpoint_classes(dataset, classes: list[str]):
