@@ -170,6 +170,8 @@ def test_your_own_model_dataset_and_callbacks(tmp_path):
     assert result["count"] == 60 and result["top1_error"] == pytest.approx(summary["test_top1_error"], abs=1e-9)
     assert deepres.evaluate(last, dataset=(_pictures(240, 0), test_set), model=TinyNet())["top1_error"] == \
         result["top1_error"]
+    assert deepres.evaluate(last, dataset=test_set, model=TinyNet(), split="all")["count"] == 60  # each image once
+    assert deepres.evaluate(last, dataset=(_pictures(240, 0), test_set), model=TinyNet(), split="all")["count"] == 300
     with pytest.raises(ValueError, match="labels must be class indices 0..2"):
         deepres.evaluate(last, dataset=[(image, 3) for image, _ in test_set[:4]], model=TinyNet())
     with pytest.raises(ValueError, match="do not fit the given model"):

@@ -203,7 +203,10 @@ def _every_image(splits: dict):
     """The images of every split in one (train, then validation, then test): ``split="all"``, a folder tested whole."""
     from ..data.folders import FileSplit
 
-    parts = [s for s in splits.values() if s is not None and len(s)]
+    parts = []
+    for split in splits.values():  # a split given as both train and test (a Split passed in Python) counts once
+        if split is not None and len(split) and all(split is not part for part in parts):
+            parts.append(split)
     labels = torch.cat([s.labels for s in parts])
     if isinstance(parts[0], FileSplit):
         return FileSplit([p for s in parts for p in s.paths], labels)
