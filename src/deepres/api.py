@@ -107,14 +107,15 @@ def evaluate(checkpoint: str | os.PathLike, *, split: str = "test", data_dir: st
              per_class: bool = False, on_bad_image: str | None = None, model=None, dataset=None) -> dict:
     """Top-1/top-5 error (percent) and loss of a checkpoint on a split of the data it was trained on (``split``:
     ``train``, ``val``, ``test`` or ``all``, every image once), as ``deepres eval`` prints them; ``data_dir`` reads
-    the same source from elsewhere (a folder of class folders: ``carved`` names the test split cut from it). ``precision``: ``"run"`` tests in
-    the arithmetic the run tested in during training (its ``train.amp``), so the number repeats its summary;
-    ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU) choose. ``per_class``: also ``per_class`` (each class's images, top-1
-    error and the class it is most often mistaken for) and ``confusion`` (rows the true class). ``checkpoint`` may also
-    name a model with pretrained weights (``"resnet50"``), tested on the ImageNet folder ``data_dir`` (its validation
-    images, prepared as the weights were evaluated; the published error beside ours), in fp32 unless ``precision``
-    asks for bf16 or fp16. ``on_bad_image``: ``"error"`` (pretrained weights' default) or ``"skip"`` (listed in
-    ``skipped_images``) for an image file that cannot be decoded; None: the run's ``data.on_bad_image``.
+    the same source from elsewhere (a folder of class folders: ``carved`` names the test split cut from it).
+    ``precision``: ``"run"`` tests in the arithmetic the run tested in during training (its ``train.amp``), so the
+    number repeats its summary; ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU) choose. ``per_class``: also
+    ``per_class`` (each class's images, top-1 error and the class it is most often mistaken for) and ``confusion``
+    (rows the true class). ``checkpoint`` may also name a model with pretrained weights (``"resnet50"``), tested on
+    the ImageNet folder ``data_dir`` (its validation images, prepared as the weights were evaluated; the published
+    error beside ours), in fp32 unless ``precision`` asks for bf16 or fp16. ``on_bad_image``: ``"error"``
+    (pretrained weights' default) or ``"skip"`` (listed in ``skipped_images``) for an image file that cannot be
+    decoded; None: the run's ``data.on_bad_image``.
 
     A run trained with your own model or data (``train(model=..., dataset=...)``) is tested with them: ``model`` the
     network to load its weights into (they replace its own), ``dataset`` the images: a map-style dataset of ``(image,

@@ -551,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pseudo-label", help="label the unlabeled images (data.labeled_per_class) with a teacher")
     p.add_argument("teacher", help="the teacher checkpoint (.pt of a run)")
     add_config_arguments(p, recipe_required=True)
-    p.add_argument("--threshold", type=_probability, default=0.0, help="keep images whose top probability is at least this")
+    p.add_argument("--threshold", type=_probability, default=0.0,
+                   help="keep images whose top probability is at least this")
     p.add_argument("--soft", action="store_true", help="soft labels (the teacher's softmax) instead of its top class")
     p.add_argument("--out", help="write the kept indices, targets and confidences to this .pt file")
     p.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")

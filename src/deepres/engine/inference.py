@@ -171,9 +171,10 @@ def evaluate_checkpoint_modes(
         dataset = load_dataset(data_cfg)
     dataset = _in_checkpoint_classes(dataset, list(ckpt["classes"]))
     splits = dataset.splits()
-    splits["all"] = _every_image(splits)
+    if split == "all":
+        splits["all"] = _every_image(splits)
     if split not in splits:
-        raise ValueError(f"split must be one of {', '.join(splits)}; got {split!r}")
+        raise ValueError(f"split must be one of {', '.join([*splits, 'all'])}; got {split!r}")
     # A folder of class folders: its test split is carved (a fixed share of each class), as its run carved it
     carved = dataset.extra.get("carved", "") if split == "test" else ""
     crop = int(ckpt["image_size"][0])
@@ -207,6 +208,8 @@ def _every_image(splits: dict):
     for split in splits.values():  # a split given as both train and test (a Split passed in Python) counts once
         if split is not None and len(split) and all(split is not part for part in parts):
             parts.append(split)
+    if len(parts) < 2:
+        return parts[0] if parts else splits["test"]
     labels = torch.cat([s.labels for s in parts])
     if isinstance(parts[0], FileSplit):
         return FileSplit([p for s in parts for p in s.paths], labels)
