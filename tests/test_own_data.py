@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from deepres.config import DataConfig, available_cores, data_workers, load_config
@@ -117,6 +118,21 @@ def test_fit_to_data_bounds_validation_batch_lr_crop_and_cadence(folder):
     for sets in (["model.options.small_input=true"], ["model.name=resnet56", "model.stride_on=null"]):
         chosen = load_config("imagefolder_fast", [f"data.data_dir={folder}", *sets])
         assert not any("small_input" in n for n in fit_to_data(chosen)[1])
+
+
+def test_config_fit_prints_the_config_a_run_on_the_data_would_use(folder, capsys):
+    from deepres.cli import main
+
+    assert main(["config", "--recipe", "imagefolder_fast", "--set", f"data.data_dir={folder}", "--fit"]) == 0
+    out, err = capsys.readouterr()
+    printed = yaml.safe_load(out)
+    assert printed["data"]["val_size"] == 14 and printed["train"]["batch_size"] == 64
+    assert printed["optim"]["lr"] == pytest.approx(0.025) and "notice: data.val_size 10000 -> 14" in err
+    assert main(["config", "--recipe", "imagefolder_fast", "--set", f"data.data_dir={folder}"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["val_size"] == 10000  # without --fit: the recipe's
+    unfitted = ["--set", f"data.data_dir={folder}", "--set", "train.fit_to_data=false", "--fit"]
+    assert main(["config", "--recipe", "imagefolder_fast", *unfitted]) == 2
+    assert "config keys data.val_size, train.batch_size: the data (144 training images" in capsys.readouterr().err
 
 
 def test_worker_counts_default_to_the_machine(monkeypatch):

@@ -94,6 +94,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     config = load_config(args.recipe, args.overrides)
     check_model(config.model)  # an unknown model or option, as train refuses it
+    if args.fit:  # as a run on this data would start: bounded by train.fit_to_data, or refused naming every misfit
+        from .engine.fit import fit_to_data
+
+        config, notices = fit_to_data(config)
+        for text in notices:
+            print(f"notice: {text}", file=sys.stderr)
     print(to_yaml(config), end="")
     return 0
 
@@ -575,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.add_argument("--keys", action="store_true", help="list every config key with its type, default and meaning")
     p.add_argument("--json", action="store_true", help="with --keys: print JSON")
+    p.add_argument("--fit", action="store_true",
+                   help="read the data and print the config a run on it would use: train.fit_to_data's changes (each "
+                        "as a notice on stderr), or an error naming every value the data cannot satisfy")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("benchmark", help="run a benchmark of benchmarks/ (ours against a reference, same run)")
