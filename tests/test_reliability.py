@@ -405,3 +405,17 @@ def test_reproduce_refuses_a_finished_run_of_another_configuration(tmp_path):
     assert summary.stat().st_mtime_ns == stamp
     report = (tmp_path / "out" / "cifar-table6" / "report.md").read_text()
     assert json.loads(summary.read_text())["iterations"] == 24 and "| ResNet-20 |" in report
+
+
+def test_a_failed_write_names_the_file_once():
+    """A full disk under a checkpoint: one line, the file named once (it was "PATH: cannot write PATH: ...")."""
+    import errno
+
+    from deepres.cli import _one_line
+    from deepres.runs import _write_failure
+
+    best = Path("run") / "checkpoints" / "best.pt"
+    full = _write_failure(best, OSError(errno.ENOSPC, "No space left on device"))
+    assert _one_line(full) == f"cannot write {best}: No space left on device"
+    assert _one_line(FileNotFoundError(errno.ENOENT, "No such file or directory", "x.pt")) == \
+        "x.pt: No such file or directory"

@@ -819,7 +819,8 @@ def _bad_image_hint(exc: BaseException, args: argparse.Namespace) -> str:
 def _one_line(exc: BaseException) -> str:
     """An error without a traceback; a system error as one line naming the file and the cause."""
     if isinstance(exc, OSError) and str(exc).startswith("[Errno") and exc.filename:
-        return f"{exc.filename}: {exc.strerror}"
+        # deepres's own write errors name the file in their message already ("cannot write PATH: ...")
+        return exc.strerror if str(exc.filename) in str(exc.strerror) else f"{exc.filename}: {exc.strerror}"
     return str(exc) or type(exc).__name__
 
 
