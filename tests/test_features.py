@@ -15,6 +15,7 @@ from deepres.models import create_model
 from deepres.models.detection import (
     faster_rcnn_c4,
     faster_rcnn_fpn,
+    faster_rcnn_vgg,
     freeze_batch_norm,
     freeze_stages,
     resnet_fpn_backbone,
@@ -279,6 +280,48 @@ def test_pretrained_detectors_freeze_bn_and_the_early_stages(hub):
     resnet = [*detector.backbone.parameters(), *detector.roi_heads.box_head.parameters()]
     assert not any(p.requires_grad for p in resnet)
     assert any(isinstance(m, nn.BatchNorm2d) for m in detector.modules())
+
+
+def test_faster_rcnn_vgg16_is_the_papers_baseline_detector():
+    """Tables 7 and 8 compare ResNet-101 against Faster R-CNN on VGG-16: conv1_1 .. conv5_3 shared at stride 16,
+    each region pooled 7x7 into fc6 and fc7."""
+    torch.manual_seed(0)
+    detector = faster_rcnn_vgg("vgg16", num_classes=3, **SMALL)
+    backbone, head = detector.backbone, detector.roi_heads.box_head
+    assert backbone.out_channels == 512 and head.out_channels == 4096
+    assert detector.roi_heads.box_roi_pool.output_size == (7, 7)
+    assert sum(isinstance(m, nn.Conv2d) for m in backbone.modules()) == 13
+    assert not any(isinstance(m, nn.MaxPool2d) for m in backbone.body[-3:])  # pool5 dropped
+    with torch.no_grad():
+        assert backbone.eval()(torch.randn(1, 3, 128, 128))["0"].shape == (1, 512, 8, 8)
+        assert head.eval()(torch.randn(3, 512, 7, 7)).shape == (3, 4096)
+    # All of VGG-16 but its class layer fc8: 138,357,544 - 4,097,000 parameters
+    assert sum(p.numel() for p in [*backbone.parameters(), *head.parameters()]) == 138_357_544 - 4_097_000
+    _train_step(detector)
+    assert _has_grad(backbone.body[0].weight) and _has_grad(head[1].weight)  # from scratch everything trains
+    _detect(detector, 3)
+
+
+def test_a_pretrained_vgg_detector_fine_tunes_conv3_1_and_up(hub):
+    torch.manual_seed(0)
+    theirs = torchvision.models.vgg11_bn()
+    _publish(hub, "vgg11_bn", theirs.state_dict())
+    detector = faster_rcnn_vgg("vgg11_bn", num_classes=4, **SMALL, pretrained=True)
+    body, head = detector.backbone.body, detector.roi_heads.box_head
+    assert torch.equal(body[-3].weight, theirs.features[-4].weight)  # conv5_2, the last conv
+    assert torch.equal(head[1].weight, theirs.classifier[0].weight)
+    assert torch.equal(head[4].bias, theirs.classifier[3].bias)  # fc7
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in detector.modules())  # fixed, as for the ResNets
+    trains = [p.requires_grad for m in body if isinstance(m, nn.Conv2d) for p in m.parameters()]
+    assert trains == [False] * 4 + [True] * 12  # conv1_1 and conv2_1 (weights, biases) frozen: Fast R-CNN's choice
+    _train_step(detector)
+    assert body[0].weight.grad is None and _has_grad(head[1].weight)
+    frozen = faster_rcnn_vgg("vgg11", num_classes=4, trainable_layers=0)
+    assert not any(p.requires_grad for p in [*frozen.backbone.parameters(), *frozen.roi_heads.box_head.parameters()])
+    with pytest.raises(ValueError, match=r"0\.\.6 \(the fc head, then conv5_x"):
+        faster_rcnn_vgg("vgg16", num_classes=2, trainable_layers=7)
+    with pytest.raises(ValueError, match="'resnet50' is no VGG net"):
+        faster_rcnn_vgg("resnet50", num_classes=2, pretrained=True)  # refused before any download
 
 
 def test_frozen_bn_computes_what_bn_computes_in_eval_mode():

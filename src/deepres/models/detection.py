@@ -9,6 +9,9 @@ into :class:`torchvision.models.detection.FasterRCNN`:
   per region, "playing the roles of VGG-16's fc layers", and two sibling layers classify and regress the box
   (appendix A). Regions are pooled with RoIAlign to 14x14, which conv5_1's stride brings to 7x7 (the C4 form of
   Mask R-CNN and Detectron); ``out_channels`` is 1024 for ResNet-50/101/152 (256 for ResNet-18/34).
+- **VGG-16, the paper's baseline** (:func:`faster_rcnn_vgg`): Faster R-CNN as Ren et al. built it, the detector
+  the paper's Tables 7 and 8 compare ResNet-101 against: conv1_1 .. conv5_3 (stride 16, 512 channels) shared, each
+  region pooled 7x7 into fc6 and fc7 (4096 each, with dropout), then the two sibling layers.
 - **FPN** (:func:`resnet_fpn_backbone`, :func:`faster_rcnn_fpn`): a feature pyramid (Lin et al. 2017) on
   conv2_x .. conv5_x, torchvision's own ``BackboneWithFPN``. Its parameter names are torchvision's
   (``backbone.body.layer1.0.conv1.weight``, ``backbone.fpn.inner_blocks.0.0.weight`` ...), so the state dict of
@@ -44,8 +47,11 @@ from .registry import create_model
 __all__ = [
     "ResNetC4Backbone",
     "ResNetC5Head",
+    "VGGConvBackbone",
+    "VGGFcHead",
     "faster_rcnn_c4",
     "faster_rcnn_fpn",
+    "faster_rcnn_vgg",
     "freeze_batch_norm",
     "freeze_stages",
     "resnet_fpn_backbone",
@@ -105,7 +111,7 @@ def _resnet(name: str, pretrained: bool, trainable_layers: int | None, frozen_bn
     with torch.device("meta"):  # the family first, before any weights are downloaded
         if not _is_resnet(create_model(name, **(model_options or {}))):
             raise ValueError(f"model '{name}' is no ResNet: the detection backbones take a model built on the ResNet "
-                             f"class ({RESNET_FAMILIES})")
+                             f"class ({RESNET_FAMILIES}); faster_rcnn_vgg takes the VGG nets")
     model = create_model(name, pretrained=pretrained, features_only=True, **(model_options or {}))
     if frozen_bn is None:
         frozen_bn = pretrained
@@ -248,3 +254,102 @@ def faster_rcnn_c4(
     kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["0"], roi_size, sampling_ratio=2))
     return FasterRCNN(backbone, num_classes=None, box_head=head,
                       box_predictor=FastRCNNPredictor(head.out_channels, num_classes), **kwargs)
+
+
+class VGGConvBackbone(nn.Module):
+    """A VGG net's convolutions without their last max pooling (conv1_1 .. conv5_3 and its ReLU for VGG-16): one map
+    of the whole image at stride 16, named ``"0"``."""
+
+    def __init__(self, features: nn.Sequential):
+        super().__init__()
+        if not isinstance(features[-1], nn.MaxPool2d):
+            raise ValueError("a VGG conv stack ends with a max pooling, dropped here for stride 16")
+        self.body = features[:-1]
+        self.out_channels = [m for m in self.body if isinstance(m, nn.Conv2d)][-1].out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return OrderedDict([("0", self.body(x))])
+
+
+class VGGFcHead(nn.Sequential):
+    """fc6 and fc7 of a VGG net (each with its ReLU and dropout) on each pooled region: (R, 512, 7, 7) -> (R, 4096)."""
+
+    def __init__(self, classifier: nn.Sequential):
+        layers = list(classifier)
+        hidden = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
+        if len(hidden) != 3:
+            raise ValueError(f"a VGG classifier has three linear layers (fc6, fc7, fc8); got {len(hidden)}")
+        super().__init__(nn.Flatten(1), *layers[: hidden[-1]])  # all but the class layer fc8
+        self.out_channels = layers[hidden[1]].out_features
+
+
+def _vgg_blocks(model: nn.Module) -> list[list[nn.Module]]:
+    """The freezing units of a VGG detector from the top: the fc head, then conv5_x .. conv1_x (split at the pools)."""
+    blocks, block = [], []
+    for module in model.backbone.body:
+        block.append(module)
+        if isinstance(module, nn.MaxPool2d):
+            blocks.append(block)
+            block = []
+    blocks.append(block)  # conv5_x: its pooling was dropped
+    return [[model.roi_heads.box_head], *reversed(blocks)]
+
+
+def faster_rcnn_vgg(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    trainable_layers: int | None = None,
+    frozen_bn: bool | None = None,
+    anchor_sizes: Sequence[int] = (128, 256, 512),
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    model_options: dict | None = None,
+    **kwargs,
+) -> FasterRCNN:
+    """Faster R-CNN on a VGG net (Ren et al. 2015): the detector the paper replaces VGG-16 by ResNet-101 in (section
+    4.3, Tables 7 and 8), for the same comparison here.
+
+    The convolutions up to conv5_3 compute one stride-16 map of the whole image for the region proposal network and
+    the detector; each region is pooled to the grid VGG's fc6 takes (7x7; RoIAlign, where Faster R-CNN max-pooled)
+    and runs through fc6 and fc7 with their dropout, then the two sibling layers classify and regress the box.
+
+    Args:
+        name: ``vgg16`` (the paper's baseline), or another of ``vgg11`` .. ``vgg19``, ``vgg*_bn``.
+        num_classes: object classes plus the background.
+        pretrained: the published ImageNet weights (fc6 and fc7 included).
+        trainable_layers: units that train from the top: the fc head first, then conv5_x .. conv1_x (0..6). None:
+            4 with pretrained weights (conv3_1 and up, as Fast and Faster R-CNN fine-tune VGG-16), all without.
+        frozen_bn: the ``_bn`` nets' BN as FrozenBatchNorm2d (None: the same as ``pretrained``).
+        anchor_sizes, aspect_ratios, model_options, kwargs: as :func:`faster_rcnn_c4` (shorter side 600, at most
+            1000, 300 proposals at test, unless set).
+    """
+    from .vgg import VGG
+
+    with torch.device("meta"):  # the family first, before any weights are downloaded
+        if not isinstance(create_model(name, **(model_options or {})), VGG):
+            raise ValueError(f"model '{name}' is no VGG net: faster_rcnn_vgg takes vgg11 .. vgg19 or their _bn forms")
+    vgg = create_model(name, pretrained=pretrained, **(model_options or {}))
+    backbone, head = VGGConvBackbone(vgg.features), VGGFcHead(vgg.classifier)
+    pool = vgg.avgpool.output_size
+    kwargs.setdefault("min_size", 600)
+    kwargs.setdefault("max_size", 1000)
+    kwargs.setdefault("rpn_post_nms_top_n_test", 300)
+    kwargs.setdefault("rpn_anchor_generator", AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),)))
+    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["0"], pool, sampling_ratio=2))
+    detector = FasterRCNN(backbone, num_classes=None, box_head=head,
+                          box_predictor=FastRCNNPredictor(head.out_channels, num_classes), **kwargs)
+    if frozen_bn if frozen_bn is not None else pretrained:
+        freeze_batch_norm(backbone)
+    units = _vgg_blocks(detector)
+    if trainable_layers is None:
+        trainable_layers = 4 if pretrained else len(units)
+    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not (
+            0 <= trainable_layers <= len(units)):
+        raise ValueError(f"trainable_layers must be an int in 0..{len(units)} (the fc head, then conv5_x .. conv1_x); "
+                         f"got {trainable_layers!r}")
+    for unit in units[trainable_layers:]:
+        for module in unit:
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+    return detector
