@@ -330,3 +330,23 @@ def test_the_command_line_bounds_torch_threads_by_the_cpu_quota(monkeypatch, cap
     torch.set_num_threads(2)
     assert main(["models", "resnet20", "--json"]) == 0
     assert torch.get_num_threads() == 2 and "PyTorch threads" not in capsys.readouterr().err
+
+
+def test_a_recipes_resnet_choices_under_another_model_name_every_key_and_the_fix():
+    """imagefolder_fast sets stride_on 3x3 and zero_init_residual for its ResNet-50; with another model those keys
+    were an error from inside the model's builder ("unexpected keyword argument"), one key at a time."""
+    from deepres.runs import check_model
+
+    with pytest.raises(ConfigError) as caught:
+        check_model(load_config("imagefolder_fast", ["model.name=densenet121"]).model)
+    assert caught.value.key == "model.stride_on, model.zero_init_residual"
+    assert ("model 'densenet121' takes no stride_on or zero_init_residual (this config sets stride_on=3x3, "
+            "zero_init_residual=true" in caught.value.message)
+    assert caught.value.message.endswith("--set model.stride_on=null --set model.zero_init_residual=null")
+    with pytest.raises(ConfigError, match=r"'model.stride_on': model 'resnet20' takes no stride_on"):
+        check_model(load_config("imagefolder_fast", ["model.name=resnet20"]).model)  # it has zero_init_residual
+    check_model(load_config("imagefolder_fast", ["model.name=densenet121", "model.stride_on=null",
+                                                 "model.zero_init_residual=null"]).model)
+    check_model(load_config("imagefolder_fast", ["model.name=resnet18"]).model)  # an ImageNet ResNet takes both
+    with pytest.raises(ConfigError, match=r"'model.options': .*unexpected keyword argument 'widen'"):
+        check_model(load_config("demo", ["model.options.widen=2"]).model)  # other options: the builder's words

@@ -226,9 +226,34 @@ def check_model(cfg) -> None:
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
+        foreign = _options_not_taken(cfg) if cfg.name in list_models() else []
+        if foreign:  # a recipe's ResNet choice (imagefolder_fast: stride_on 3x3) under another family's model
+            values = ", ".join(f"{key}={str(getattr(cfg, key)).lower()}" for key in foreign)
+            raise ConfigError(", ".join(f"model.{key}" for key in foreign),
+                              f"model '{cfg.name}' takes no {' or '.join(foreign)} (this config sets {values}, for "
+                              f"the model it was written for): unset with "
+                              + " ".join(f"--set model.{key}=null" for key in foreign)) from None
         raise ConfigError("model.name" if cfg.name not in list_models() else "model.options", str(exc)) from None
     except Exception:  # noqa: BLE001 - a builder that needs real tensors: the build after the data says what fails
         pass
+
+
+def _options_not_taken(cfg) -> list[str]:
+    """The set ones of model.shortcut, stride_on and zero_init_residual that model ``cfg.name`` has no option for."""
+    foreign = []
+    for key in ("shortcut", "stride_on", "zero_init_residual"):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        try:
+            with torch.device("meta"):
+                create_model(cfg.name, **{key: value})
+        except TypeError as exc:
+            if f"'{key}'" in str(exc):
+                foreign.append(key)
+        except Exception:  # noqa: BLE001 - another failure is not this option's
+            pass
+    return foreign
 
 
 def load_for_inference(checkpoint: dict, device: torch.device | str = "cpu", model: nn.Module | None = None
