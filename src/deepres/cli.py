@@ -192,31 +192,29 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--device=")) from None
 
 
-def _positive_int(text: str) -> int:
+def _parsed(text: str, kind: type):
     try:
-        value = int(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _parsed(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
     return value
 
 
 def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _parsed(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
     return value
 
 
 def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parsed(text, float)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1]; got {text}")
     return value
@@ -224,10 +222,7 @@ def _probability(text: str) -> float:
 
 def _split_size(text: str) -> float:
     """A split's size as the config takes it: a count (a whole number) or, below 1, a fraction."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parsed(text, float)
     if not (value >= 0 and (value < 1 or value.is_integer())):
         raise argparse.ArgumentTypeError(f"a count (0, 1, 2, ...) or a fraction in (0, 1); got {text}")
     return int(value) if value.is_integer() else value

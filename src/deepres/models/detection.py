@@ -247,6 +247,13 @@ def faster_rcnn_c4(
     last = model.num_stages
     backbone = ResNetC4Backbone(feature_extractor(model, (last - 1,)))
     head = ResNetC5Head(getattr(model, f"layer{last}"), f"layer{last}")
+    return _single_map_detector(backbone, head, num_classes, anchor_sizes, aspect_ratios, roi_size, kwargs)
+
+
+def _single_map_detector(backbone: nn.Module, head: nn.Module, num_classes: int, anchor_sizes: Sequence[int],
+                         aspect_ratios: Sequence[float], roi_size: int, kwargs: dict) -> FasterRCNN:
+    """Faster R-CNN on one stride-16 map (the C4 and VGG detectors): the paper's image size and test proposals unless
+    ``kwargs`` set them, one anchor set, regions pooled ``roi_size`` square into ``head``."""
     kwargs.setdefault("min_size", 600)
     kwargs.setdefault("max_size", 1000)
     kwargs.setdefault("rpn_post_nms_top_n_test", 300)
@@ -331,14 +338,8 @@ def faster_rcnn_vgg(
             raise ValueError(f"model '{name}' is no VGG net: faster_rcnn_vgg takes vgg11 .. vgg19 or their _bn forms")
     vgg = create_model(name, pretrained=pretrained, **(model_options or {}))
     backbone, head = VGGConvBackbone(vgg.features), VGGFcHead(vgg.classifier)
-    pool = vgg.avgpool.output_size
-    kwargs.setdefault("min_size", 600)
-    kwargs.setdefault("max_size", 1000)
-    kwargs.setdefault("rpn_post_nms_top_n_test", 300)
-    kwargs.setdefault("rpn_anchor_generator", AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),)))
-    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["0"], pool, sampling_ratio=2))
-    detector = FasterRCNN(backbone, num_classes=None, box_head=head,
-                          box_predictor=FastRCNNPredictor(head.out_channels, num_classes), **kwargs)
+    detector = _single_map_detector(backbone, head, num_classes, anchor_sizes, aspect_ratios, vgg.avgpool.output_size,
+                                    kwargs)
     if frozen_bn if frozen_bn is not None else pretrained:
         freeze_batch_norm(backbone)
     units = _vgg_blocks(detector)
