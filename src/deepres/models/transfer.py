@@ -61,6 +61,15 @@ def read_weights(path: str | Path) -> tuple[dict, list[str] | None, str]:
     return data, None, "state_dict"
 
 
+def _trained_model(path: str | Path) -> str | None:
+    """The registered model a checkpoint of ours trained (None: a model given in Python, or unreadable)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return None if data.get("model_class") else str(data["config"]["model"]["name"])
+    except Exception:  # noqa: BLE001 - only a hint: the error it joins names the misfit already
+        return None
+
+
 def _paper_bottleneck(model: nn.Module) -> bool:
     """A bottleneck ResNet (blocks that widen their output) with the paper's stride on the first 1x1."""
     return getattr(model, "stride_on", None) == "1x1" and getattr(getattr(model, "block", None), "expansion", 1) > 1
@@ -122,7 +131,10 @@ def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = No
     try:
         adapted = load_fitted(model, state, keep_head, str(path))
     except ValueError as exc:
-        raise ConfigError("model.init", str(exc)) from None
+        trained = _trained_model(path) if weights is None and kind == "checkpoint" else None
+        hint = (f"; it holds the weights of a {trained}: set model.name={trained} (and the options it was built "
+                f"with) to start from them" if trained and trained != getattr(model, "model_name", None) else "")
+        raise ConfigError("model.init", str(exc) + hint) from None
     return {"init": str(path), "init_kind": kind, **extra, "init_head": "kept" if keep_head else "new",
             "init_adapted": adapted}
 
