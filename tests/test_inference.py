@@ -35,12 +35,13 @@ def test_eval_matches_the_training_run(trained):
     result = evaluate_checkpoint(path)
     assert result["count"] == 128 and result["precision"] == "fp32"
     assert result["top1_error"] == pytest.approx(summary["test_top1_error"], abs=1e-9)
-    # split="all": every image of the data once, its errors the count-weighted mean of the splits'
+    # split="all": every image of the data once, its errors those of the splits together (within one image: batches
+    # of other sizes may round a near tie the other way on some CPUs)
     parts = [evaluate_checkpoint(path, split=s) for s in ("train", "val", "test")]
     whole = evaluate_checkpoint(path, split="all")
     assert whole["count"] == sum(p["count"] for p in parts) and "carved" not in whole
-    wrong = sum(p["top1_error"] * p["count"] for p in parts)
-    assert whole["top1_error"] * whole["count"] == pytest.approx(wrong, abs=1e-6)
+    wrong = sum(p["top1_error"] * p["count"] / 100 for p in parts)
+    assert abs(whole["top1_error"] * whole["count"] / 100 - wrong) <= 1.0 + 1e-6
 
 
 def test_eval_repeats_a_bf16_runs_numbers_in_bf16_and_tests_in_fp32_when_asked(trained, tmp_path):
