@@ -106,8 +106,8 @@ def test_weights_that_do_not_fit_name_the_key(source, torchvision_file, tmp_path
         load_init(create_model("resnet20"), torchvision_file[0])
     assert "holds the weights of" not in str(e.value)  # a bare state dict does not say what it was
     # One of our checkpoints says which model trained it: the error names the model.name that fits
-    with pytest.raises(ConfigError, match=r"does not fit model resnet32: .* it holds the weights of a resnet20: set "
-                                          r"model.name=resnet20"):
+    with pytest.raises(ConfigError, match=r"does not fit model resnet32: .* it holds the weights of model "
+                                          r"resnet20: set model.name=resnet20"):
         load_init(create_model("resnet32", in_channels=1), source)
     (tmp_path / "junk.pt").write_text("not a tensor file")
     with pytest.raises(ConfigError, match="model.init.*cannot read"):

@@ -228,7 +228,7 @@ def check_model(cfg) -> None:
     except (ValueError, TypeError) as exc:
         foreign = _options_not_taken(cfg) if cfg.name in list_models() else []
         if foreign:  # a recipe's ResNet choice (imagefolder_fast: stride_on 3x3) under another family's model
-            values = ", ".join(f"{key}={str(getattr(cfg, key)).lower()}" for key in foreign)
+            values = ", ".join(f"{key}={_yaml_value(getattr(cfg, key))}" for key in foreign)
             raise ConfigError(", ".join(f"model.{key}" for key in foreign),
                               f"model '{cfg.name}' takes no {' or '.join(foreign)} (this config sets {values}, for "
                               f"the model it was written for): unset with "
@@ -236,6 +236,10 @@ def check_model(cfg) -> None:
         raise ConfigError("model.name" if cfg.name not in list_models() else "model.options", str(exc)) from None
     except Exception:  # noqa: BLE001 - a builder that needs real tensors: the build after the data says what fails
         pass
+
+
+def _yaml_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _options_not_taken(cfg) -> list[str]:

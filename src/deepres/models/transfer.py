@@ -132,8 +132,8 @@ def load_init(model: nn.Module, path: str | Path, classes: list[str] | None = No
         adapted = load_fitted(model, state, keep_head, str(path))
     except ValueError as exc:
         trained = _trained_model(path) if weights is None and kind == "checkpoint" else None
-        hint = (f"; it holds the weights of a {trained}: set model.name={trained} (and the options it was built "
-                f"with) to start from them" if trained and trained != getattr(model, "model_name", None) else "")
+        hint = (f"; it holds the weights of model {trained}: set model.name={trained} (and the options it was "
+                f"built with) to start from them" if trained and trained != getattr(model, "model_name", None) else "")
         raise ConfigError("model.init", str(exc) + hint) from None
     return {"init": str(path), "init_kind": kind, **extra, "init_head": "kept" if keep_head else "new",
             "init_adapted": adapted}
