@@ -149,3 +149,15 @@ def test_the_train_result_says_whose_weights_were_tested():
         "validation error (31.58%)"]
     for best in (60, None):  # best.pt is the final weights, or the run has no validation row to say
         assert _run_result({**summary, "best_step": best}).count("\n") == 0
+
+
+def test_class_tables_line_up_whatever_the_script(capsys):
+    """Class names in wide (CJK) or combining characters: the columns after them start at one terminal column."""
+    from deepres.cli import _columns, _print_per_class
+
+    assert (_columns("日本"), _columns("crème"), _columns("cre\u0300me"), _columns("hot dog")) == (4, 5, 5, 7)
+    rows = [{"class": name, "count": 8, "top1_error": 50.0, "mistaken_for": None, "mistaken_share": 0.0}
+            for name in ("日本", "cre\u0300me brûlée", "hot dog")]
+    _print_per_class(rows)
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len({_columns(line.split("     8")[0]) for line in lines}) == 1, lines

@@ -279,13 +279,26 @@ def _print_skipped(skipped: list[str], of: str) -> None:
         print(f"deepres: skipped {len(skipped)} bad image(s) of {of}: {shown}", file=sys.stderr)
 
 
+def _columns(text: str) -> int:
+    """Terminal columns of ``text``: wide (East Asian) characters take two, combining marks none."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def _padded(text: str, width: int) -> str:
+    """``text`` left-aligned in ``width`` terminal columns (class names of any script line up)."""
+    return text + " " * max(0, width - _columns(text))
+
+
 def _print_per_class(rows: list[dict]) -> None:
-    width = max([len("class")] + [len(r["class"]) for r in rows])
+    width = max([len("class")] + [_columns(r["class"]) for r in rows])
     print(f"{'class':<{width}}   images  top-1 error  most often mistaken for")
     for r in rows:
         error = "-" if r["top1_error"] is None else f"{r['top1_error']:.2f}%"
         mistaken = f"{r['mistaken_for']} ({r['mistaken_share']:.1f}%)" if r["mistaken_for"] else "-"
-        print(f"{r['class']:<{width}} {r['count']:>8,} {error:>12}  {mistaken}")
+        print(f"{_padded(r['class'], width)} {r['count']:>8,} {error:>12}  {mistaken}")
 
 
 def _eval_pretrained(args: argparse.Namespace) -> int:
@@ -614,11 +627,11 @@ def _print_summary(summary: dict) -> None:
     splits = list(summary["splits"])
     shape = "x".join(str(s) for s in summary["image_shape"]) if summary["image_shape"] else "as stored"
     print(f"{summary['source']}: {summary['num_classes']} classes, images {shape}, from {summary['origin']}")
-    width = max([len("class"), len("total")] + [len(c["name"]) for c in summary["classes"]])
+    width = max([len("class"), len("total")] + [_columns(c["name"]) for c in summary["classes"]])
     print(f"{'class':<{width}} " + " ".join(f"{s:>8}" for s in splits))
     print("-" * (width + 9 * len(splits)))
     for c in summary["classes"]:
-        print(f"{c['name']:<{width}} " + " ".join(f"{c[s]:>8,}" for s in splits))
+        print(f"{_padded(c['name'], width)} " + " ".join(f"{c[s]:>8,}" for s in splits))
     print("-" * (width + 9 * len(splits)))
     print(f"{'total':<{width}} " + " ".join(f"{summary['splits'][s]:>8,}" for s in splits))
     skipped = summary.get("skipped", [])
