@@ -209,6 +209,12 @@ def test_images_of_another_size_are_an_error_unless_resized(tmp_path):
     odd.write_bytes(image_bytes(Image.fromarray(_rgb(10, 12)), "PNG"))
     with pytest.raises(ValueError, match=f"{odd} is 10x12 but .* is 8x8: every image must share a size"):
         load_dataset(_cfg(root, cache_dir=str(tmp_path / "c")))
+    # The worker loader names the file too (it said "images of different sizes in one batch ([(3, 8, 8), ...])")
+    from deepres.data import build_data
+
+    workers = _cfg(root, loader="workers", num_workers=0, preset="none")
+    with pytest.raises(ValueError, match=f"{odd} is 10x12 but .* is 8x8: every image must share a size"):
+        build_data(workers, batch_size=4, eval_batch_size=4, seed=0)
     ds = load_dataset(_cfg(root, image_size=6, cache_dir=str(tmp_path / "c")))
     assert ds.train.images.shape == (6, 3, 6, 6)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from typing import Callable, Iterator
 
 import torch
@@ -73,8 +74,8 @@ class TensorSamples:
 
 
 class _TransformDataset(torch.utils.data.Dataset):
-    """Keys are (index, per-image seed or None); items are (uint8 image or None, label, note), the note None, a
-    skipped file's "path: reason", or the :class:`BadImageError` to raise. A bad file's error travels back as a value,
+    """Keys are (index, per-image seed or None); items are (uint8 image or None, label, note, name), the note None, a
+    skipped file's "path: reason", or the :class:`BadImageError` to raise; the name the file's (or image's). A bad file's error travels back as a value,
     so the main process raises it as it is (an exception raised in a worker comes back as a traceback in a
     message)."""
 
@@ -90,7 +91,7 @@ class _TransformDataset(torch.utils.data.Dataset):
         try:
             image = self.samples.load(index)
         except BadImageError as exc:
-            return None, label, exc if self.on_bad_image != "skip" else f"{exc.path}: {exc.reason}"
+            return None, label, exc if self.on_bad_image != "skip" else f"{exc.path}: {exc.reason}", exc.path
         if self.transform is not None:
             if seed is None:
                 image = self.transform(image)
@@ -98,23 +99,26 @@ class _TransformDataset(torch.utils.data.Dataset):
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeds
                     image = self.transform(image)
-        return image, label, None
+        return image, label, None, self.samples.name(index)
 
 
 def _collate(items):
     """(uint8 images or None, labels, notes): the notes name skipped files, or are errors for the main process to
     raise (:func:`_raise_errors`)."""
-    kept = [(img, label) for img, label, _ in items if img is not None]
-    skipped = [note for _, _, note in items if note is not None]
+    kept = [(img, label, name) for img, label, _, name in items if img is not None]
+    skipped = [note for _, _, note, _ in items if note is not None]
     if not kept or any(isinstance(note, Exception) for note in skipped):
         return None, torch.zeros(0, dtype=torch.int64), skipped
-    shapes = {tuple(img.shape) for img, _ in kept}
-    if len(shapes) > 1:
-        error = ValueError(f"images of different sizes in one batch ({sorted(shapes)[:3]}...); set data.image_size "
-                           f"to resize them")
+    shapes = Counter(tuple(img.shape) for img, _, _ in kept)
+    if len(shapes) > 1:  # named as the in-memory decoder names it: an odd image against the batch's usual size
+        usual = shapes.most_common(1)[0][0]
+        odd, odd_name = next((img, name) for img, _, name in kept if tuple(img.shape) != usual)
+        other = next(name for img, _, name in kept if tuple(img.shape) == usual)
+        error = ValueError(f"{odd_name} is {odd.shape[-2]}x{odd.shape[-1]} but {other} is {usual[-2]}x{usual[-1]}: "
+                           f"every image must share a size; set data.image_size to resize them")
         return None, torch.zeros(0, dtype=torch.int64), [error]
-    images = torch.stack([img for img, _ in kept])
-    labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
+    images = torch.stack([img for img, _, _ in kept])
+    labels = torch.tensor([label for _, label, _ in kept], dtype=torch.int64)
     return images, labels, skipped
 
 
