@@ -215,6 +215,13 @@ def test_images_of_another_size_are_an_error_unless_resized(tmp_path):
     workers = _cfg(root, loader="workers", num_workers=0, preset="none")
     with pytest.raises(ValueError, match=f"{odd} is 10x12 but .* is 8x8: every image must share a size"):
         build_data(workers, batch_size=4, eval_batch_size=4, seed=0)
+    # One in the test split is found from its header before training, not by the test at the end of the run
+    other = make_image_folder(tmp_path / "g", n_train=2, n_test=1, size=8)
+    late = other / "test" / "cat" / "0000.png"
+    late.write_bytes(image_bytes(Image.fromarray(_rgb(10, 12)), "PNG"))
+    with pytest.raises(ValueError, match=f"{late} is 10x12 but the training images are 8x8"):
+        build_data(_cfg(other, loader="workers", num_workers=0, preset="none"), batch_size=4, eval_batch_size=4,
+                   seed=0)
     ds = load_dataset(_cfg(root, image_size=6, cache_dir=str(tmp_path / "c")))
     assert ds.train.images.shape == (6, 3, 6, 6)
 

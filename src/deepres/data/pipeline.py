@@ -236,6 +236,8 @@ def _build_worker_data(cfg, batch_size, eval_batch_size, seed, device, rank, wor
     train_tf, eval_tf, lighting, size = _worker_transforms(cfg, first)
     if not in_memory:  # the size the model sees
         dataset.image_size = (size, size) if size else tuple(first.shape[-2:])
+    if not in_memory and eval_tf is None:  # images tested as stored: one of another size ends the run's last test
+        _check_eval_sizes(samples, tuple(first.shape[-2:]))
     if cfg.normalize == "imagenet":  # constants: the first image tells the channel count, nothing else is read
         normalizer = Normalizer.imagenet(first.shape[0])
     elif in_memory and eval_tf is None:
@@ -262,6 +264,24 @@ def _build_worker_data(cfg, batch_size, eval_batch_size, seed, device, rank, wor
         if name in samples
     }
     return DataBundle(dataset, normalizer, train, evals.get("val"), evals["test"], loader="workers")
+
+
+def _check_eval_sizes(samples: dict, size: tuple[int, int]) -> None:
+    """An error naming the first validation or test file whose header gives another size than the training images'
+    (``size``, height and width), read before training: tested as stored, such a file would stop the run at its
+    first evaluation, the test at the end of training (the header only; unreadable files are left to the loader)."""
+    from PIL import Image
+
+    for name in ("val", "test"):
+        for path in samples[name].paths if name in samples else ():
+            try:
+                with Image.open(path) as image:
+                    found = (image.height, image.width)
+            except Exception:  # noqa: BLE001 - a bad file is the loader's to name (or skip)
+                continue
+            if found != size:
+                raise ValueError(f"{path} is {found[0]}x{found[1]} but the training images are {size[0]}x{size[1]}: "
+                                 f"every image must share a size; set data.image_size to resize them")
 
 
 def _fit_sampled(samples, transform, cfg, dataset_cls, collate) -> Normalizer:
