@@ -44,6 +44,17 @@ def test_eval_matches_the_training_run(trained):
     assert abs(whole["top1_error"] * whole["count"] / 100 - wrong) <= 1.0 + 1e-6
 
 
+def test_eval_of_a_missing_validation_split_says_so(trained, tmp_path):
+    _, _, data = trained
+    config = load_config(None, small_overrides(data, **{"train.iterations": 2, "data.val_size": 0}))
+    train(config, tmp_path / "run", quiet=True)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    with pytest.raises(ValueError, match=r"no validation split to test here \(the run's data.val_size: 0\); the "
+                                         r"splits: train, test, all"):
+        evaluate_checkpoint(path, split="val")
+    assert evaluate_checkpoint(path, split="all")["count"] == evaluate_checkpoint(path, split="train")["count"] + 128
+
+
 def test_eval_repeats_a_bf16_runs_numbers_in_bf16_and_tests_in_fp32_when_asked(trained, tmp_path):
     """A run that tested in bf16 during training is tested in bf16 again (its summary's number), and says so."""
     _, _, data = trained

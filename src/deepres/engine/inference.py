@@ -173,6 +173,9 @@ def evaluate_checkpoint_modes(
     splits = dataset.splits()
     if split == "all":
         splits["all"] = _every_image(splits)
+    if split == "val" and splits.get("val") is None:
+        raise ValueError(f"{path}: no validation split to test here (the run's data.val_size: "
+                         f"{config.data.val_size}); the splits: train, test, all")
     if split not in splits:
         raise ValueError(f"split must be one of {', '.join([*splits, 'all'])}; got {split!r}")
     # A folder of class folders: its test split is carved (a fixed share of each class), as its run carved it
