@@ -75,9 +75,9 @@ class TensorSamples:
 
 class _TransformDataset(torch.utils.data.Dataset):
     """Keys are (index, per-image seed or None); items are (uint8 image or None, label, note, name), the note None, a
-    skipped file's "path: reason", or the :class:`BadImageError` to raise; the name the file's (or image's). A bad file's error travels back as a value,
-    so the main process raises it as it is (an exception raised in a worker comes back as a traceback in a
-    message)."""
+    skipped file's "path: reason", or the :class:`BadImageError` to raise; the name the file's (or image's). A bad
+    file's error travels back as a value, so the main process raises it as it is (an exception raised in a worker
+    comes back as a traceback in a message)."""
 
     def __init__(self, samples, transform: Callable | None, on_bad_image: str):
         self.samples, self.transform, self.on_bad_image = samples, transform, on_bad_image
