@@ -375,14 +375,14 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
     from .tasks import label_unlabeled
 
     config = load_config(args.recipe, args.overrides)
+    if config.data.preset == "paper_imagenet":  # as the pseudo-label task refuses it (before any data is read)
+        raise ConfigError("data.preset", "the teacher labels the unlabeled images whole, as held in memory; the "
+                                         "paper_imagenet preset tests crops of a larger resize instead: use "
+                                         "data.preset=paper_cifar or none")
     config, notices = fit_to_data(config)  # the validation split the recipe's run carves, so the same images wait
     for text in notices:
         if text.startswith("data."):  # the training's changes (batch, cadences) do not touch the labeling
             print(f"notice: {text}", file=sys.stderr)
-    if config.data.preset == "paper_imagenet":  # as the pseudo-label task refuses it
-        raise ConfigError("data.preset", "the teacher labels the unlabeled images whole, as held in memory; the "
-                                         "paper_imagenet preset tests crops of a larger resize instead: use "
-                                         "data.preset=paper_cifar or none")
     dataset = load_run_dataset(config.data)
     if dataset is None:
         raise ConfigError("data.labeled_per_class", "set it to divide the training images into labeled (the first N "

@@ -35,7 +35,8 @@ import torch
 from ..config import available_cores, data_workers
 from .archives import cache_root, extracted_archive, file_fingerprint, is_archive
 from .datasets import Dataset, Split, subset_indices
-from .images import IMAGE_EXTENSIONS, BadImageError, read_image, resize_square, set_max_image_pixels, to_channels
+from .images import (IMAGE_EXTENSIONS, BadImageError, file_image_size, read_image, resize_square, set_max_image_pixels,
+                     to_channels)
 
 __all__ = [
     "FileSplit",
@@ -514,17 +515,14 @@ def load_image_folder(cfg) -> Dataset:
 
 def decoded_bytes_estimate(cfg, index: FolderIndex) -> int:
     """Bytes the train and test splits take decoded as uint8 at the configured (or the first image's) size."""
-    from PIL import Image
-
     if cfg.image_size:
         h = w = cfg.image_size
     else:
         first = index.splits["train"].paths[0]
-        try:
-            with Image.open(first) as im:  # reads the header only
-                w, h = im.size
-        except Exception as exc:
-            raise BadImageError(first, str(exc)) from None
+        size = file_image_size(first)
+        if size is None:
+            raise BadImageError(first, "its header is not an image's")
+        h, w = size
     channels = getattr(cfg, "channels", None) or 3
     return sum(len(s) for s in index.splits.values()) * channels * h * w
 

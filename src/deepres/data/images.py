@@ -34,6 +34,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "BadImageError",
     "decode_image_bytes",
+    "file_image_size",
     "image_pixels",
     "read_image",
     "resize_square",
@@ -62,12 +63,23 @@ def set_max_image_pixels(limit: int) -> None:
 def image_pixels(data: bytes) -> tuple[int, int] | None:
     """(width, height) from an encoded image's header, without decoding it; None when PIL cannot read the header
     (the decode then names the problem)."""
+    return _header_size(io.BytesIO(data))
+
+
+def file_image_size(path: str | Path) -> tuple[int, int] | None:
+    """(height, width) of an image file from its header alone (nothing decoded, the file not read whole); None when
+    PIL cannot read the header (the loader then names the file)."""
+    size = _header_size(path)
+    return None if size is None else (size[1], size[0])
+
+
+def _header_size(source) -> tuple[int, int] | None:
     from PIL import Image
 
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # only the header is read here; our own limit is checked on its size
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(source) as im:
             return im.size
     except Exception:  # noqa: BLE001 - any unreadable header is left to the decoder
         return None

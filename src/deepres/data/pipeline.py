@@ -270,16 +270,12 @@ def _check_eval_sizes(samples: dict, size: tuple[int, int]) -> None:
     """An error naming the first validation or test file whose header gives another size than the training images'
     (``size``, height and width), read before training: tested as stored, such a file would stop the run at its
     first evaluation, the test at the end of training (the header only; unreadable files are left to the loader)."""
-    from PIL import Image
+    from .images import file_image_size
 
     for name in ("val", "test"):
         for path in samples[name].paths if name in samples else ():
-            try:
-                with Image.open(path) as image:
-                    found = (image.height, image.width)
-            except Exception:  # noqa: BLE001 - a bad file is the loader's to name (or skip)
-                continue
-            if found != size:
+            found = file_image_size(path)  # None: a bad file, the loader's to name (or skip)
+            if found is not None and found != size:
                 raise ValueError(f"{path} is {found[0]}x{found[1]} but the training images are {size[0]}x{size[1]}: "
                                  f"every image must share a size; set data.image_size to resize them")
 

@@ -34,10 +34,9 @@ def training_images(data) -> tuple[int, str, tuple[int, int] | None, int]:
     from ..data import sources
 
     if data.source == "imagefolder":
-        from PIL import Image
-
         from ..data.folders import (_require_data_dir, is_prepared_file, load_prepared, resolve_image_source,
                                     scan_image_folder)
+        from ..data.images import file_image_size
 
         path = _require_data_dir(data)
         if is_prepared_file(path):
@@ -46,11 +45,7 @@ def training_images(data) -> tuple[int, str, tuple[int, int] | None, int]:
         # quiet: the loader scans again and names each skipped file; here only the count is wanted
         index = scan_image_folder(resolve_image_source(path, data.cache_dir), data.on_bad_image, data.test_size,
                                   quiet=True)
-        try:
-            with Image.open(index.splits["train"].paths[0]) as im:  # the header only
-                size = (im.height, im.width)
-        except Exception:  # a bad first image is named later, by the loader
-            size = None
+        size = file_image_size(index.splits["train"].paths[0])  # None: a bad first image, named later by the loader
         return len(index.splits["train"]), str(path), size, len(index.classes)
     dataset = sources.SOURCES[data.source](data)
     return len(dataset.train), data.source, tuple(dataset.train.images.shape[-2:]), dataset.num_classes
