@@ -91,10 +91,7 @@ def freeze_stages(model: nn.Module, trainable_layers: int) -> nn.Module:
     (``trainable_backbone_layers``, 0..5 for the ImageNet nets). BN layers of frozen stages still update their
     running statistics in training mode unless they are frozen too (:func:`freeze_batch_norm`)."""
     names = _stage_names(model)
-    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not (
-            0 <= trainable_layers <= len(names)):
-        raise ValueError(f"trainable_layers must be an int in 0..{len(names)} (stages {', '.join(names)}, top "
-                         f"first); got {trainable_layers!r}")
+    _check_trainable(trainable_layers, len(names), f"stages {', '.join(names)}, top first")
     frozen = names[trainable_layers:]
     if "conv1" in frozen:
         frozen.append("bn1")
@@ -102,6 +99,13 @@ def freeze_stages(model: nn.Module, trainable_layers: int) -> nn.Module:
         for parameter in getattr(model, name).parameters():
             parameter.requires_grad_(False)
     return model
+
+
+def _check_trainable(trainable_layers, count: int, units: str) -> None:
+    """``trainable_layers`` an int in 0..``count``, or a ValueError naming the ``units`` it counts."""
+    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not (
+            0 <= trainable_layers <= count):
+        raise ValueError(f"trainable_layers must be an int in 0..{count} ({units}); got {trainable_layers!r}")
 
 
 def _resnet(name: str, pretrained: bool, trainable_layers: int | None, frozen_bn: bool | None,
@@ -345,10 +349,7 @@ def faster_rcnn_vgg(
     units = _vgg_blocks(detector)
     if trainable_layers is None:
         trainable_layers = 4 if pretrained else len(units)
-    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not (
-            0 <= trainable_layers <= len(units)):
-        raise ValueError(f"trainable_layers must be an int in 0..{len(units)} (the fc head, then conv5_x .. conv1_x); "
-                         f"got {trainable_layers!r}")
+    _check_trainable(trainable_layers, len(units), "the fc head, then conv5_x .. conv1_x")
     for unit in units[trainable_layers:]:
         for module in unit:
             for parameter in module.parameters():
